@@ -1,0 +1,309 @@
+//! Flags of the subcommands other than `proxy`, parsed with lexopt into
+//! plain structs, and the help text of every subcommand.
+
+use crate::addr::{Addr, DEFAULT_ADMIN, DEFAULT_NODE_ID, DEFAULT_XDS};
+use crate::applet::Applet;
+use crate::mapping::Mode;
+use lexopt::prelude::*;
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServeArgs {
+    pub socket: Option<PathBuf>,
+    pub xds: Addr,
+    pub default_mode: Mode,
+    pub node_id: String,
+    /// Skip the /proc scan at start-up (then `resync` restores mappings).
+    pub no_recover: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdsKind {
+    Sotw,
+    Delta,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootstrapArgs {
+    pub xds: Addr,
+    pub admin: Addr,
+    pub node_id: String,
+    pub ads: AdsKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusArgs {
+    pub socket: Option<PathBuf>,
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResyncArgs {
+    pub socket: Option<PathBuf>,
+}
+
+/// Either the parsed flags or a request for help.
+#[derive(Debug)]
+pub enum Parsed<T> {
+    Run(T),
+    Help,
+}
+
+fn addr(v: OsString) -> Result<Addr, String> {
+    Addr::parse(&v.string().map_err(|e| e.to_string())?)
+}
+
+fn text(v: OsString) -> Result<String, String> {
+    let s = v.string().map_err(|e| e.to_string())?;
+    if s.is_empty() {
+        return Err("empty value".into());
+    }
+    Ok(s)
+}
+
+/// Runs `each` for every flag; adds the flag name to any error.
+fn parse_flags(
+    args: Vec<OsString>,
+    mut each: impl FnMut(&str, &mut lexopt::Parser) -> Result<bool, String>,
+) -> Result<bool, String> {
+    let mut p = lexopt::Parser::from_args(args);
+    while let Some(arg) = p.next().map_err(|e| e.to_string())? {
+        let name = match arg {
+            Long("help") | Short('h') => return Ok(false),
+            Long(l) => format!("--{l}"),
+            Short(s) => format!("-{s}"),
+            Value(v) => return Err(format!("unexpected argument {:?}", v.to_string_lossy())),
+        };
+        if !each(&name, &mut p).map_err(|e| format!("{name}: {e}"))? {
+            return Err(format!("unknown flag {name}"));
+        }
+    }
+    Ok(true)
+}
+
+fn value(p: &mut lexopt::Parser) -> Result<OsString, String> {
+    p.value().map_err(|e| e.to_string())
+}
+
+pub fn serve(args: Vec<OsString>) -> Result<Parsed<ServeArgs>, String> {
+    let mut out = ServeArgs {
+        socket: None,
+        xds: Addr::parse(DEFAULT_XDS).expect("default"),
+        default_mode: Mode::Http,
+        node_id: DEFAULT_NODE_ID.into(),
+        no_recover: false,
+    };
+    let run = parse_flags(args, |name, p| {
+        match name {
+            "--socket" => out.socket = Some(value(p)?.into()),
+            "--xds" => out.xds = addr(value(p)?)?,
+            "--default-mode" => {
+                let v = text(value(p)?)?;
+                out.default_mode =
+                    Mode::parse(&v).ok_or_else(|| format!("want http or tcp, not {v:?}"))?
+            }
+            "--node-id" => out.node_id = text(value(p)?)?,
+            "--no-recover" => out.no_recover = true,
+            _ => return Ok(false),
+        }
+        Ok(true)
+    })?;
+    Ok(if run { Parsed::Run(out) } else { Parsed::Help })
+}
+
+pub fn bootstrap(args: Vec<OsString>) -> Result<Parsed<BootstrapArgs>, String> {
+    let mut out = BootstrapArgs {
+        xds: Addr::parse(DEFAULT_XDS).expect("default"),
+        admin: Addr::parse(DEFAULT_ADMIN).expect("default"),
+        node_id: DEFAULT_NODE_ID.into(),
+        ads: AdsKind::Sotw,
+    };
+    let run = parse_flags(args, |name, p| {
+        match name {
+            "--xds" => out.xds = addr(value(p)?)?,
+            "--admin" => out.admin = addr(value(p)?)?,
+            "--node-id" => out.node_id = text(value(p)?)?,
+            "--ads" => {
+                out.ads = match text(value(p)?)?.as_str() {
+                    "sotw" => AdsKind::Sotw,
+                    "delta" => AdsKind::Delta,
+                    other => return Err(format!("want sotw or delta, not {other:?}")),
+                }
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    })?;
+    Ok(if run { Parsed::Run(out) } else { Parsed::Help })
+}
+
+pub fn status(args: Vec<OsString>) -> Result<Parsed<StatusArgs>, String> {
+    let mut out = StatusArgs {
+        socket: None,
+        json: false,
+    };
+    let run = parse_flags(args, |name, p| {
+        match name {
+            "--socket" => out.socket = Some(value(p)?.into()),
+            "--json" => out.json = true,
+            _ => return Ok(false),
+        }
+        Ok(true)
+    })?;
+    Ok(if run { Parsed::Run(out) } else { Parsed::Help })
+}
+
+pub fn resync(args: Vec<OsString>) -> Result<Parsed<ResyncArgs>, String> {
+    let mut out = ResyncArgs { socket: None };
+    let run = parse_flags(args, |name, p| {
+        match name {
+            "--socket" => out.socket = Some(value(p)?.into()),
+            _ => return Ok(false),
+        }
+        Ok(true)
+    })?;
+    Ok(if run { Parsed::Run(out) } else { Parsed::Help })
+}
+
+pub const MAIN_HELP: &str = "\
+envoy-docker: serve Docker's published ports with Envoy.
+
+Usage: envoy-docker SUBCOMMAND [FLAGS]
+       docker-proxy FLAGS            (through a symlink; same as `envoy-docker proxy`)
+
+Subcommands:
+  serve       run the registrar: proxies register over a Unix socket, Envoy
+              gets Listeners, Clusters and Endpoints over ADS
+  proxy       the docker-proxy replacement that dockerd runs per port
+  resync      replay the mappings of running proxies to the registrar
+  bootstrap   print an Envoy bootstrap that points at the registrar
+  status      list the registered mappings
+  version     print the version
+  help [SUB]  print help for a subcommand
+
+Point dockerd at the proxy in /etc/docker/daemon.json:
+  { \"userland-proxy-path\": \"/usr/local/bin/docker-proxy\", \"iptables\": false }
+where /usr/local/bin/docker-proxy is a symlink to envoy-docker.
+
+Example:
+  envoy-docker serve &
+  envoy-docker bootstrap > envoy.yaml && envoy -c envoy.yaml &
+  docker run -d -p 8080:80 nginx && curl http://127.0.0.1:8080/";
+
+pub const SERVE_HELP: &str = "\
+Usage: envoy-docker serve [--socket PATH] [--xds ADDR] [--default-mode http|tcp]
+                          [--node-id ID] [--no-recover]
+
+Runs the registrar. Needs no flags and no config file.
+  --socket PATH          registrar socket (default $ENVOY_DOCKER_SOCKET, else
+                         /run/envoy-docker/registrar.sock)
+  --xds ADDR             where Envoy connects for ADS: IP:PORT, [IPV6]:PORT or
+                         unix:PATH (default 127.0.0.1:18000)
+  --default-mode MODE    http or tcp, for mappings without a ProxyMode label
+                         (default http)
+  --node-id ID           only Envoys with this node id are served
+                         (default envoy-docker)
+  --no-recover           don't take the mappings of running proxies from /proc
+                         at start-up; run `envoy-docker resync` instead
+
+Example:
+  envoy-docker serve --xds unix:/run/envoy-docker/xds.sock";
+
+pub const RESYNC_HELP: &str = "\
+Usage: envoy-docker resync [--socket PATH]
+
+Finds running proxies in /proc (docker-proxy, envoy-docker-shim, or
+`envoy-docker proxy`) and registers each mapping on that proxy's behalf. The
+mapping then lives as long as that process. Prints one line per mapping and
+exits non-zero if the registrar cannot be reached.
+
+Example:
+  envoy-docker resync";
+
+pub const BOOTSTRAP_HELP: &str = "\
+Usage: envoy-docker bootstrap [--xds ADDR] [--admin ADDR] [--node-id ID]
+                              [--ads sotw|delta]
+
+Prints an Envoy v3 bootstrap (YAML) that takes everything from the registrar
+over ADS and waits for it at start-up.
+  --xds ADDR       the registrar's xDS address (default 127.0.0.1:18000)
+  --admin ADDR     Envoy's admin listener (default 127.0.0.1:9901)
+  --node-id ID     node id (default envoy-docker)
+  --ads KIND       sotw (state of the world, default) or delta
+
+Example:
+  envoy-docker bootstrap --ads delta > /etc/envoy/envoy.yaml";
+
+pub const STATUS_HELP: &str = "\
+Usage: envoy-docker status [--socket PATH] [--json]
+
+Lists the registered mappings: protocol, host address, container address,
+mode, name, state (pending, active, or failed with Envoy's error) and the
+owning proxy's pid.
+
+Example:
+  envoy-docker status --json";
+
+pub const VERSION_HELP: &str = "\
+Usage: envoy-docker version
+
+Prints the version, the git commit and the Envoy API it speaks.";
+
+pub fn help_for(applet: Applet) -> &'static str {
+    match applet {
+        Applet::Proxy => crate::proxy::flags::USAGE,
+        Applet::Serve => SERVE_HELP,
+        Applet::Resync => RESYNC_HELP,
+        Applet::Bootstrap => BOOTSTRAP_HELP,
+        Applet::Status => STATUS_HELP,
+        Applet::Version => VERSION_HELP,
+        Applet::Help => MAIN_HELP,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(s: &[&str]) -> Vec<OsString> {
+        s.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn serve_defaults_and_flags() {
+        let Parsed::Run(a) = serve(v(&[])).unwrap() else {
+            panic!()
+        };
+        assert_eq!(a.xds.to_string(), "127.0.0.1:18000");
+        assert_eq!(a.default_mode, Mode::Http);
+        assert_eq!(a.node_id, "envoy-docker");
+        let Parsed::Run(a) = serve(v(&[
+            "--xds=unix:/tmp/x",
+            "--default-mode",
+            "tcp",
+            "--no-recover",
+        ]))
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(a.xds, Addr::Unix("/tmp/x".into()));
+        assert_eq!(a.default_mode, Mode::Tcp);
+        assert!(a.no_recover);
+        assert!(serve(v(&["--default-mode", "udp"])).is_err());
+        assert!(serve(v(&["--bogus"])).unwrap_err().contains("--bogus"));
+        assert!(matches!(serve(v(&["--help"])).unwrap(), Parsed::Help));
+    }
+
+    #[test]
+    fn bootstrap_flags() {
+        let Parsed::Run(a) = bootstrap(v(&["--ads", "delta", "--admin", "[::1]:9000"])).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(a.ads, AdsKind::Delta);
+        assert_eq!(a.admin.to_string(), "[::1]:9000");
+        assert!(bootstrap(v(&["--ads", "rest"])).is_err());
+        assert!(bootstrap(v(&["--xds", "nowhere"])).is_err());
+    }
+}

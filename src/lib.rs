@@ -1,0 +1,75 @@
+//! envoy-docker: a multi-call binary that replaces docker-proxy so that
+//! Envoy serves every published TCP port.
+//!
+//! Data flows dockerd → `proxy` → `protocol` → `registrar` state → `xds`
+//! resources → Envoy. `resync`, `status` and `bootstrap` are small tools
+//! around that path.
+
+pub mod addr;
+pub mod applet;
+pub mod bootstrap;
+pub mod cli;
+pub mod logging;
+pub mod mapping;
+pub mod protocol;
+pub mod proxy;
+pub mod registrar;
+pub mod resync;
+pub mod status;
+pub mod version;
+pub mod xds;
+
+use applet::Applet;
+use cli::Parsed;
+use std::ffi::OsString;
+
+/// Runs the role that argv asks for; returns the exit status.
+pub fn run(argv: Vec<OsString>) -> i32 {
+    let (applet, args) = match applet::dispatch(&argv) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("envoy-docker: {e}");
+            return 2;
+        }
+    };
+    let usage_error = |e: String| {
+        eprintln!("envoy-docker: {e}");
+        2
+    };
+    macro_rules! sub {
+        ($parse:expr, $applet:expr, $run:expr) => {
+            match $parse(args) {
+                Ok(Parsed::Run(a)) => $run(a),
+                Ok(Parsed::Help) => {
+                    println!("{}", cli::help_for($applet));
+                    0
+                }
+                Err(e) => usage_error(e),
+            }
+        };
+    }
+    match applet {
+        Applet::Proxy => proxy::run(&args),
+        Applet::Serve => sub!(cli::serve, Applet::Serve, registrar::run),
+        Applet::Resync => sub!(cli::resync, Applet::Resync, resync::run),
+        Applet::Bootstrap => sub!(cli::bootstrap, Applet::Bootstrap, bootstrap::run),
+        Applet::Status => sub!(cli::status, Applet::Status, status::run),
+        Applet::Version => {
+            println!("{}", version::line());
+            0
+        }
+        Applet::Help => match args.first().map(|a| a.to_string_lossy().into_owned()) {
+            None => {
+                println!("{}", cli::MAIN_HELP);
+                0
+            }
+            Some(sub) => match Applet::from_subcommand(&sub) {
+                Some(a) => {
+                    println!("{}", cli::help_for(a));
+                    0
+                }
+                None => usage_error(format!("no help for unknown subcommand {sub:?}")),
+            },
+        },
+    }
+}

@@ -1,0 +1,219 @@
+//! The domain types every role agrees on: a port mapping as dockerd describes
+//! it to a proxy, how Envoy should serve it, and what state it is in.
+//!
+//! These types travel over the registrar socket (see `protocol`), so they
+//! derive serde, and they give the resource names that the xDS layer uses.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+
+/// Transport protocol of a published port, as dockerd's `-proto` flag names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Proto {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Proto {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+            Proto::Sctp => "sctp",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Proto> {
+        match s {
+            "tcp" => Some(Proto::Tcp),
+            "udp" => Some(Proto::Udp),
+            "sctp" => Some(Proto::Sctp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How Envoy proxies a TCP mapping: as HTTP (with HTTP stats and tracing) or
+/// as plain bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+pub enum Mode {
+    #[default]
+    Http,
+    Tcp,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Http => "http",
+            Mode::Tcp => "tcp",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Mode> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "http" => Some(Mode::Http),
+            "tcp" => Some(Mode::Tcp),
+            _ => None,
+        }
+    }
+}
+
+/// What makes a mapping unique on a host: only one process may own a
+/// (proto, host ip, host port) triple at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct MappingKey {
+    pub proto: Proto,
+    pub host_ip: IpAddr,
+    pub host_port: u16,
+}
+
+impl MappingKey {
+    /// The name of every xDS resource built for this mapping. It uses only
+    /// `[A-Za-z0-9_-]` so that Envoy's stat tags stay whole, and it differs
+    /// between the IPv4 and IPv6 mappings of one port.
+    pub fn resource_name(&self) -> String {
+        format!(
+            "{}_{}_{}",
+            self.proto,
+            sanitize(&self.host_ip.to_string()),
+            self.host_port
+        )
+    }
+
+    pub fn host_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.host_ip, self.host_port)
+    }
+}
+
+impl fmt::Display for MappingKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.proto, self.host_addr())
+    }
+}
+
+/// Where the traffic of a mapping goes: the container's address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Backend {
+    pub container_ip: IpAddr,
+    pub container_port: u16,
+}
+
+impl Backend {
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::new(self.container_ip, self.container_port)
+    }
+}
+
+/// One published port exactly as dockerd hands it to a proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Mapping {
+    pub key: MappingKey,
+    pub backend: Backend,
+}
+
+impl fmt::Display for Mapping {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} -> {}", self.key, self.backend.addr())
+    }
+}
+
+/// Where a mapping stands with the Envoys connected to the registrar.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MappingState {
+    /// Registered; not every connected Envoy has accepted its listener yet.
+    Pending,
+    /// Served: every connected Envoy has accepted it (or it needs no Envoy).
+    Active,
+    /// An Envoy rejected its listener; the text is Envoy's own.
+    Failed(String),
+}
+
+impl MappingState {
+    pub fn label(&self) -> &str {
+        match self {
+            MappingState::Pending => "pending",
+            MappingState::Active => "active",
+            MappingState::Failed(_) => "failed",
+        }
+    }
+}
+
+/// A mapping as the registrar reports it to `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MappingStatus {
+    pub mapping: Mapping,
+    pub mode: Mode,
+    pub name: String,
+    pub state: MappingState,
+    pub owner_pid: u32,
+}
+
+/// Keeps only `[A-Za-z0-9_-]`, mapping everything else to `-`, so that a
+/// string can be part of an Envoy resource name or stat prefix.
+pub fn sanitize(s: &str) -> String {
+    let out: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    if out.is_empty() {
+        "-".to_string()
+    } else {
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(ip: &str, port: u16) -> MappingKey {
+        MappingKey {
+            proto: Proto::Tcp,
+            host_ip: ip.parse().unwrap(),
+            host_port: port,
+        }
+    }
+
+    #[test]
+    fn resource_names_are_safe_and_distinct_per_family() {
+        let v4 = key("0.0.0.0", 8080).resource_name();
+        let v6 = key("::", 8080).resource_name();
+        assert_eq!(v4, "tcp_0-0-0-0_8080");
+        assert_eq!(v6, "tcp_--_8080");
+        assert_ne!(v4, v6);
+        for n in [v4, v6, key("fe80::1", 1).resource_name()] {
+            assert!(n
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'));
+        }
+    }
+
+    #[test]
+    fn sanitize_replaces_everything_unsafe() {
+        assert_eq!(sanitize("web.prod:1/x"), "web-prod-1-x");
+        assert_eq!(sanitize(""), "-");
+        assert_eq!(sanitize("ok_Name-9"), "ok_Name-9");
+    }
+
+    #[test]
+    fn mode_parse_is_forgiving_about_case_only() {
+        assert_eq!(Mode::parse("TCP"), Some(Mode::Tcp));
+        assert_eq!(Mode::parse(" http "), Some(Mode::Http));
+        assert_eq!(Mode::parse("grpc"), None);
+    }
+}

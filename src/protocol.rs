@@ -1,0 +1,348 @@
+//! The one protocol that every role speaks on the registrar's Unix socket:
+//! serde messages, encoded with postcard, in length-prefixed frames.
+//!
+//! A frame is a 4-byte big-endian length followed by that many bytes of
+//! postcard. Frames larger than [`MAX_FRAME`] are refused before any byte of
+//! the body is buffered. The first frame in each direction is a `Hello`
+//! naming [`PROTOCOL_VERSION`]; a peer that speaks another version gets an
+//! `Error` reply and the connection is closed.
+//!
+//! [`decode_frame`] and [`encode_frame`] are pure; [`Connection`] adds the
+//! buffered I/O on any `AsyncRead + AsyncWrite` stream, so the registrar, the
+//! proxy, resync, status and the tests all share it.
+
+use crate::mapping::{Mapping, MappingKey, MappingStatus};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use std::fmt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Bumped whenever a message changes shape.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Hard limit on the body of one frame. A status reply for a few hundred
+/// mappings fits easily.
+pub const MAX_FRAME: usize = 64 * 1024;
+
+const HEADER: usize = 4;
+
+/// What a client asks of the registrar.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Must be the first frame of every connection.
+    Hello { version: u16 },
+    /// Add a mapping (idempotent for the same backend).
+    Register(Registration),
+    /// Remove a mapping; answered with `Done` whether or not it existed.
+    Deregister(MappingKey),
+    /// Ask for every mapping; answered with `Mappings`.
+    List,
+}
+
+/// A mapping and who keeps it alive.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registration {
+    pub mapping: Mapping,
+    pub owner: Owner,
+    /// Answer only once Envoy serves the port (`Ready` or `Failed`), rather
+    /// than as soon as the mapping is stored (`Accepted`).
+    pub wait: bool,
+}
+
+/// Whose life the mapping follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Owner {
+    /// The connecting process itself (a proxy): the mapping dies with the
+    /// connection, and with the process (found by SO_PEERCRED).
+    Connection,
+    /// Another process, named by pid (resync replays on a proxy's behalf):
+    /// the mapping dies when that process does.
+    Pid(u32),
+}
+
+/// What the registrar answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    Hello {
+        version: u16,
+    },
+    /// Stored; the client did not ask to wait for Envoy.
+    Accepted,
+    /// Every connected Envoy serves the mapping (or none is connected).
+    Ready,
+    /// An Envoy rejected the listener; the text is Envoy's. The registrar has
+    /// forgotten the mapping.
+    Failed(String),
+    /// Deregistered.
+    Done,
+    /// Part of the answer to `List`; `more` is set on all but the last.
+    Mappings {
+        items: Vec<MappingStatus>,
+        more: bool,
+    },
+    /// The request was refused; the connection is closed after this frame
+    /// when the request itself was bad.
+    Error(String),
+}
+
+/// Why bytes did not make a frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FrameError {
+    /// The length prefix is over [`MAX_FRAME`].
+    TooLarge(usize),
+    /// The body is not a valid message.
+    Malformed(String),
+}
+
+impl fmt::Display for FrameError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FrameError::TooLarge(n) => {
+                write!(f, "frame of {n} bytes is over the {MAX_FRAME}-byte limit")
+            }
+            FrameError::Malformed(e) => write!(f, "malformed frame: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for FrameError {}
+
+/// Encodes one message as a frame. Fails only if the message is too big.
+pub fn encode_frame<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
+    let mut out = vec![0u8; HEADER];
+    out = postcard::to_extend(msg, out).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    let len = out.len() - HEADER;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
+    }
+    out[..HEADER].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(out)
+}
+
+/// Decodes the frame at the start of `buf`. `Ok(None)` means more bytes are
+/// needed; `Ok(Some((msg, used)))` gives the message and how many bytes of
+/// `buf` it took.
+pub fn decode_frame<T: DeserializeOwned>(buf: &[u8]) -> Result<Option<(T, usize)>, FrameError> {
+    let Some(header) = buf.get(..HEADER) else {
+        return Ok(None);
+    };
+    let len = u32::from_be_bytes(header.try_into().expect("4 bytes")) as usize;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
+    }
+    let Some(body) = buf.get(HEADER..HEADER + len) else {
+        return Ok(None);
+    };
+    let (msg, rest) =
+        postcard::take_from_bytes::<T>(body).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(FrameError::Malformed(format!(
+            "{} trailing bytes after the message",
+            rest.len()
+        )));
+    }
+    Ok(Some((msg, HEADER + len)))
+}
+
+/// Errors of a [`Connection`].
+#[derive(Debug)]
+pub enum ConnError {
+    Io(std::io::Error),
+    Frame(FrameError),
+    /// The peer closed the stream in the middle of a frame.
+    Truncated,
+}
+
+impl fmt::Display for ConnError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConnError::Io(e) => write!(f, "{e}"),
+            ConnError::Frame(e) => write!(f, "{e}"),
+            ConnError::Truncated => f.write_str("connection closed in the middle of a frame"),
+        }
+    }
+}
+
+impl std::error::Error for ConnError {}
+
+impl From<std::io::Error> for ConnError {
+    fn from(e: std::io::Error) -> Self {
+        ConnError::Io(e)
+    }
+}
+
+impl From<FrameError> for ConnError {
+    fn from(e: FrameError) -> Self {
+        ConnError::Frame(e)
+    }
+}
+
+/// A framed, buffered stream. `read_frame` is cancel-safe: bytes read before
+/// a cancelled call stay in the buffer for the next one.
+#[derive(Debug)]
+pub struct Connection<S> {
+    stream: S,
+    buf: Vec<u8>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
+    pub fn new(stream: S) -> Self {
+        Connection {
+            stream,
+            buf: Vec::with_capacity(512),
+        }
+    }
+
+    pub fn get_ref(&self) -> &S {
+        &self.stream
+    }
+
+    /// Reads the next message. `Ok(None)` is a clean close between frames.
+    pub async fn read_frame<T: DeserializeOwned>(&mut self) -> Result<Option<T>, ConnError> {
+        loop {
+            if let Some((msg, used)) = decode_frame::<T>(&self.buf)? {
+                self.buf.drain(..used);
+                return Ok(Some(msg));
+            }
+            // The header check above bounds the buffer to one frame plus one read.
+            self.buf.reserve(4096);
+            if self.stream.read_buf(&mut self.buf).await? == 0 {
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(ConnError::Truncated)
+                };
+            }
+        }
+    }
+
+    pub async fn write_frame<T: Serialize>(&mut self, msg: &T) -> Result<(), ConnError> {
+        let bytes = encode_frame(msg)?;
+        self.stream.write_all(&bytes).await?;
+        self.stream.flush().await?;
+        Ok(())
+    }
+
+    /// Client side of the handshake: send `Hello`, expect `Hello` back.
+    pub async fn client_hello(&mut self) -> Result<(), String> {
+        self.write_frame(&Request::Hello {
+            version: PROTOCOL_VERSION,
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        match self.read_frame::<Reply>().await {
+            Ok(Some(Reply::Hello { .. })) => Ok(()),
+            Ok(Some(Reply::Error(e))) => Err(e),
+            Ok(Some(other)) => Err(format!("unexpected reply to hello: {other:?}")),
+            Ok(None) => Err("the registrar closed the connection".into()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Sends one request and reads its reply.
+    pub async fn call(&mut self, req: &Request) -> Result<Reply, String> {
+        self.write_frame(req).await.map_err(|e| e.to_string())?;
+        match self.read_frame::<Reply>().await {
+            Ok(Some(reply)) => Ok(reply),
+            Ok(None) => Err("the registrar closed the connection".into()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mapping::{Backend, Proto};
+
+    fn mapping() -> Mapping {
+        Mapping {
+            key: MappingKey {
+                proto: Proto::Tcp,
+                host_ip: "::".parse().unwrap(),
+                host_port: 8080,
+            },
+            backend: Backend {
+                container_ip: "172.17.0.2".parse().unwrap(),
+                container_port: 80,
+            },
+        }
+    }
+
+    #[test]
+    fn round_trip_and_partial_input() {
+        let req = Request::Register(Registration {
+            mapping: mapping(),
+            owner: Owner::Pid(42),
+            wait: true,
+        });
+        let bytes = encode_frame(&req).unwrap();
+        for cut in 0..bytes.len() {
+            assert_eq!(decode_frame::<Request>(&bytes[..cut]).unwrap(), None);
+        }
+        let mut two = bytes.clone();
+        two.extend_from_slice(&bytes);
+        let (msg, used) = decode_frame::<Request>(&two).unwrap().unwrap();
+        assert_eq!(msg, req);
+        assert_eq!(used, bytes.len());
+    }
+
+    #[test]
+    fn oversized_length_is_refused_from_the_header_alone() {
+        let header = ((MAX_FRAME + 1) as u32).to_be_bytes();
+        assert_eq!(
+            decode_frame::<Request>(&header),
+            Err(FrameError::TooLarge(MAX_FRAME + 1))
+        );
+    }
+
+    #[test]
+    fn garbage_and_trailing_bytes_are_malformed() {
+        let mut garbage = vec![0, 0, 0, 3];
+        garbage.extend_from_slice(&[0xff, 0xff, 0xff]);
+        assert!(matches!(
+            decode_frame::<Request>(&garbage),
+            Err(FrameError::Malformed(_))
+        ));
+        let mut body = postcard::to_allocvec(&Request::List).unwrap();
+        body.push(7);
+        let mut framed = (body.len() as u32).to_be_bytes().to_vec();
+        framed.extend_from_slice(&body);
+        assert!(matches!(
+            decode_frame::<Request>(&framed),
+            Err(FrameError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn too_big_message_is_not_encoded() {
+        let big = Reply::Error("x".repeat(MAX_FRAME + 10));
+        assert!(matches!(encode_frame(&big), Err(FrameError::TooLarge(_))));
+    }
+
+    #[tokio::test]
+    async fn connection_reads_frames_split_across_writes_and_reports_truncation() {
+        let (a, b) = tokio::io::duplex(64);
+        let mut client = Connection::new(a);
+        let mut server = Connection::new(b);
+        client.write_frame(&Request::List).await.unwrap();
+        client
+            .write_frame(&Request::Deregister(mapping().key))
+            .await
+            .unwrap();
+        assert_eq!(
+            server.read_frame::<Request>().await.unwrap(),
+            Some(Request::List)
+        );
+        assert_eq!(
+            server.read_frame::<Request>().await.unwrap(),
+            Some(Request::Deregister(mapping().key))
+        );
+        let mut raw = client.stream;
+        raw.write_all(&[0, 0, 0, 9, 1]).await.unwrap();
+        drop(raw);
+        assert!(matches!(
+            server.read_frame::<Request>().await,
+            Err(ConnError::Truncated)
+        ));
+    }
+}

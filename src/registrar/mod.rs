@@ -1,0 +1,101 @@
+//! `envoy-docker serve`: the registrar daemon.
+//!
+//! Start-up order keeps Envoy safe across restarts:
+//! 1. bind the registrar socket and the xDS address (fail fast if taken);
+//! 2. recover: take the mappings of every live proxy from /proc, the same
+//!    scan as `resync` (skipped with `--no-recover`);
+//! 3. only then serve proxies and Envoys. An Envoy therefore never hears a
+//!    state that lacks listeners of proxies that are still alive.
+//!
+//! A background task drops mappings whose owning process has exited
+//! (checked every 250 ms), which covers SIGKILLed proxies that were not
+//! connected; connected proxies are noticed at once when their socket
+//! closes.
+
+pub mod socket;
+pub mod state;
+
+use crate::cli::ServeArgs;
+use crate::xds::server::XdsListener;
+use state::{OwnerProcess, Registry, Shared};
+use std::time::Duration;
+use tokio::signal::unix::{signal, SignalKind};
+
+const REAP_EVERY: Duration = Duration::from_millis(250);
+
+pub fn run(args: ServeArgs) -> i32 {
+    crate::logging::init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("envoy-docker serve: cannot start: {e}");
+            return 1;
+        }
+    };
+    match rt.block_on(serve(args)) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("envoy-docker serve: {e}");
+            1
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<(), String> {
+    let path = crate::addr::socket_path(args.socket.clone());
+    let registry: Shared = Registry::new(args.default_mode).shared();
+    let unix = socket::bind(&path)?;
+    let xds = XdsListener::bind(&args.xds).await?;
+
+    if args.no_recover {
+        tracing::info!("not recovering mappings (--no-recover)");
+    } else {
+        recover(&registry);
+    }
+
+    tokio::spawn(socket::serve(unix, registry.clone()));
+    tokio::spawn(reap(registry.clone()));
+    tracing::info!(
+        "serving proxies on {} and xDS on {} (node id {:?})",
+        path.display(),
+        args.xds,
+        args.node_id
+    );
+
+    let mut sigint = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = sigint.recv() => {}
+            _ = sigterm.recv() => {}
+        }
+        tracing::info!("shutting down");
+    };
+    let result = xds.serve(registry, args.node_id, shutdown).await;
+    let _ = std::fs::remove_file(&path);
+    result
+}
+
+/// Takes the mappings of live proxies from /proc.
+fn recover(registry: &Shared) {
+    let found = crate::resync::scan();
+    let mut reg = registry.lock().expect("registry");
+    for p in &found {
+        if let Err(e) = reg.register(p.mapping, OwnerProcess::of(p.pid), None, false) {
+            tracing::warn!("recovering {} (pid {}): {e}", p.mapping, p.pid);
+        }
+    }
+    tracing::info!("recovered {} mapping(s) from running proxies", found.len());
+}
+
+async fn reap(registry: Shared) {
+    let mut tick = tokio::time::interval(REAP_EVERY);
+    loop {
+        tick.tick().await;
+        registry.lock().expect("registry").reap();
+    }
+}

@@ -1,0 +1,217 @@
+//! The registrar's Unix socket: where proxies, resync and status talk to it.
+//!
+//! The socket is made 0660 inside a directory that only its owner may write.
+//! Each peer is identified with SO_PEERCRED: only root and the registrar's
+//! own uid may change mappings; anyone who can connect may list them. A bad
+//! frame gets an `Error` reply and that connection is closed; the other
+//! connections are not affected.
+
+use super::state::{OwnerProcess, Shared};
+use crate::protocol::{ConnError, Connection, Owner, Reply, Request, PROTOCOL_VERSION};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::net::{UnixListener, UnixStream};
+
+/// Mappings per `Mappings` frame, so a reply stays far below the frame limit.
+const LIST_CHUNK: usize = 100;
+
+/// Prepares the directory, clears a stale socket and binds.
+pub fn bind(path: &Path) -> Result<UnixListener, String> {
+    let shown = path.display();
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o750)
+                .create(dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        }
+        if let Ok(meta) = dir.metadata() {
+            let me = nix::unistd::geteuid().as_raw();
+            if meta.uid() != 0 && meta.uid() != me {
+                tracing::warn!(
+                    "{} is owned by uid {}, not by root",
+                    dir.display(),
+                    meta.uid()
+                );
+            }
+            if meta.mode() & 0o022 != 0 && meta.mode() & 0o1000 == 0 {
+                tracing::warn!(
+                    "{} is writable by others; prefer a 0750 directory",
+                    dir.display()
+                );
+            }
+        }
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(format!("another registrar is already serving {shown}"));
+        }
+        std::fs::remove_file(path).map_err(|e| format!("cannot remove stale {shown}: {e}"))?;
+    }
+    let listener = UnixListener::bind(path).map_err(|e| format!("cannot bind {shown}: {e}"))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .map_err(|e| format!("cannot chmod {shown}: {e}"))?;
+    Ok(listener)
+}
+
+/// Accepts connections until the process ends.
+pub async fn serve(listener: UnixListener, registry: Shared) {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let id = NEXT.fetch_add(1, Ordering::Relaxed);
+                let registry = registry.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = handle(stream, id, &registry).await {
+                        tracing::debug!("registrar connection {id}: {e}");
+                    }
+                    registry.lock().expect("registry").connection_closed(id);
+                });
+            }
+            Err(e) => {
+                tracing::warn!("accept on the registrar socket: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+fn may_change(uid: u32) -> bool {
+    uid == 0 || uid == nix::unistd::geteuid().as_raw()
+}
+
+async fn handle(stream: UnixStream, id: u64, registry: &Shared) -> Result<(), ConnError> {
+    let cred = stream.peer_cred()?;
+    let uid = cred.uid();
+    let peer_pid = cred.pid().map(|p| p as u32);
+    let mut conn = Connection::new(stream);
+
+    let refuse = |msg: String| Reply::Error(msg);
+    match conn.read_frame::<Request>().await {
+        Ok(Some(Request::Hello { version })) if version == PROTOCOL_VERSION => {
+            conn.write_frame(&Reply::Hello {
+                version: PROTOCOL_VERSION,
+            })
+            .await?;
+        }
+        Ok(Some(Request::Hello { version })) => {
+            let msg = format!(
+                "protocol version {version} is not supported; this registrar speaks {PROTOCOL_VERSION}"
+            );
+            return conn.write_frame(&refuse(msg)).await;
+        }
+        Ok(Some(_)) => {
+            return conn
+                .write_frame(&refuse("the first frame must be Hello".into()))
+                .await
+        }
+        Ok(None) => return Ok(()),
+        Err(e) => return bad_frame(&mut conn, e).await,
+    }
+
+    loop {
+        let req = match conn.read_frame::<Request>().await {
+            Ok(Some(r)) => r,
+            Ok(None) => return Ok(()),
+            Err(e) => return bad_frame(&mut conn, e).await,
+        };
+        match req {
+            Request::Hello { .. } => {
+                return conn
+                    .write_frame(&refuse("Hello may only be sent once".into()))
+                    .await
+            }
+            Request::List => {
+                let all = registry.lock().expect("registry").list();
+                let mut chunks: Vec<_> = all.chunks(LIST_CHUNK).map(<[_]>::to_vec).collect();
+                if chunks.is_empty() {
+                    chunks.push(Vec::new());
+                }
+                let last = chunks.len() - 1;
+                for (i, items) in chunks.into_iter().enumerate() {
+                    let more = i < last;
+                    conn.write_frame(&Reply::Mappings { items, more }).await?;
+                }
+            }
+            Request::Register(_) | Request::Deregister(_) if !may_change(uid) => {
+                let msg = format!(
+                    "permission denied: uid {uid} may not change mappings (only root and uid {} may)",
+                    nix::unistd::geteuid()
+                );
+                return conn.write_frame(&refuse(msg)).await;
+            }
+            Request::Deregister(key) => {
+                registry.lock().expect("registry").deregister(&key);
+                conn.write_frame(&Reply::Done).await?;
+            }
+            Request::Register(reg) => {
+                let (owner, tied) = match reg.owner {
+                    Owner::Connection => match peer_pid {
+                        Some(pid) => (OwnerProcess::of(pid), Some(id)),
+                        None => {
+                            let msg = "cannot tell the peer's pid (SO_PEERCRED)".to_string();
+                            return conn.write_frame(&refuse(msg)).await;
+                        }
+                    },
+                    Owner::Pid(pid) => {
+                        let owner = OwnerProcess::of(pid);
+                        if !owner.alive() {
+                            let msg = format!("pid {pid} is not a running process");
+                            conn.write_frame(&refuse(msg)).await?;
+                            continue;
+                        }
+                        (owner, None)
+                    }
+                };
+                let result =
+                    registry
+                        .lock()
+                        .expect("registry")
+                        .register(reg.mapping, owner, tied, reg.wait);
+                let verdict = match result {
+                    Err(e) => {
+                        conn.write_frame(&Reply::Error(e)).await?;
+                        continue;
+                    }
+                    Ok(None) => {
+                        conn.write_frame(&Reply::Accepted).await?;
+                        continue;
+                    }
+                    Ok(Some(v)) => v,
+                };
+                tokio::select! {
+                    outcome = verdict => {
+                        let reply = match outcome {
+                            Ok(super::state::Outcome::Ready) => Reply::Ready,
+                            Ok(super::state::Outcome::Failed(e)) => Reply::Failed(e),
+                            Err(_) => Reply::Failed("the registrar dropped the mapping".into()),
+                        };
+                        conn.write_frame(&reply).await?;
+                    }
+                    // The proxy gave up or died while waiting; anything else
+                    // it sends now is out of turn.
+                    next = conn.read_frame::<Request>() => {
+                        return match next {
+                            Ok(None) => Ok(()),
+                            Ok(Some(_)) => conn.write_frame(&refuse("request sent while a registration was pending".into())).await,
+                            Err(e) => bad_frame(&mut conn, e).await,
+                        };
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn bad_frame(conn: &mut Connection<UnixStream>, e: ConnError) -> Result<(), ConnError> {
+    match e {
+        ConnError::Frame(f) => {
+            tracing::warn!("closing a registrar connection: {f}");
+            conn.write_frame(&Reply::Error(f.to_string())).await
+        }
+        other => Err(other),
+    }
+}

@@ -1,0 +1,450 @@
+//! The registrar's state: every live mapping, who owns it, and what each
+//! connected Envoy has accepted. Every change publishes a new xDS snapshot
+//! and settles the proxies waiting for Envoy's verdict.
+//!
+//! A mapping is keyed by (proto, host ip, host port). It dies when its
+//! proxy deregisters, when the proxy's connection closes, or (for mappings
+//! taken from /proc or replayed by resync) when the owning process exits.
+
+use crate::mapping::{Mapping, MappingKey, MappingState, MappingStatus, Mode, Proto};
+use crate::xds::resources::Service;
+use crate::xds::session::{mentions, Feedback};
+use crate::xds::snapshot::{Kind, Snapshot};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use tokio::sync::{oneshot, watch};
+
+/// Envoy's verdict, as a waiting proxy hears it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Ready,
+    Failed(String),
+}
+
+/// The process that keeps a mapping alive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OwnerProcess {
+    pub pid: u32,
+    /// Start time from /proc/PID/stat, so a reused pid is not mistaken for
+    /// the owner. `None` if /proc could not tell.
+    pub start: Option<u64>,
+}
+
+impl OwnerProcess {
+    pub fn of(pid: u32) -> OwnerProcess {
+        OwnerProcess {
+            pid,
+            start: proc_start(pid),
+        }
+    }
+
+    pub fn alive(&self) -> bool {
+        let Ok(stat) = procfs::process::Process::new(self.pid as i32).and_then(|p| p.stat()) else {
+            return false;
+        };
+        // A killed proxy stays a zombie until its parent reaps it; it serves
+        // nothing any more.
+        stat.state != 'Z' && self.start.is_none_or(|s| s == stat.starttime)
+    }
+}
+
+fn proc_start(pid: u32) -> Option<u64> {
+    procfs::process::Process::new(pid as i32)
+        .and_then(|p| p.stat())
+        .ok()
+        .map(|s| s.starttime)
+}
+
+#[derive(Debug)]
+struct Entry {
+    mapping: Mapping,
+    mode: Mode,
+    name: String,
+    owner: OwnerProcess,
+    /// The registrar connection this mapping lives with, if any.
+    conn: Option<u64>,
+    state: MappingState,
+    waiters: Vec<oneshot::Sender<Outcome>>,
+}
+
+impl Entry {
+    fn listener(&self) -> String {
+        self.mapping.key.resource_name()
+    }
+
+    fn settle(&mut self, outcome: Outcome) {
+        for w in self.waiters.drain(..) {
+            let _ = w.send(outcome.clone());
+        }
+    }
+}
+
+/// What one connected Envoy holds.
+#[derive(Debug, Default)]
+struct EnvoyView {
+    /// Listener names from its last LDS ACK or NACK; `None` before one.
+    listeners: Option<BTreeSet<String>>,
+}
+
+#[derive(Debug)]
+pub struct Registry {
+    entries: BTreeMap<MappingKey, Entry>,
+    default_mode: Mode,
+    envoys: BTreeMap<u64, EnvoyView>,
+    next_envoy: u64,
+    snapshots: watch::Sender<Arc<Snapshot>>,
+}
+
+pub type Shared = Arc<Mutex<Registry>>;
+
+/// What `register` gives back when the caller wants to wait.
+pub type Verdict = oneshot::Receiver<Outcome>;
+
+impl Registry {
+    pub fn new(default_mode: Mode) -> Registry {
+        let (snapshots, _) = watch::channel(Arc::new(Snapshot::default()));
+        Registry {
+            entries: BTreeMap::new(),
+            default_mode,
+            envoys: BTreeMap::new(),
+            next_envoy: 0,
+            snapshots,
+        }
+    }
+
+    pub fn shared(self) -> Shared {
+        Arc::new(Mutex::new(self))
+    }
+
+    pub fn snapshots(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.snapshots.subscribe()
+    }
+
+    /// Adds a mapping or confirms an identical one. With `wait`, returns a
+    /// receiver for Envoy's verdict.
+    pub fn register(
+        &mut self,
+        mapping: Mapping,
+        owner: OwnerProcess,
+        conn: Option<u64>,
+        wait: bool,
+    ) -> Result<Option<Verdict>, String> {
+        if mapping.key.proto == Proto::Sctp {
+            return Err("SCTP is not supported".into());
+        }
+        if let Some(e) = self.entries.get(&mapping.key) {
+            if e.mapping.backend != mapping.backend {
+                if e.owner.pid != owner.pid && e.owner.alive() {
+                    return Err(format!(
+                        "{} is already registered by pid {} for {}",
+                        mapping.key,
+                        e.owner.pid,
+                        e.mapping.backend.addr()
+                    ));
+                }
+                // The old owner is gone and has not been reaped yet.
+                self.remove(&mapping.key, "replaced by a new registration");
+            }
+        }
+        let fresh = !self.entries.contains_key(&mapping.key);
+        let entry = self.entries.entry(mapping.key).or_insert_with(|| Entry {
+            mapping,
+            mode: self.default_mode,
+            name: default_name(&mapping),
+            owner,
+            conn,
+            state: MappingState::Pending,
+            waiters: Vec::new(),
+        });
+        // Idempotent: the newest registrant owns the mapping from now on.
+        entry.owner = owner;
+        entry.conn = conn;
+        let rx = wait.then(|| {
+            let (tx, rx) = oneshot::channel();
+            entry.waiters.push(tx);
+            rx
+        });
+        if let MappingState::Failed(e) = &entry.state {
+            let e = e.clone();
+            entry.settle(Outcome::Failed(e));
+        }
+        if fresh {
+            tracing::info!("registered {mapping} (pid {})", owner.pid);
+            self.publish();
+        }
+        self.evaluate();
+        Ok(rx)
+    }
+
+    pub fn deregister(&mut self, key: &MappingKey) {
+        if self.remove(key, "deregistered") {
+            self.publish();
+            self.evaluate();
+        }
+    }
+
+    /// A registrar connection closed: its mappings go with it.
+    pub fn connection_closed(&mut self, conn: u64) {
+        let gone: Vec<MappingKey> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.conn == Some(conn))
+            .map(|(k, _)| *k)
+            .collect();
+        self.remove_all(&gone, "its proxy went away");
+    }
+
+    /// Drops mappings whose owning process has exited.
+    pub fn reap(&mut self) {
+        let gone: Vec<MappingKey> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| !e.owner.alive())
+            .map(|(k, _)| *k)
+            .collect();
+        self.remove_all(&gone, "its proxy exited");
+    }
+
+    fn remove_all(&mut self, keys: &[MappingKey], why: &str) {
+        let mut changed = false;
+        for k in keys {
+            changed |= self.remove(k, why);
+        }
+        if changed {
+            self.publish();
+            self.evaluate();
+        }
+    }
+
+    fn remove(&mut self, key: &MappingKey, why: &str) -> bool {
+        let Some(mut e) = self.entries.remove(key) else {
+            return false;
+        };
+        tracing::info!("removed {} ({why})", e.mapping);
+        e.settle(Outcome::Failed(format!("mapping {why}")));
+        true
+    }
+
+    pub fn list(&self) -> Vec<MappingStatus> {
+        self.entries
+            .values()
+            .map(|e| MappingStatus {
+                mapping: e.mapping,
+                mode: e.mode,
+                name: e.name.clone(),
+                state: e.state.clone(),
+                owner_pid: e.owner.pid,
+            })
+            .collect()
+    }
+
+    pub fn envoy_connected(&mut self) -> u64 {
+        self.next_envoy += 1;
+        self.envoys.insert(self.next_envoy, EnvoyView::default());
+        self.evaluate();
+        self.next_envoy
+    }
+
+    pub fn envoy_gone(&mut self, id: u64) {
+        self.envoys.remove(&id);
+        self.evaluate();
+    }
+
+    pub fn envoy_count(&self) -> usize {
+        self.envoys.len()
+    }
+
+    /// An ACK or NACK from one Envoy.
+    pub fn envoy_feedback(&mut self, id: u64, fb: Feedback) {
+        if fb.kind != Kind::Listener {
+            return;
+        }
+        if let Some(view) = self.envoys.get_mut(&id) {
+            view.listeners = Some(fb.held);
+        }
+        let Some(error) = fb.error else {
+            self.evaluate();
+            return;
+        };
+        let rejected: Vec<MappingKey> = self
+            .entries
+            .values()
+            .filter(|e| mentions(&error, &e.listener()))
+            .map(|e| e.mapping.key)
+            .collect();
+        for key in &rejected {
+            let Some(e) = self.entries.get_mut(key) else {
+                continue;
+            };
+            if e.state == MappingState::Pending {
+                // A starting proxy fails, as docker-proxy does when its bind
+                // fails, and the mapping is forgotten.
+                e.settle(Outcome::Failed(error.clone()));
+                self.entries.remove(key);
+                tracing::warn!("Envoy rejected {key}, forgetting it: {error}");
+            } else {
+                tracing::warn!("Envoy rejected the listener of live {key}: {error}");
+                e.state = MappingState::Failed(error.clone());
+            }
+        }
+        if !rejected.is_empty() {
+            self.publish();
+        }
+        self.evaluate();
+    }
+
+    /// Recomputes each TCP mapping's state from what the Envoys hold, and
+    /// answers the proxies waiting for it.
+    fn evaluate(&mut self) {
+        for e in self.entries.values_mut() {
+            let name = e.listener();
+            let served = e.mapping.key.proto != Proto::Tcp
+                || self
+                    .envoys
+                    .values()
+                    .all(|v| v.listeners.as_ref().is_some_and(|l| l.contains(&name)));
+            if served {
+                e.state = MappingState::Active;
+                e.settle(Outcome::Ready);
+            } else if e.state == MappingState::Active {
+                e.state = MappingState::Pending;
+            }
+        }
+    }
+
+    fn publish(&self) {
+        let services: Vec<Service> = self
+            .entries
+            .values()
+            .filter(|e| e.mapping.key.proto == Proto::Tcp)
+            .map(|e| Service {
+                key: e.mapping.key,
+                backend: e.mapping.backend,
+                mode: e.mode,
+                name: e.name.clone(),
+            })
+            .collect();
+        self.snapshots
+            .send_replace(Arc::new(Snapshot::build(&services)));
+    }
+}
+
+/// The name a mapping has until Docker tells us better: the container's
+/// address, which is unique and stable for the container's life.
+fn default_name(m: &Mapping) -> String {
+    crate::mapping::sanitize(&format!(
+        "{}-{}",
+        m.backend.container_ip, m.backend.container_port
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mapping::Backend;
+
+    fn mapping(port: u16, backend: &str) -> Mapping {
+        Mapping {
+            key: MappingKey {
+                proto: Proto::Tcp,
+                host_ip: "0.0.0.0".parse().unwrap(),
+                host_port: port,
+            },
+            backend: Backend {
+                container_ip: backend.parse().unwrap(),
+                container_port: 80,
+            },
+        }
+    }
+
+    fn me() -> OwnerProcess {
+        OwnerProcess::of(std::process::id())
+    }
+
+    #[test]
+    fn same_backend_is_a_no_op_and_another_is_a_conflict() {
+        let mut r = Registry::new(Mode::Http);
+        let rx = r.snapshots();
+        r.register(mapping(80, "10.0.0.2"), me(), Some(1), false)
+            .unwrap();
+        let v1 = rx.borrow().get(Kind::Listener).len();
+        r.register(mapping(80, "10.0.0.2"), me(), Some(2), false)
+            .unwrap();
+        assert_eq!(r.list().len(), 1);
+        assert_eq!(v1, 1);
+        let other = OwnerProcess::of(1);
+        let err = r
+            .register(mapping(80, "10.0.0.3"), other, None, false)
+            .unwrap_err();
+        assert!(err.contains("already registered"), "{err}");
+        // The connection that registered last owns it now.
+        r.connection_closed(1);
+        assert_eq!(r.list().len(), 1);
+        r.connection_closed(2);
+        assert!(r.list().is_empty());
+    }
+
+    #[test]
+    fn no_envoy_means_ready_at_once_and_an_envoy_must_ack_first() {
+        let mut r = Registry::new(Mode::Http);
+        let mut rx = r
+            .register(mapping(80, "10.0.0.2"), me(), Some(1), true)
+            .unwrap()
+            .unwrap();
+        assert_eq!(rx.try_recv().unwrap(), Outcome::Ready);
+
+        let envoy = r.envoy_connected();
+        let m = mapping(81, "10.0.0.2");
+        let mut rx = r.register(m, me(), Some(1), true).unwrap().unwrap();
+        assert!(rx.try_recv().is_err());
+        r.envoy_feedback(
+            envoy,
+            Feedback {
+                kind: Kind::Listener,
+                held: [m.key.resource_name()].into(),
+                error: None,
+            },
+        );
+        assert_eq!(rx.try_recv().unwrap(), Outcome::Ready);
+    }
+
+    #[test]
+    fn a_nack_fails_the_pending_mapping_and_forgets_it() {
+        let mut r = Registry::new(Mode::Tcp);
+        let envoy = r.envoy_connected();
+        let m = mapping(80, "10.0.0.2");
+        let mut rx = r.register(m, me(), Some(1), true).unwrap().unwrap();
+        let error = format!(
+            "Error adding/updating listener(s) {}: cannot bind '0.0.0.0:80': Address already in use",
+            m.key.resource_name()
+        );
+        r.envoy_feedback(
+            envoy,
+            Feedback {
+                kind: Kind::Listener,
+                held: BTreeSet::new(),
+                error: Some(error.clone()),
+            },
+        );
+        assert_eq!(rx.try_recv().unwrap(), Outcome::Failed(error));
+        assert!(r.list().is_empty());
+    }
+
+    #[test]
+    fn dead_owners_are_reaped_and_sctp_is_refused() {
+        let mut r = Registry::new(Mode::Http);
+        let dead = OwnerProcess {
+            pid: u32::MAX - 1,
+            start: None,
+        };
+        r.register(mapping(80, "10.0.0.2"), dead, None, false)
+            .unwrap();
+        r.register(mapping(81, "10.0.0.2"), me(), None, false)
+            .unwrap();
+        r.reap();
+        assert_eq!(r.list().len(), 1);
+        let mut m = mapping(82, "10.0.0.2");
+        m.key.proto = Proto::Sctp;
+        assert!(r.register(m, me(), None, false).is_err());
+    }
+}

@@ -1,0 +1,177 @@
+//! `envoy-docker resync`, and the /proc scan it shares with the registrar's
+//! start-up recovery: find every running proxy, read its mapping back from
+//! its command line, and register it on that proxy's behalf.
+//!
+//! A proxy is a process whose argv[0] basename is docker-proxy or
+//! envoy-docker-shim, or that runs this binary (or one named envoy-docker)
+//! as `envoy-docker proxy ...`.
+
+use crate::applet::is_proxy_name;
+use crate::cli::ResyncArgs;
+use crate::mapping::Mapping;
+use crate::protocol::{Owner, Registration, Reply, Request};
+use crate::proxy::flags::{self, Command};
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// A running proxy and the mapping it serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FoundProxy {
+    pub pid: u32,
+    pub mapping: Mapping,
+}
+
+/// Reads a proxy's mapping from its argv, or `None` if it is no proxy.
+pub fn proxy_mapping(argv: &[OsString], runs_this_binary: bool) -> Option<Mapping> {
+    let (argv0, rest) = argv.split_first()?;
+    let args = if is_proxy_name(argv0) {
+        rest
+    } else {
+        let ours = runs_this_binary
+            || Path::new(argv0)
+                .file_name()
+                .is_some_and(|n| n == "envoy-docker");
+        match rest.split_first() {
+            Some((sub, args)) if ours && sub == "proxy" => args,
+            _ => return None,
+        }
+    };
+    match flags::parse(args) {
+        Ok(Command::Run(f)) => Some(f.mapping),
+        _ => None,
+    }
+}
+
+/// Every proxy running on this host, except this process.
+pub fn scan() -> Vec<FoundProxy> {
+    let me = std::process::id();
+    let own_exe: Option<PathBuf> = std::fs::read_link("/proc/self/exe").ok();
+    let Ok(all) = procfs::process::all_processes() else {
+        tracing::warn!("cannot read /proc: no proxies found");
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for p in all.flatten() {
+        let pid = p.pid() as u32;
+        if pid == me {
+            continue;
+        }
+        let Ok(cmdline) = p.cmdline() else { continue };
+        let argv: Vec<OsString> = cmdline.into_iter().map(OsString::from).collect();
+        let ours = own_exe.is_some() && p.exe().ok() == own_exe;
+        if let Some(mapping) = proxy_mapping(&argv, ours) {
+            if p.stat().is_ok_and(|s| s.state != 'Z') {
+                found.push(FoundProxy { pid, mapping });
+            }
+        }
+    }
+    found.sort_by_key(|f| (f.mapping.key, f.pid));
+    found
+}
+
+pub fn run(args: ResyncArgs) -> i32 {
+    let path = crate::addr::socket_path(args.socket);
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("envoy-docker resync: {e}");
+            return 1;
+        }
+    };
+    rt.block_on(async {
+        let mut conn = match crate::proxy::link::connect(&path, Duration::from_secs(2)).await {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("envoy-docker resync: {e}");
+                return 1;
+            }
+        };
+        let found = scan();
+        let mut refused = 0;
+        for p in &found {
+            let req = Request::Register(Registration {
+                mapping: p.mapping,
+                owner: Owner::Pid(p.pid),
+                wait: false,
+            });
+            match conn.call(&req).await {
+                Ok(Reply::Accepted) | Ok(Reply::Ready) => {
+                    println!("replayed {} (pid {})", p.mapping, p.pid)
+                }
+                Ok(Reply::Error(e)) | Ok(Reply::Failed(e)) => {
+                    refused += 1;
+                    println!("refused {} (pid {}): {e}", p.mapping, p.pid)
+                }
+                Ok(other) => {
+                    eprintln!("envoy-docker resync: unexpected reply {other:?}");
+                    return 1;
+                }
+                Err(e) => {
+                    eprintln!("envoy-docker resync: {e}");
+                    return 1;
+                }
+            }
+        }
+        println!(
+            "resync: {} proxy mapping(s) found, {} replayed, {refused} refused",
+            found.len(),
+            found.len() - refused
+        );
+        if refused > 0 {
+            2
+        } else {
+            0
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(s: &[&str]) -> Vec<OsString> {
+        s.iter().map(OsString::from).collect()
+    }
+
+    const FLAGS: [&str; 10] = [
+        "-proto",
+        "tcp",
+        "-host-ip",
+        "0.0.0.0",
+        "-host-port",
+        "8080",
+        "-container-ip",
+        "172.17.0.2",
+        "-container-port",
+        "80",
+    ];
+
+    #[test]
+    fn recognises_every_way_a_proxy_runs() {
+        let mut a = v(&["/usr/bin/docker-proxy"]);
+        a.extend(v(&FLAGS));
+        assert_eq!(proxy_mapping(&a, false).unwrap().key.host_port, 8080);
+        let mut b = v(&["envoy-docker-shim"]);
+        b.extend(v(&FLAGS));
+        assert!(proxy_mapping(&b, false).is_some());
+        let mut c = v(&["/opt/bin/renamed", "proxy"]);
+        c.extend(v(&FLAGS));
+        assert!(proxy_mapping(&c, true).is_some());
+        assert!(proxy_mapping(&c, false).is_none());
+        let mut d = v(&["/usr/local/bin/envoy-docker", "proxy"]);
+        d.extend(v(&FLAGS));
+        assert!(proxy_mapping(&d, false).is_some());
+    }
+
+    #[test]
+    fn ignores_everything_else() {
+        assert!(proxy_mapping(&v(&["bash", "-c", "docker-proxy"]), false).is_none());
+        assert!(proxy_mapping(&v(&["envoy-docker", "serve"]), true).is_none());
+        assert!(proxy_mapping(&v(&["docker-proxy", "-bogus"]), false).is_none());
+        assert!(proxy_mapping(&v(&[]), false).is_none());
+    }
+}

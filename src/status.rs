@@ -1,0 +1,147 @@
+//! `envoy-docker status`: asks the registrar for every mapping and prints
+//! one row each, or the same data as JSON.
+
+use crate::cli::StatusArgs;
+use crate::mapping::{MappingState, MappingStatus};
+use crate::protocol::{Reply, Request};
+use std::time::Duration;
+
+/// One mapping as `status --json` prints it.
+#[derive(Debug, serde::Serialize)]
+pub struct Row {
+    pub proto: String,
+    pub host: String,
+    pub container: String,
+    pub mode: String,
+    pub name: String,
+    pub state: String,
+    pub error: Option<String>,
+    pub owner_pid: u32,
+}
+
+impl From<&MappingStatus> for Row {
+    fn from(s: &MappingStatus) -> Row {
+        Row {
+            proto: s.mapping.key.proto.to_string(),
+            host: s.mapping.key.host_addr().to_string(),
+            container: s.mapping.backend.addr().to_string(),
+            mode: s.mode.as_str().into(),
+            name: s.name.clone(),
+            state: s.state.label().into(),
+            error: match &s.state {
+                MappingState::Failed(e) => Some(e.clone()),
+                _ => None,
+            },
+            owner_pid: s.owner_pid,
+        }
+    }
+}
+
+pub fn render_table(rows: &[Row]) -> String {
+    let mut lines = vec![[
+        "PROTO".to_string(),
+        "HOST".into(),
+        "CONTAINER".into(),
+        "MODE".into(),
+        "NAME".into(),
+        "STATE".into(),
+        "PID".into(),
+    ]];
+    for r in rows {
+        let state = match &r.error {
+            Some(e) => format!("failed: {e}"),
+            None => r.state.clone(),
+        };
+        lines.push([
+            r.proto.clone(),
+            r.host.clone(),
+            r.container.clone(),
+            r.mode.clone(),
+            r.name.clone(),
+            state,
+            r.owner_pid.to_string(),
+        ]);
+    }
+    let mut widths = [0usize; 7];
+    for l in &lines {
+        for (w, cell) in widths.iter_mut().zip(l) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let mut out = String::new();
+    for l in &lines {
+        let cells: Vec<String> = l
+            .iter()
+            .zip(widths)
+            .enumerate()
+            .map(|(i, (c, w))| {
+                if i == 6 {
+                    c.clone()
+                } else {
+                    format!("{c:<w$}")
+                }
+            })
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// Fetches every mapping from the registrar at `path`.
+pub async fn fetch(path: &std::path::Path) -> Result<Vec<MappingStatus>, String> {
+    let mut conn = crate::proxy::link::connect(path, Duration::from_secs(2)).await?;
+    let mut all = Vec::new();
+    let mut reply = conn.call(&Request::List).await?;
+    loop {
+        match reply {
+            Reply::Mappings { items, more } => {
+                all.extend(items);
+                if !more {
+                    return Ok(all);
+                }
+            }
+            Reply::Error(e) => return Err(e),
+            other => return Err(format!("unexpected reply {other:?}")),
+        }
+        reply = match conn.read_frame::<Reply>().await {
+            Ok(Some(r)) => r,
+            Ok(None) => return Err("the registrar closed the connection".into()),
+            Err(e) => return Err(e.to_string()),
+        };
+    }
+}
+
+pub fn run(args: StatusArgs) -> i32 {
+    let path = crate::addr::socket_path(args.socket);
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("envoy-docker status: {e}");
+            return 1;
+        }
+    };
+    let all = match rt.block_on(fetch(&path)) {
+        Ok(all) => all,
+        Err(e) => {
+            eprintln!("envoy-docker status: {e}");
+            return 1;
+        }
+    };
+    let rows: Vec<Row> = all.iter().map(Row::from).collect();
+    if args.json {
+        match serde_json::to_string_pretty(&rows) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("envoy-docker status: {e}");
+                return 1;
+            }
+        }
+    } else {
+        print!("{}", render_table(&rows));
+    }
+    0
+}

@@ -1,0 +1,321 @@
+//! Pure functions from one TCP mapping to the Envoy resources that serve it:
+//! a Listener on the host address, an EDS Cluster, and its
+//! ClusterLoadAssignment with the container's address.
+//!
+//! Every resource carries a version that is a hash of its encoded bytes, so
+//! the same state always gives the same versions, also after a restart.
+
+use crate::mapping::{Backend, MappingKey, Mode};
+use envoy_types::pb::envoy::config::cluster::v3::{cluster, Cluster};
+use envoy_types::pb::envoy::config::core::v3::{
+    address, config_source, socket_address, Address, AggregatedConfigSource, ApiVersion,
+    ConfigSource, SocketAddress,
+};
+use envoy_types::pb::envoy::config::endpoint::v3::{
+    lb_endpoint, ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints,
+};
+use envoy_types::pb::envoy::config::listener::v3::{filter, Filter, FilterChain, Listener};
+use envoy_types::pb::envoy::config::route::v3::{
+    route, route_action, route_match, Route, RouteAction, RouteConfiguration, RouteMatch,
+    VirtualHost,
+};
+use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    http_connection_manager, http_filter, HttpConnectionManager, HttpFilter,
+};
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{tcp_proxy, TcpProxy};
+use envoy_types::pb::google::protobuf::{Any, Duration};
+use envoy_types::util::pack_any;
+use prost::{Message, Name};
+
+pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+pub const ENDPOINT_TYPE: &str =
+    "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+
+/// What the registrar knows about one TCP mapping, as the xDS layer needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    pub key: MappingKey,
+    pub backend: Backend,
+    pub mode: Mode,
+    /// Sanitized service name; it starts every stat prefix and cluster name.
+    pub name: String,
+}
+
+impl Service {
+    pub fn listener_name(&self) -> String {
+        self.key.resource_name()
+    }
+
+    /// Cluster names and stat prefixes: the service name first, so that
+    /// Envoy's stats read per container, then the listener name, which keeps
+    /// them unique per host address.
+    pub fn cluster_name(&self) -> String {
+        format!("{}_{}", self.name, self.listener_name())
+    }
+}
+
+/// One resource ready to send: name, content version and packed message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resource {
+    pub name: String,
+    pub version: String,
+    pub any: Any,
+    /// For a listener: the cluster it sends traffic to, which must be warm
+    /// in Envoy before the listener is sent.
+    pub cluster: Option<String>,
+}
+
+impl Resource {
+    pub fn new<M: Message + Name>(name: String, msg: M, cluster: Option<String>) -> Resource {
+        let any = pack_any(msg);
+        Resource {
+            version: content_hash(&[any.type_url.as_bytes(), &any.value]),
+            name,
+            any,
+            cluster,
+        }
+    }
+}
+
+/// FNV-1a, 64 bit, as 16 hex digits: stable across builds and restarts.
+pub fn content_hash(parts: &[&[u8]]) -> String {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for part in parts {
+        for b in part.iter().chain(&[0xffu8]) {
+            h ^= *b as u64;
+            h = h.wrapping_mul(0x100000001b3);
+        }
+    }
+    format!("{h:016x}")
+}
+
+fn socket_address(ip: std::net::IpAddr, port: u16) -> Address {
+    Address {
+        address: Some(address::Address::SocketAddress(SocketAddress {
+            address: ip.to_string(),
+            port_specifier: Some(socket_address::PortSpecifier::PortValue(port as u32)),
+            ..Default::default()
+        })),
+    }
+}
+
+fn ads() -> ConfigSource {
+    ConfigSource {
+        resource_api_version: ApiVersion::V3 as i32,
+        config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(
+            AggregatedConfigSource {},
+        )),
+        ..Default::default()
+    }
+}
+
+pub fn cluster(svc: &Service) -> Resource {
+    let name = svc.cluster_name();
+    let c = Cluster {
+        name: name.clone(),
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+            cluster::DiscoveryType::Eds as i32,
+        )),
+        eds_cluster_config: Some(cluster::EdsClusterConfig {
+            eds_config: Some(ads()),
+            service_name: String::new(),
+        }),
+        connect_timeout: Some(Duration {
+            seconds: 5,
+            nanos: 0,
+        }),
+        ..Default::default()
+    };
+    Resource::new(name, c, None)
+}
+
+pub fn endpoints(svc: &Service) -> Resource {
+    let name = svc.cluster_name();
+    let cla = ClusterLoadAssignment {
+        cluster_name: name.clone(),
+        endpoints: vec![LocalityLbEndpoints {
+            lb_endpoints: vec![LbEndpoint {
+                host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+                    address: Some(socket_address(
+                        svc.backend.container_ip,
+                        svc.backend.container_port,
+                    )),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    Resource::new(name, cla, None)
+}
+
+pub fn listener(svc: &Service) -> Resource {
+    let name = svc.listener_name();
+    let cluster = svc.cluster_name();
+    let filter = match svc.mode {
+        Mode::Http => Filter {
+            name: "envoy.filters.network.http_connection_manager".into(),
+            config_type: Some(filter::ConfigType::TypedConfig(http_manager(svc))),
+        },
+        Mode::Tcp => Filter {
+            name: "envoy.filters.network.tcp_proxy".into(),
+            config_type: Some(filter::ConfigType::TypedConfig(pack_any(TcpProxy {
+                stat_prefix: cluster.clone(),
+                cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(cluster.clone())),
+                ..Default::default()
+            }))),
+        },
+    };
+    let l = Listener {
+        name: name.clone(),
+        // For `::`, Envoy sets IPV6_V6ONLY (ipv4_compat is off), so the
+        // `0.0.0.0` listener of the same port can coexist.
+        address: Some(socket_address(svc.key.host_ip, svc.key.host_port)),
+        filter_chains: vec![FilterChain {
+            filters: vec![filter],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    Resource::new(name, l, Some(cluster))
+}
+
+fn http_manager(svc: &Service) -> Any {
+    let cluster = svc.cluster_name();
+    let route = Route {
+        r#match: Some(RouteMatch {
+            path_specifier: Some(route_match::PathSpecifier::Prefix("/".into())),
+            ..Default::default()
+        }),
+        action: Some(route::Action::Route(RouteAction {
+            cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(cluster.clone())),
+            // Zero turns the route timeout off: long requests and streams
+            // must not be cut at Envoy's default of 15 s.
+            timeout: Some(Duration {
+                seconds: 0,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    let hcm = HttpConnectionManager {
+        stat_prefix: cluster.clone(),
+        route_specifier: Some(http_connection_manager::RouteSpecifier::RouteConfig(
+            RouteConfiguration {
+                name: cluster.clone(),
+                virtual_hosts: vec![VirtualHost {
+                    name: cluster,
+                    domains: vec!["*".into()],
+                    routes: vec![route],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        )),
+        http_filters: vec![HttpFilter {
+            name: "envoy.filters.http.router".into(),
+            config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
+                Router::default(),
+            ))),
+            ..Default::default()
+        }],
+        upgrade_configs: vec![http_connection_manager::UpgradeConfig {
+            upgrade_type: "websocket".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    pack_any(hcm)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mapping::Proto;
+
+    fn svc(ip: &str, mode: Mode) -> Service {
+        Service {
+            key: MappingKey {
+                proto: Proto::Tcp,
+                host_ip: ip.parse().unwrap(),
+                host_port: 8080,
+            },
+            backend: Backend {
+                container_ip: "172.17.0.2".parse().unwrap(),
+                container_port: 80,
+            },
+            mode,
+            name: "web-prod".into(),
+        }
+    }
+
+    #[test]
+    fn names_carry_the_service_and_stay_unique_per_family() {
+        let v4 = svc("0.0.0.0", Mode::Http);
+        let v6 = svc("::", Mode::Http);
+        assert_eq!(v4.cluster_name(), "web-prod_tcp_0-0-0-0_8080");
+        assert_ne!(v4.cluster_name(), v6.cluster_name());
+        assert_ne!(listener(&v4).name, listener(&v6).name);
+        assert_eq!(
+            listener(&v4).cluster.as_deref(),
+            Some("web-prod_tcp_0-0-0-0_8080")
+        );
+    }
+
+    #[test]
+    fn versions_are_deterministic_and_follow_content() {
+        let a = svc("0.0.0.0", Mode::Http);
+        assert_eq!(listener(&a).version, listener(&a).version);
+        assert_ne!(
+            listener(&a).version,
+            listener(&svc("0.0.0.0", Mode::Tcp)).version
+        );
+        let mut moved = a.clone();
+        moved.backend.container_ip = "172.17.0.9".parse().unwrap();
+        assert_eq!(cluster(&a).version, cluster(&moved).version);
+        assert_ne!(endpoints(&a).version, endpoints(&moved).version);
+    }
+
+    #[test]
+    fn http_mode_routes_everything_with_no_timeout_and_tcp_mode_proxies() {
+        let l = Listener::decode(listener(&svc("::", Mode::Http)).any.value.as_slice()).unwrap();
+        let f = &l.filter_chains[0].filters[0];
+        assert_eq!(f.name, "envoy.filters.network.http_connection_manager");
+        let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else {
+            panic!()
+        };
+        let hcm = HttpConnectionManager::decode(any.value.as_slice()).unwrap();
+        let Some(http_connection_manager::RouteSpecifier::RouteConfig(rc)) = hcm.route_specifier
+        else {
+            panic!()
+        };
+        let Some(route::Action::Route(ra)) = &rc.virtual_hosts[0].routes[0].action else {
+            panic!()
+        };
+        assert_eq!(
+            ra.timeout,
+            Some(Duration {
+                seconds: 0,
+                nanos: 0
+            })
+        );
+        let addr = l.address.unwrap();
+        let Some(address::Address::SocketAddress(sa)) = addr.address else {
+            panic!()
+        };
+        assert_eq!(sa.address, "::");
+        assert!(!sa.ipv4_compat);
+
+        let l =
+            Listener::decode(listener(&svc("0.0.0.0", Mode::Tcp)).any.value.as_slice()).unwrap();
+        assert_eq!(
+            l.filter_chains[0].filters[0].name,
+            "envoy.filters.network.tcp_proxy"
+        );
+    }
+}

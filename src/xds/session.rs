@@ -1,0 +1,404 @@
+//! The per-stream xDS state machine, for state-of-the-world and delta ADS
+//! alike, with no I/O: the server feeds it Envoy's requests and new
+//! snapshots, and sends what `poll` returns.
+//!
+//! What it guarantees:
+//! - One response in flight per type; the next waits for the ACK or NACK.
+//! - Make-before-break: clusters go first, then endpoints, then listeners.
+//!   Envoy ACKs a cluster only once it is warm, which needs its endpoints,
+//!   so endpoints go out without waiting for that ACK. A new listener is
+//!   only sent once Envoy has ACKed both its cluster and an assignment sent
+//!   after that cluster, so its first connection never meets a warming
+//!   cluster. Until then an older version of the listener (if Envoy has
+//!   one) is kept.
+//! - A cluster stays while a listener Envoy still holds points at it, and
+//!   is removed once that listener is gone.
+//! - Stale nonces are ignored; NACKs are told apart by `error_detail`.
+//! - On reconnect, what Envoy says it holds (SotW `version_info`, delta
+//!   `initial_resource_versions`) is taken into account, so a restarted
+//!   registrar with the same state pushes nothing new.
+
+use super::resources::{content_hash, Resource};
+use super::snapshot::{Kind, Resources, Snapshot};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    Sotw,
+    Delta,
+}
+
+/// A request, normalized across the two flavors.
+#[derive(Debug, Clone, Default)]
+pub struct Incoming {
+    pub nonce: String,
+    pub error: Option<String>,
+    /// SotW: the version Envoy holds; empty on a first start.
+    pub version_info: String,
+    /// SotW: the full list of names wanted (empty = wildcard for CDS/LDS).
+    pub names: Vec<String>,
+    /// Delta: names added to and removed from the subscription.
+    pub subscribe: Vec<String>,
+    pub unsubscribe: Vec<String>,
+    /// Delta: what Envoy already holds when it (re)connects.
+    pub initial_versions: BTreeMap<String, String>,
+}
+
+/// A response, normalized across the two flavors.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub kind: Kind,
+    pub nonce: String,
+    pub version: String,
+    /// SotW: every resource of the type. Delta: only new or changed ones.
+    pub resources: Vec<Arc<Resource>>,
+    /// Delta only: names Envoy must drop.
+    pub removed: Vec<String>,
+}
+
+/// What an ACK or NACK tells the registrar.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Feedback {
+    pub kind: Kind,
+    /// The names Envoy now holds, as far as this stream knows.
+    pub held: BTreeSet<String>,
+    /// Set for a NACK: Envoy's error text.
+    pub error: Option<String>,
+}
+
+/// A resource Envoy holds or is being sent. `res` is `None` when Envoy had
+/// it before this stream began, so only its version is known.
+#[derive(Debug, Clone)]
+struct Held {
+    version: String,
+    res: Option<Arc<Resource>>,
+}
+
+#[derive(Debug, Default)]
+struct TypeState {
+    subscribed: bool,
+    wildcard: bool,
+    names: BTreeSet<String>,
+    /// Answer even if nothing differs (Envoy waits for a first response).
+    must_respond: bool,
+    last_nonce: Option<String>,
+    pending: Option<String>,
+    sent: BTreeMap<String, Held>,
+    acked: BTreeMap<String, String>,
+}
+
+#[derive(Debug)]
+pub struct Session {
+    flavor: Flavor,
+    snap: Arc<Snapshot>,
+    types: [TypeState; 3],
+    nonces: u64,
+    /// SotW reconnect with unknown contents: Envoy already has listeners we
+    /// cannot name, so the first LDS response is sent without warming gates.
+    trust_listeners: bool,
+}
+
+/// True if `text` names `name` as a whole word of `[A-Za-z0-9_-]`.
+pub fn mentions(text: &str, name: &str) -> bool {
+    let word = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+    text.match_indices(name).any(|(i, _)| {
+        let before = text[..i].chars().next_back();
+        let after = text[i + name.len()..].chars().next();
+        !before.is_some_and(word) && !after.is_some_and(word)
+    })
+}
+
+impl Session {
+    pub fn new(flavor: Flavor, snap: Arc<Snapshot>) -> Session {
+        Session {
+            flavor,
+            snap,
+            types: Default::default(),
+            nonces: 0,
+            trust_listeners: false,
+        }
+    }
+
+    pub fn set_snapshot(&mut self, snap: Arc<Snapshot>) {
+        self.snap = snap;
+    }
+
+    fn ts(&mut self, kind: Kind) -> &mut TypeState {
+        &mut self.types[kind as usize]
+    }
+
+    /// Takes one request; returns what an ACK or NACK in it means.
+    pub fn on_request(&mut self, kind: Kind, req: Incoming) -> Option<Feedback> {
+        let first = !self.types[kind as usize].subscribed;
+        match self.flavor {
+            Flavor::Sotw => {
+                let ts = &self.types[kind as usize];
+                if !req.nonce.is_empty() && ts.last_nonce.as_deref() != Some(req.nonce.as_str()) {
+                    return None; // stale: a newer response is on its way
+                }
+                if first {
+                    self.first_sotw(kind, &req);
+                }
+                let ts = self.ts(kind);
+                ts.names = req.names.iter().cloned().collect();
+                ts.wildcard = kind != Kind::Endpoint && ts.names.is_empty();
+            }
+            Flavor::Delta => {
+                let ts = self.ts(kind);
+                if first {
+                    ts.subscribed = true;
+                    ts.wildcard = kind != Kind::Endpoint && req.subscribe.is_empty();
+                    ts.must_respond = req.initial_versions.is_empty();
+                    for (name, version) in &req.initial_versions {
+                        ts.acked.insert(name.clone(), version.clone());
+                        ts.sent.insert(
+                            name.clone(),
+                            Held {
+                                version: version.clone(),
+                                res: None,
+                            },
+                        );
+                    }
+                }
+                for name in &req.subscribe {
+                    if name == "*" {
+                        ts.wildcard = true;
+                    } else {
+                        ts.names.insert(name.clone());
+                    }
+                }
+                for name in &req.unsubscribe {
+                    if name == "*" {
+                        ts.wildcard = false;
+                    }
+                    ts.names.remove(name);
+                    ts.sent.remove(name);
+                    ts.acked.remove(name);
+                }
+            }
+        }
+        let ts = self.ts(kind);
+        if req.nonce.is_empty() || ts.pending.as_deref() != Some(req.nonce.as_str()) {
+            return None;
+        }
+        ts.pending = None;
+        ts.acked = ts
+            .sent
+            .iter()
+            .filter(|(name, _)| !req.error.as_deref().is_some_and(|e| mentions(e, name)))
+            .map(|(n, h)| (n.clone(), h.version.clone()))
+            .collect();
+        let ts = self.ts(kind);
+        Some(Feedback {
+            kind,
+            held: ts.acked.keys().cloned().collect(),
+            error: req.error,
+        })
+    }
+
+    fn first_sotw(&mut self, kind: Kind, req: &Incoming) {
+        let names: BTreeSet<String> = req.names.iter().cloned().collect();
+        let ts = self.ts(kind);
+        ts.subscribed = true;
+        ts.names = names;
+        ts.wildcard = kind != Kind::Endpoint && ts.names.is_empty();
+        if req.version_info.is_empty() {
+            ts.must_respond = true;
+            return;
+        }
+        // Envoy is reconnecting. If it holds exactly what we would send,
+        // take that as acknowledged; otherwise answer in full.
+        let desired = self.desired(kind, true);
+        if sotw_version(&desired) == req.version_info {
+            let ts = self.ts(kind);
+            for (name, res) in desired {
+                ts.acked.insert(name.clone(), res.version.clone());
+                ts.sent.insert(
+                    name,
+                    Held {
+                        version: res.version.clone(),
+                        res: Some(res),
+                    },
+                );
+            }
+        } else {
+            self.ts(kind).must_respond = true;
+            if kind == Kind::Listener {
+                self.trust_listeners = true;
+            }
+        }
+    }
+
+    /// Everything that can be sent now, in make-before-break order.
+    pub fn poll(&mut self) -> Vec<Outgoing> {
+        let mut out = Vec::new();
+        for kind in Kind::ORDER {
+            let busy = |k: Kind| self.types[k as usize].pending.is_some();
+            let ts = &self.types[kind as usize];
+            let blocked = match kind {
+                Kind::Cluster => false,
+                // Envoy ACKs clusters only once they are warm, which needs
+                // their endpoints: EDS must not wait for that ACK.
+                Kind::Endpoint => false,
+                Kind::Listener => busy(Kind::Cluster) || busy(Kind::Endpoint),
+            };
+            if !ts.subscribed || ts.pending.is_some() || blocked {
+                continue;
+            }
+            let desired = self.desired(kind, self.trust_listeners);
+            if let Some(msg) = self.respond(kind, desired) {
+                out.push(msg);
+            }
+        }
+        out
+    }
+
+    fn respond(&mut self, kind: Kind, desired: Resources) -> Option<Outgoing> {
+        let flavor = self.flavor;
+        let ts = &self.types[kind as usize];
+        let changed: Vec<Arc<Resource>> = desired
+            .values()
+            .filter(|r| ts.sent.get(&r.name).map(|h| &h.version) != Some(&r.version))
+            .cloned()
+            .collect();
+        let removed: Vec<String> = ts
+            .sent
+            .keys()
+            .filter(|n| !desired.contains_key(*n))
+            .cloned()
+            .collect();
+        if changed.is_empty() && removed.is_empty() && !ts.must_respond {
+            return None;
+        }
+        self.nonces += 1;
+        let nonce = self.nonces.to_string();
+        let version = sotw_version(&desired);
+        let ts = self.ts(kind);
+        ts.must_respond = false;
+        ts.pending = Some(nonce.clone());
+        ts.last_nonce = Some(nonce.clone());
+        ts.sent = desired
+            .iter()
+            .map(|(n, r)| {
+                (
+                    n.clone(),
+                    Held {
+                        version: r.version.clone(),
+                        res: Some(r.clone()),
+                    },
+                )
+            })
+            .collect();
+        if kind == Kind::Listener {
+            self.trust_listeners = false;
+        }
+        if kind == Kind::Cluster {
+            // A cluster Envoy (re)builds waits for a fresh assignment, even
+            // an unchanged one: forget that one was ever sent.
+            let eds = self.ts(Kind::Endpoint);
+            for r in &changed {
+                eds.sent.remove(&r.name);
+                eds.acked.remove(&r.name);
+            }
+        }
+        Some(match flavor {
+            Flavor::Sotw => Outgoing {
+                kind,
+                nonce,
+                version,
+                resources: desired.into_values().collect(),
+                removed: Vec::new(),
+            },
+            Flavor::Delta => Outgoing {
+                kind,
+                nonce,
+                version,
+                resources: changed,
+                removed,
+            },
+        })
+    }
+
+    /// What Envoy should hold of `kind` right now.
+    fn desired(&self, kind: Kind, trust_listeners: bool) -> Resources {
+        let snap = self.snap.get(kind);
+        let ts = &self.types[kind as usize];
+        match kind {
+            Kind::Cluster => {
+                let mut out = snap.clone();
+                let listeners = &self.types[Kind::Listener as usize].sent;
+                for (name, held) in &ts.sent {
+                    let still_used = listeners
+                        .values()
+                        .any(|l| l.res.as_ref().and_then(|r| r.cluster.as_ref()) == Some(name));
+                    if let (false, Some(res), true) =
+                        (out.contains_key(name), &held.res, still_used)
+                    {
+                        out.insert(name.clone(), res.clone());
+                    }
+                }
+                out
+            }
+            Kind::Endpoint => {
+                let clusters = &self.types[Kind::Cluster as usize].sent;
+                let wanted = |n: &String| ts.wildcard || ts.names.contains(n);
+                let mut out: Resources = snap
+                    .iter()
+                    .filter(|(n, _)| wanted(n))
+                    .map(|(n, r)| (n.clone(), r.clone()))
+                    .collect();
+                for (name, held) in &ts.sent {
+                    if let (false, Some(res), true) = (
+                        out.contains_key(name),
+                        &held.res,
+                        clusters.contains_key(name),
+                    ) {
+                        if wanted(name) {
+                            out.insert(name.clone(), res.clone());
+                        }
+                    }
+                }
+                out
+            }
+            Kind::Listener => {
+                let mut out = Resources::new();
+                for (name, res) in snap {
+                    let held = ts.sent.get(name);
+                    let ready = trust_listeners
+                        || held.is_some_and(|h| h.version == res.version || h.res.is_none())
+                        || res.cluster.as_ref().is_none_or(|c| self.warm(c));
+                    if ready {
+                        out.insert(name.clone(), res.clone());
+                    } else if let Some(old) = held.and_then(|h| h.res.clone()) {
+                        out.insert(name.clone(), old);
+                    }
+                }
+                out
+            }
+        }
+    }
+
+    /// True once Envoy has ACKed the cluster's current version and then an
+    /// assignment for it, so the cluster is active.
+    fn warm(&self, cluster: &str) -> bool {
+        let acked = |k: Kind| {
+            let want = self.snap.get(k).get(cluster).map(|r| &r.version);
+            want.is_some() && self.types[k as usize].acked.get(cluster) == want
+        };
+        acked(Kind::Cluster) && acked(Kind::Endpoint)
+    }
+}
+
+/// The SotW version of a set: a hash of every name and version in it.
+fn sotw_version(set: &Resources) -> String {
+    let parts: Vec<&[u8]> = set
+        .values()
+        .flat_map(|r| [r.name.as_bytes(), r.version.as_bytes()])
+        .collect();
+    content_hash(&parts)
+}
+
+#[cfg(test)]
+#[path = "session_tests.rs"]
+mod tests;

@@ -1,0 +1,68 @@
+//! One consistent set of xDS resources built from the registrar's state.
+//! The registrar publishes a new snapshot on every change through a watch
+//! channel; each Envoy stream reads the newest one.
+
+use super::resources::{self, Resource, Service, CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// The three resource types the registrar serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Kind {
+    Cluster = 0,
+    Endpoint = 1,
+    Listener = 2,
+}
+
+impl Kind {
+    /// Make-before-break order: clusters, then their endpoints, then the
+    /// listeners that use them.
+    pub const ORDER: [Kind; 3] = [Kind::Cluster, Kind::Endpoint, Kind::Listener];
+
+    pub fn type_url(self) -> &'static str {
+        match self {
+            Kind::Cluster => CLUSTER_TYPE,
+            Kind::Endpoint => ENDPOINT_TYPE,
+            Kind::Listener => LISTENER_TYPE,
+        }
+    }
+
+    pub fn from_type_url(url: &str) -> Option<Kind> {
+        Kind::ORDER.into_iter().find(|k| k.type_url() == url)
+    }
+
+    pub fn short(self) -> &'static str {
+        match self {
+            Kind::Cluster => "CDS",
+            Kind::Endpoint => "EDS",
+            Kind::Listener => "LDS",
+        }
+    }
+}
+
+pub type Resources = BTreeMap<String, Arc<Resource>>;
+
+#[derive(Debug, Default, Clone)]
+pub struct Snapshot {
+    by_kind: [Resources; 3],
+}
+
+impl Snapshot {
+    pub fn build<'a>(services: impl IntoIterator<Item = &'a Service>) -> Snapshot {
+        let mut snap = Snapshot::default();
+        for svc in services {
+            for (kind, res) in [
+                (Kind::Cluster, resources::cluster(svc)),
+                (Kind::Endpoint, resources::endpoints(svc)),
+                (Kind::Listener, resources::listener(svc)),
+            ] {
+                snap.by_kind[kind as usize].insert(res.name.clone(), Arc::new(res));
+            }
+        }
+        snap
+    }
+
+    pub fn get(&self, kind: Kind) -> &Resources {
+        &self.by_kind[kind as usize]
+    }
+}
