@@ -16,6 +16,10 @@ pub struct ServeArgs {
     pub node_id: String,
     /// Skip the /proc scan at start-up (then `resync` restores mappings).
     pub no_recover: bool,
+    /// Run and supervise this Envoy binary.
+    pub envoy: Option<PathBuf>,
+    /// The supervised Envoy's admin address.
+    pub envoy_admin: Addr,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,6 +97,8 @@ pub fn serve(args: Vec<OsString>) -> Result<Parsed<ServeArgs>, String> {
         default_mode: Mode::Http,
         node_id: DEFAULT_NODE_ID.into(),
         no_recover: false,
+        envoy: None,
+        envoy_admin: Addr::parse(DEFAULT_ADMIN).expect("default"),
     };
     let run = parse_flags(args, |name, p| {
         match name {
@@ -105,6 +111,8 @@ pub fn serve(args: Vec<OsString>) -> Result<Parsed<ServeArgs>, String> {
             }
             "--node-id" => out.node_id = text(value(p)?)?,
             "--no-recover" => out.no_recover = true,
+            "--envoy" => out.envoy = Some(value(p)?.into()),
+            "--envoy-admin" => out.envoy_admin = addr(value(p)?)?,
             _ => return Ok(false),
         }
         Ok(true)
@@ -194,6 +202,7 @@ Example:
 pub const SERVE_HELP: &str = "\
 Usage: envoy-docker serve [--socket PATH] [--xds ADDR] [--default-mode http|tcp]
                           [--node-id ID] [--no-recover]
+                          [--envoy PATH [--envoy-admin ADDR]]
 
 Runs the registrar. Needs no flags and no config file.
   --socket PATH          registrar socket (default $ENVOY_DOCKER_SOCKET, else
@@ -206,8 +215,12 @@ Runs the registrar. Needs no flags and no config file.
                          (default envoy-docker)
   --no-recover           don't take the mappings of running proxies from /proc
                          at start-up; run `envoy-docker resync` instead
+  --envoy PATH           also run this Envoy binary with a generated bootstrap,
+                         restart it if it dies, stop it on shutdown
+  --envoy-admin ADDR     admin address of that Envoy (default 127.0.0.1:9901)
 
-Example:
+Examples:
+  envoy-docker serve --envoy /usr/local/bin/envoy
   envoy-docker serve --xds unix:/run/envoy-docker/xds.sock";
 
 pub const RESYNC_HELP: &str = "\

@@ -4,7 +4,9 @@
 //!
 //! A proxy is a process whose argv[0] basename is docker-proxy or
 //! envoy-docker-shim, or that runs this binary (or one named envoy-docker)
-//! as `envoy-docker proxy ...`.
+//! as `envoy-docker proxy ...`. Only proxies whose `ENVOY_DOCKER_SOCKET`
+//! (or the default, when unset) names this registrar's socket are taken,
+//! so two registrars on one host never take each other's mappings.
 
 use crate::applet::is_proxy_name;
 use crate::cli::ResyncArgs;
@@ -43,8 +45,9 @@ pub fn proxy_mapping(argv: &[OsString], runs_this_binary: bool) -> Option<Mappin
     }
 }
 
-/// Every proxy running on this host, except this process.
-pub fn scan() -> Vec<FoundProxy> {
+/// Every proxy on this host that talks to the registrar at `socket`, as
+/// its `ENVOY_DOCKER_SOCKET` (or the default) says; this process excluded.
+pub fn scan(socket: &Path) -> Vec<FoundProxy> {
     let me = std::process::id();
     let own_exe: Option<PathBuf> = std::fs::read_link("/proc/self/exe").ok();
     let Ok(all) = procfs::process::all_processes() else {
@@ -61,6 +64,19 @@ pub fn scan() -> Vec<FoundProxy> {
         let argv: Vec<OsString> = cmdline.into_iter().map(OsString::from).collect();
         let ours = own_exe.is_some() && p.exe().ok() == own_exe;
         if let Some(mapping) = proxy_mapping(&argv, ours) {
+            let theirs = p
+                .environ()
+                .ok()
+                .and_then(|env| {
+                    env.get(std::ffi::OsStr::new(crate::addr::SOCKET_ENV))
+                        .cloned()
+                })
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(crate::addr::DEFAULT_SOCKET));
+            if theirs != socket {
+                continue;
+            }
             if p.stat().is_ok_and(|s| s.state != 'Z') {
                 found.push(FoundProxy { pid, mapping });
             }
@@ -90,7 +106,7 @@ pub fn run(args: ResyncArgs) -> i32 {
                 return 1;
             }
         };
-        let found = scan();
+        let found = scan(&path);
         let mut refused = 0;
         for p in &found {
             let req = Request::Register(Registration {

@@ -12,6 +12,7 @@
 //! connected; connected proxies are noticed at once when their socket
 //! closes.
 
+pub mod envoy;
 pub mod socket;
 pub mod state;
 
@@ -54,7 +55,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     if args.no_recover {
         tracing::info!("not recovering mappings (--no-recover)");
     } else {
-        recover(&registry);
+        recover(&registry, &path);
     }
 
     tokio::spawn(socket::serve(unix, registry.clone()));
@@ -66,23 +67,51 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         args.node_id
     );
 
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let supervisor = args.envoy.clone().map(|envoy| {
+        let sup = envoy::Supervisor {
+            envoy,
+            bootstrap: envoy::bootstrap_for(&args.xds, &args.node_id, args.envoy_admin.clone()),
+            config: path.with_file_name("envoy.yaml"),
+        };
+        tokio::spawn(sup.run(stop.clone()))
+    });
+
     let mut sigint = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
     let mut sigterm = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
-    let shutdown = async move {
+    tokio::spawn(async move {
         tokio::select! {
             _ = sigint.recv() => {}
             _ = sigterm.recv() => {}
         }
         tracing::info!("shutting down");
+        let _ = stop_tx.send(true);
+    });
+    let mut stopped = stop.clone();
+    let shutdown = async move {
+        let _ = stopped.wait_for(|s| *s).await;
     };
-    let result = xds.serve(registry, args.node_id, shutdown).await;
+    // Envoy's ADS streams never end by themselves: give them a moment to
+    // close, then stop anyway.
+    let mut stopped = stop.clone();
+    let grace = async move {
+        let _ = stopped.wait_for(|s| *s).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    let result = tokio::select! {
+        r = xds.serve(registry, args.node_id, shutdown) => r,
+        _ = grace => Ok(()),
+    };
+    if let Some(sup) = supervisor {
+        let _ = sup.await;
+    }
     let _ = std::fs::remove_file(&path);
     result
 }
 
 /// Takes the mappings of live proxies from /proc.
-fn recover(registry: &Shared) {
-    let found = crate::resync::scan();
+fn recover(registry: &Shared, socket: &std::path::Path) {
+    let found = crate::resync::scan(socket);
     let mut reg = registry.lock().expect("registry");
     for p in &found {
         if let Err(e) = reg.register(p.mapping, OwnerProcess::of(p.pid), None, false) {

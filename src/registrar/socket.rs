@@ -16,6 +16,10 @@ use tokio::net::{UnixListener, UnixStream};
 /// Mappings per `Mappings` frame, so a reply stays far below the frame limit.
 const LIST_CHUNK: usize = 100;
 
+/// How long a deregistration waits for Envoy to drop the listener; below
+/// the proxy's own one-second budget.
+const CLOSE_BUDGET: std::time::Duration = std::time::Duration::from_millis(800);
+
 /// Prepares the directory, clears a stale socket and binds.
 pub fn bind(path: &Path) -> Result<UnixListener, String> {
     let shown = path.display();
@@ -144,7 +148,11 @@ async fn handle(stream: UnixStream, id: u64, registry: &Shared) -> Result<(), Co
                 return conn.write_frame(&refuse(msg)).await;
             }
             Request::Deregister(key) => {
-                registry.lock().expect("registry").deregister(&key);
+                let closed = registry.lock().expect("registry").deregister(&key);
+                // Answer once Envoy has closed the port, as docker-proxy
+                // closes its listener before it exits; bounded, so a stuck
+                // Envoy cannot hold up `docker stop`.
+                let _ = tokio::time::timeout(CLOSE_BUDGET, closed).await;
                 conn.write_frame(&Reply::Done).await?;
             }
             Request::Register(reg) => {

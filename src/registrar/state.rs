@@ -93,6 +93,8 @@ pub struct Registry {
     envoys: BTreeMap<u64, EnvoyView>,
     next_envoy: u64,
     snapshots: watch::Sender<Arc<Snapshot>>,
+    /// Deregistrations waiting for every Envoy to drop their listener.
+    closing: Vec<(MappingKey, oneshot::Sender<()>)>,
 }
 
 pub type Shared = Arc<Mutex<Registry>>;
@@ -109,6 +111,7 @@ impl Registry {
             envoys: BTreeMap::new(),
             next_envoy: 0,
             snapshots,
+            closing: Vec::new(),
         }
     }
 
@@ -176,11 +179,16 @@ impl Registry {
         Ok(rx)
     }
 
-    pub fn deregister(&mut self, key: &MappingKey) {
+    /// Removes a mapping. The receiver resolves once no connected Envoy
+    /// holds its listener any more, so the port is closed.
+    pub fn deregister(&mut self, key: &MappingKey) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        self.closing.push((*key, tx));
         if self.remove(key, "deregistered") {
             self.publish();
-            self.evaluate();
         }
+        self.evaluate();
+        rx
     }
 
     /// A registrar connection closed: its mappings go with it.
@@ -296,6 +304,20 @@ impl Registry {
     /// Recomputes each TCP mapping's state from what the Envoys hold, and
     /// answers the proxies waiting for it.
     fn evaluate(&mut self) {
+        let held = |envoys: &BTreeMap<u64, EnvoyView>, name: &str| {
+            envoys
+                .values()
+                .any(|v| v.listeners.as_ref().is_some_and(|l| l.contains(name)))
+        };
+        let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.closing)
+            .into_iter()
+            .partition(|(key, _)| {
+                self.entries.contains_key(key) || !held(&self.envoys, &key.resource_name())
+            });
+        self.closing = waiting;
+        for (_, tx) in done {
+            let _ = tx.send(());
+        }
         for e in self.entries.values_mut() {
             let name = e.listener();
             let served = e.mapping.key.proto != Proto::Tcp

