@@ -100,9 +100,13 @@ impl Link {
         let req = Request::Deregister(self.mapping.key);
         match timeout(DEREGISTER_BUDGET, self.conn.call(&req)).await {
             Ok(Ok(Reply::Done)) => {}
-            Ok(Ok(other)) => tracing::warn!("deregistering: unexpected reply {other:?}"),
-            Ok(Err(e)) => tracing::warn!("deregistering: {e}"),
-            Err(_) => tracing::warn!("deregistering: no answer within {DEREGISTER_BUDGET:?}"),
+            Ok(Ok(other)) => {
+                eprintln!("envoy-docker proxy: deregistering: unexpected reply {other:?}")
+            }
+            Ok(Err(e)) => eprintln!("envoy-docker proxy: deregistering: {e}"),
+            Err(_) => eprintln!(
+                "envoy-docker proxy: deregistering: no answer within {DEREGISTER_BUDGET:?}"
+            ),
         }
     }
 }
@@ -114,7 +118,7 @@ pub async fn reconnect(path: PathBuf, mapping: Mapping) -> Link {
     loop {
         match Link::register(&path, mapping, Duration::ZERO, false).await {
             Ok((link, _)) => {
-                tracing::info!("registered {mapping} again");
+                eprintln!("envoy-docker proxy: registered {mapping} again");
                 return link;
             }
             Err(e) => tracing::debug!("re-registering {mapping}: {e}"),

@@ -15,6 +15,9 @@
 //!
 //! The data path for TCP is Envoy's. A later relay for ports no Envoy
 //! serves would slot in at step 4, next to the UDP relay.
+//!
+//! The proxy runs once per published port, so it stays small: one thread,
+//! and no log subscriber (its few messages go straight to stderr).
 
 pub mod flags;
 pub mod link;
@@ -61,7 +64,6 @@ pub fn run(args: &[OsString]) -> i32 {
     } else {
         None
     };
-    crate::logging::init();
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -150,7 +152,7 @@ async fn serve(flags: ProxyFlags, listen_fd: Option<OwnedFd>, mut status: Status
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = link.closed() => {
-                tracing::warn!("lost the registrar at {}; registering again", path.display());
+                eprintln!("envoy-docker proxy: lost the registrar at {}; registering again", path.display());
                 link = tokio::select! {
                     l = link::reconnect(path.clone(), mapping) => l,
                     _ = sigint.recv() => return 0,

@@ -83,7 +83,7 @@ impl Relay {
             let client = match self.client(from).await {
                 Ok(c) => c,
                 Err(e) => {
-                    tracing::warn!("udp: no upstream socket for {from}: {e}");
+                    eprintln!("envoy-docker proxy: udp: no upstream socket for {from}: {e}");
                     continue;
                 }
             };
