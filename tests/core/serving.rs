@@ -168,3 +168,25 @@ fn use_listen_fd_works_for_tcp_and_udp_as_docker_28_passes_them() {
     let to = SocketAddr::from(([127, 0, 0, 1], uport));
     assert_eq!(udp_round_trip(&c, to, b"ping"), b"ping");
 }
+
+#[test]
+fn two_envoys_sotw_and_delta_get_the_same_resources_and_both_must_ack() {
+    let mut stack = Stack::start(Ads::Sotw);
+    let second = stack.add_envoy(Ads::Delta);
+    let be = backend::http("127.0.0.18", "both");
+    let port = free_port();
+    let _p = stack.proxy(ProxySpec::tcp("127.0.0.1", port, be)).ready();
+    // Ready means both Envoys hold the listener (they share the port with
+    // SO_REUSEPORT, as Envoy does by default).
+    for admin in [stack.admin, second] {
+        let listeners = crate::harness::admin_get(admin, "/listeners");
+        assert!(
+            listeners.contains(&format!("127.0.0.1:{port}")),
+            "{admin}: {listeners}"
+        );
+    }
+    for _ in 0..10 {
+        let got = http_get(SocketAddr::from(([127, 0, 0, 1], port)), "/").unwrap();
+        assert_eq!(got, (200, "both".into()));
+    }
+}

