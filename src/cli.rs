@@ -18,6 +18,8 @@ pub struct ServeArgs {
     pub no_recover: bool,
     /// Run and supervise this Envoy binary.
     pub envoy: Option<PathBuf>,
+    /// `--docker URL|none`; `None` means `$DOCKER_HOST` or the default.
+    pub docker: Option<String>,
     /// The supervised Envoy's admin address.
     pub envoy_admin: Addr,
 }
@@ -98,6 +100,7 @@ pub fn serve(args: Vec<OsString>) -> Result<Parsed<ServeArgs>, String> {
         node_id: DEFAULT_NODE_ID.into(),
         no_recover: false,
         envoy: None,
+        docker: None,
         envoy_admin: Addr::parse(DEFAULT_ADMIN).expect("default"),
     };
     let run = parse_flags(args, |name, p| {
@@ -112,6 +115,7 @@ pub fn serve(args: Vec<OsString>) -> Result<Parsed<ServeArgs>, String> {
             "--node-id" => out.node_id = text(value(p)?)?,
             "--no-recover" => out.no_recover = true,
             "--envoy" => out.envoy = Some(value(p)?.into()),
+            "--docker" => out.docker = Some(text(value(p)?)?),
             "--envoy-admin" => out.envoy_admin = addr(value(p)?)?,
             _ => return Ok(false),
         }
@@ -201,7 +205,7 @@ Example:
 
 pub const SERVE_HELP: &str = "\
 Usage: envoy-docker serve [--socket PATH] [--xds ADDR] [--default-mode http|tcp]
-                          [--node-id ID] [--no-recover]
+                          [--node-id ID] [--no-recover] [--docker URL|none]
                           [--envoy PATH [--envoy-admin ADDR]]
 
 Runs the registrar. Needs no flags and no config file.
@@ -209,12 +213,15 @@ Runs the registrar. Needs no flags and no config file.
                          /run/envoy-docker/registrar.sock)
   --xds ADDR             where Envoy connects for ADS: IP:PORT, [IPV6]:PORT or
                          unix:PATH (default 127.0.0.1:18000)
-  --default-mode MODE    http or tcp, for mappings without a ProxyMode label
+  --default-mode MODE    http or tcp, for containers without a ProxyMode label
                          (default http)
   --node-id ID           only Envoys with this node id are served
                          (default envoy-docker)
   --no-recover           don't take the mappings of running proxies from /proc
                          at start-up; run `envoy-docker resync` instead
+  --docker URL|none      the Docker API, for container names and labels:
+                         unix:///PATH or tcp://HOST:PORT (default $DOCKER_HOST,
+                         else unix:///var/run/docker.sock); none turns it off
   --envoy PATH           also run this Envoy binary with a generated bootstrap,
                          restart it if it dies, stop it on shutdown
   --envoy-admin ADDR     admin address of that Envoy (default 127.0.0.1:9901)

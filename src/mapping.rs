@@ -155,6 +155,15 @@ pub struct MappingStatus {
     pub name: String,
     pub state: MappingState,
     pub owner_pid: u32,
+    /// The container behind it, once Docker has told us.
+    pub container: Option<ContainerRef>,
+}
+
+/// A container as `status` names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerRef {
+    pub id: String,
+    pub name: String,
 }
 
 /// Keeps only `[A-Za-z0-9_-]`, mapping everything else to `-`, so that a

@@ -17,6 +17,8 @@ pub struct Row {
     pub state: String,
     pub error: Option<String>,
     pub owner_pid: u32,
+    pub container_name: Option<String>,
+    pub container_id: Option<String>,
 }
 
 impl From<&MappingStatus> for Row {
@@ -33,6 +35,8 @@ impl From<&MappingStatus> for Row {
                 _ => None,
             },
             owner_pid: s.owner_pid,
+            container_name: s.container.as_ref().map(|c| c.name.clone()),
+            container_id: s.container.as_ref().map(|c| c.id.clone()),
         }
     }
 }
@@ -44,6 +48,8 @@ pub fn render_table(rows: &[Row]) -> String {
         "CONTAINER".into(),
         "MODE".into(),
         "NAME".into(),
+        "CONTAINER NAME".into(),
+        "ID".into(),
         "STATE".into(),
         "PID".into(),
     ]];
@@ -58,11 +64,16 @@ pub fn render_table(rows: &[Row]) -> String {
             r.container.clone(),
             r.mode.clone(),
             r.name.clone(),
+            r.container_name.clone().unwrap_or_else(|| "-".into()),
+            r.container_id
+                .as_deref()
+                .map(|id| id[..id.len().min(12)].to_string())
+                .unwrap_or_else(|| "-".into()),
             state,
             r.owner_pid.to_string(),
         ]);
     }
-    let mut widths = [0usize; 7];
+    let mut widths = [0usize; 9];
     for l in &lines {
         for (w, cell) in widths.iter_mut().zip(l) {
             *w = (*w).max(cell.len());
@@ -75,7 +86,7 @@ pub fn render_table(rows: &[Row]) -> String {
             .zip(widths)
             .enumerate()
             .map(|(i, (c, w))| {
-                if i == 6 {
+                if i == 8 {
                     c.clone()
                 } else {
                     format!("{c:<w$}")

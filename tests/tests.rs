@@ -3,4 +3,5 @@
 //! proxy spawned the way dockerd spawns it (a pipe on fd 3).
 
 mod core;
+mod docker;
 mod harness;

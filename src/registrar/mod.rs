@@ -12,6 +12,7 @@
 //! connected; connected proxies are noticed at once when their socket
 //! closes.
 
+pub mod docker;
 pub mod envoy;
 pub mod socket;
 pub mod state;
@@ -23,6 +24,8 @@ use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
 
 const REAP_EVERY: Duration = Duration::from_millis(250);
+/// How long start-up waits for Docker's container list.
+const DOCKER_SYNC_BUDGET: Duration = Duration::from_secs(5);
 
 pub fn run(args: ServeArgs) -> i32 {
     crate::logging::init();
@@ -58,7 +61,20 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         recover(&registry, &path);
     }
 
-    tokio::spawn(socket::serve(unix, registry.clone()));
+    // Docker metadata: names and modes must be in place before any Envoy
+    // hears about the recovered mappings, or they would change under it.
+    let docker =
+        docker::client::Docker::from_setting(args.docker.as_deref())?.map(std::sync::Arc::new);
+    match &docker {
+        Some(d) => {
+            let (synced_tx, mut synced) = tokio::sync::watch::channel(false);
+            tokio::spawn(docker::watch(d.clone(), registry.clone(), synced_tx));
+            let _ = tokio::time::timeout(DOCKER_SYNC_BUDGET, synced.wait_for(|s| *s)).await;
+        }
+        None => tracing::info!("not following Docker (--docker none)"),
+    }
+
+    tokio::spawn(socket::serve(unix, registry.clone(), docker));
     tokio::spawn(reap(registry.clone()));
     tracing::info!(
         "serving proxies on {} and xDS on {} (node id {:?})",
@@ -114,7 +130,7 @@ fn recover(registry: &Shared, socket: &std::path::Path) {
     let found = crate::resync::scan(socket);
     let mut reg = registry.lock().expect("registry");
     for p in &found {
-        if let Err(e) = reg.register(p.mapping, OwnerProcess::of(p.pid), None, false) {
+        if let Err(e) = reg.register(p.mapping, OwnerProcess::of(p.pid), None, false, None) {
             tracing::warn!("recovering {} (pid {}): {e}", p.mapping, p.pid);
         }
     }

@@ -6,11 +6,13 @@
 //! frame gets an `Error` reply and that connection is closed; the other
 //! connections are not affected.
 
+use super::docker::{self, client::Docker};
 use super::state::{OwnerProcess, Shared};
 use crate::protocol::{ConnError, Connection, Owner, Reply, Request, PROTOCOL_VERSION};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use tokio::net::{UnixListener, UnixStream};
 
 /// Mappings per `Mappings` frame, so a reply stays far below the frame limit.
@@ -60,16 +62,20 @@ pub fn bind(path: &Path) -> Result<UnixListener, String> {
     Ok(listener)
 }
 
+/// How long a registration may wait for Docker to name its container.
+const LOOKUP_BUDGET: std::time::Duration = std::time::Duration::from_millis(1500);
+
 /// Accepts connections until the process ends.
-pub async fn serve(listener: UnixListener, registry: Shared) {
+pub async fn serve(listener: UnixListener, registry: Shared, docker: Option<Arc<Docker>>) {
     static NEXT: AtomicU64 = AtomicU64::new(1);
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
                 let id = NEXT.fetch_add(1, Ordering::Relaxed);
                 let registry = registry.clone();
+                let docker = docker.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = handle(stream, id, &registry).await {
+                    if let Err(e) = handle(stream, id, &registry, docker.as_deref()).await {
                         tracing::debug!("registrar connection {id}: {e}");
                     }
                     registry.lock().expect("registry").connection_closed(id);
@@ -87,7 +93,12 @@ fn may_change(uid: u32) -> bool {
     uid == 0 || uid == nix::unistd::geteuid().as_raw()
 }
 
-async fn handle(stream: UnixStream, id: u64, registry: &Shared) -> Result<(), ConnError> {
+async fn handle(
+    stream: UnixStream,
+    id: u64,
+    registry: &Shared,
+    docker: Option<&Docker>,
+) -> Result<(), ConnError> {
     let cred = stream.peer_cred()?;
     let uid = cred.uid();
     let peer_pid = cred.pid().map(|p| p as u32);
@@ -174,11 +185,17 @@ async fn handle(stream: UnixStream, id: u64, registry: &Shared) -> Result<(), Co
                         (owner, None)
                     }
                 };
-                let result =
-                    registry
-                        .lock()
-                        .expect("registry")
-                        .register(reg.mapping, owner, tied, reg.wait);
+                let meta = match docker {
+                    Some(d) => name_container(d, reg.mapping.backend.container_ip).await,
+                    None => None,
+                };
+                let result = registry.lock().expect("registry").register(
+                    reg.mapping,
+                    owner,
+                    tied,
+                    reg.wait,
+                    meta,
+                );
                 let verdict = match result {
                     Err(e) => {
                         conn.write_frame(&Reply::Error(e)).await?;
@@ -210,6 +227,22 @@ async fn handle(stream: UnixStream, id: u64, registry: &Shared) -> Result<(), Co
                     }
                 }
             }
+        }
+    }
+}
+
+/// Finds the container behind a registration, bounded in time; on any
+/// trouble the mapping just starts with a default name.
+async fn name_container(d: &Docker, ip: std::net::IpAddr) -> Option<docker::meta::ContainerMeta> {
+    match tokio::time::timeout(LOOKUP_BUDGET, docker::lookup(d, ip)).await {
+        Ok(Ok(meta)) => meta,
+        Ok(Err(e)) => {
+            tracing::debug!("no container found for {ip}: {e}");
+            None
+        }
+        Err(_) => {
+            tracing::warn!("Docker took over {LOOKUP_BUDGET:?} to name the container at {ip}");
+            None
         }
     }
 }

@@ -6,7 +6,8 @@
 //! proxy deregisters, when the proxy's connection closes, or (for mappings
 //! taken from /proc or replayed by resync) when the owning process exits.
 
-use crate::mapping::{Mapping, MappingKey, MappingState, MappingStatus, Mode, Proto};
+use super::docker::meta::ContainerMeta;
+use crate::mapping::{ContainerRef, Mapping, MappingKey, MappingState, MappingStatus, Mode, Proto};
 use crate::xds::resources::Service;
 use crate::xds::session::{mentions, Feedback};
 use crate::xds::snapshot::{Kind, Snapshot};
@@ -65,11 +66,28 @@ struct Entry {
     conn: Option<u64>,
     state: MappingState,
     waiters: Vec<oneshot::Sender<Outcome>>,
+    /// The container behind the mapping, once Docker has told us.
+    container: Option<Arc<ContainerMeta>>,
 }
 
 impl Entry {
     fn listener(&self) -> String {
         self.mapping.key.resource_name()
+    }
+
+    /// Sets name and mode from the container's labels; true if they changed.
+    fn describe(&mut self, default_mode: Mode) -> bool {
+        let (name, mode) = match &self.container {
+            Some(c) => {
+                let n = c.naming();
+                (n.name, n.mode.unwrap_or(default_mode))
+            }
+            None => (default_name(&self.mapping), default_mode),
+        };
+        let changed = name != self.name || mode != self.mode;
+        self.name = name;
+        self.mode = mode;
+        changed
     }
 
     fn settle(&mut self, outcome: Outcome) {
@@ -95,6 +113,8 @@ pub struct Registry {
     snapshots: watch::Sender<Arc<Snapshot>>,
     /// Deregistrations waiting for every Envoy to drop their listener.
     closing: Vec<(MappingKey, oneshot::Sender<()>)>,
+    /// Containers Docker told us about, by id.
+    containers: BTreeMap<String, Arc<ContainerMeta>>,
 }
 
 pub type Shared = Arc<Mutex<Registry>>;
@@ -112,6 +132,7 @@ impl Registry {
             next_envoy: 0,
             snapshots,
             closing: Vec::new(),
+            containers: BTreeMap::new(),
         }
     }
 
@@ -123,7 +144,8 @@ impl Registry {
         self.snapshots.subscribe()
     }
 
-    /// Adds a mapping or confirms an identical one. With `wait`, returns a
+    /// Adds a mapping or confirms an identical one. `meta` is the container
+    /// found for it at registration, if any. With `wait`, returns a
     /// receiver for Envoy's verdict.
     pub fn register(
         &mut self,
@@ -131,6 +153,7 @@ impl Registry {
         owner: OwnerProcess,
         conn: Option<u64>,
         wait: bool,
+        meta: Option<ContainerMeta>,
     ) -> Result<Option<Verdict>, String> {
         if mapping.key.proto == Proto::Sctp {
             return Err("SCTP is not supported".into());
@@ -149,16 +172,30 @@ impl Registry {
                 self.remove(&mapping.key, "replaced by a new registration");
             }
         }
+        let container = match meta {
+            Some(m) => Some(self.remember(m)),
+            None => self.container_for(&mapping),
+        };
         let fresh = !self.entries.contains_key(&mapping.key);
+        let default_mode = self.default_mode;
         let entry = self.entries.entry(mapping.key).or_insert_with(|| Entry {
             mapping,
-            mode: self.default_mode,
+            mode: default_mode,
             name: default_name(&mapping),
             owner,
             conn,
             state: MappingState::Pending,
             waiters: Vec::new(),
+            container: None,
         });
+        if container.is_some() && entry.container != container {
+            entry.container = container;
+            let changed = entry.describe(default_mode);
+            if changed && !fresh {
+                self.publish();
+            }
+        }
+        let entry = self.entries.get_mut(&mapping.key).expect("just inserted");
         // Idempotent: the newest registrant owns the mapping from now on.
         entry.owner = owner;
         entry.conn = conn;
@@ -242,8 +279,68 @@ impl Registry {
                 name: e.name.clone(),
                 state: e.state.clone(),
                 owner_pid: e.owner.pid,
+                container: e.container.as_ref().map(|c| ContainerRef {
+                    id: c.id.clone(),
+                    name: c.name.clone(),
+                }),
             })
             .collect()
+    }
+
+    fn remember(&mut self, meta: ContainerMeta) -> Arc<ContainerMeta> {
+        if let Some(bad) = meta.bad_mode() {
+            tracing::warn!(
+                "container {}: label ProxyMode={bad:?} is neither http nor tcp; using {}",
+                meta.name,
+                self.default_mode.as_str()
+            );
+        }
+        // A reused address belongs to the new container now.
+        self.containers
+            .retain(|id, c| id == &meta.id || !c.ips.iter().any(|ip| meta.ips.contains(ip)));
+        let meta = Arc::new(meta);
+        self.containers.insert(meta.id.clone(), meta.clone());
+        meta
+    }
+
+    fn container_for(&self, m: &Mapping) -> Option<Arc<ContainerMeta>> {
+        self.containers
+            .values()
+            .find(|c| {
+                c.serves(
+                    m.backend.container_ip,
+                    m.backend.container_port,
+                    m.key.proto,
+                )
+            })
+            .cloned()
+    }
+
+    /// Docker told us about a container (after its start, or a rename):
+    /// name its mappings after it and apply its mode.
+    pub fn apply_container(&mut self, meta: ContainerMeta) {
+        let meta = self.remember(meta);
+        let default_mode = self.default_mode;
+        let mut changed = false;
+        for e in self.entries.values_mut() {
+            let b = e.mapping.backend;
+            if !meta.serves(b.container_ip, b.container_port, e.mapping.key.proto) {
+                continue;
+            }
+            e.container = Some(meta.clone());
+            if e.describe(default_mode) {
+                tracing::info!("{} is now {} ({})", e.mapping, e.name, e.mode.as_str());
+                changed = true;
+            }
+        }
+        if changed {
+            self.publish();
+        }
+    }
+
+    /// The container is gone: its address may be reused by the next one.
+    pub fn forget_container(&mut self, id: &str) {
+        self.containers.remove(id);
     }
 
     pub fn envoy_connected(&mut self) -> u64 {
@@ -387,16 +484,16 @@ mod tests {
     fn same_backend_is_a_no_op_and_another_is_a_conflict() {
         let mut r = Registry::new(Mode::Http);
         let rx = r.snapshots();
-        r.register(mapping(80, "10.0.0.2"), me(), Some(1), false)
+        r.register(mapping(80, "10.0.0.2"), me(), Some(1), false, None)
             .unwrap();
         let v1 = rx.borrow().get(Kind::Listener).len();
-        r.register(mapping(80, "10.0.0.2"), me(), Some(2), false)
+        r.register(mapping(80, "10.0.0.2"), me(), Some(2), false, None)
             .unwrap();
         assert_eq!(r.list().len(), 1);
         assert_eq!(v1, 1);
         let other = OwnerProcess::of(1);
         let err = r
-            .register(mapping(80, "10.0.0.3"), other, None, false)
+            .register(mapping(80, "10.0.0.3"), other, None, false, None)
             .unwrap_err();
         assert!(err.contains("already registered"), "{err}");
         // The connection that registered last owns it now.
@@ -410,14 +507,14 @@ mod tests {
     fn no_envoy_means_ready_at_once_and_an_envoy_must_ack_first() {
         let mut r = Registry::new(Mode::Http);
         let mut rx = r
-            .register(mapping(80, "10.0.0.2"), me(), Some(1), true)
+            .register(mapping(80, "10.0.0.2"), me(), Some(1), true, None)
             .unwrap()
             .unwrap();
         assert_eq!(rx.try_recv().unwrap(), Outcome::Ready);
 
         let envoy = r.envoy_connected();
         let m = mapping(81, "10.0.0.2");
-        let mut rx = r.register(m, me(), Some(1), true).unwrap().unwrap();
+        let mut rx = r.register(m, me(), Some(1), true, None).unwrap().unwrap();
         assert!(rx.try_recv().is_err());
         r.envoy_feedback(
             envoy,
@@ -435,7 +532,7 @@ mod tests {
         let mut r = Registry::new(Mode::Tcp);
         let envoy = r.envoy_connected();
         let m = mapping(80, "10.0.0.2");
-        let mut rx = r.register(m, me(), Some(1), true).unwrap().unwrap();
+        let mut rx = r.register(m, me(), Some(1), true, None).unwrap().unwrap();
         let error = format!(
             "Error adding/updating listener(s) {}: cannot bind '0.0.0.0:80': Address already in use",
             m.key.resource_name()
@@ -453,20 +550,64 @@ mod tests {
     }
 
     #[test]
+    fn container_labels_name_mappings_and_set_their_mode() {
+        let mut r = Registry::new(Mode::Http);
+        let rx = r.snapshots();
+        let m = mapping(8080, "172.17.0.2");
+        r.register(m, me(), Some(1), false, None).unwrap();
+        assert_eq!(r.list()[0].name, "172-17-0-2-80");
+        let meta = ContainerMeta {
+            id: "c1".into(),
+            name: "web1".into(),
+            image: "busybox".into(),
+            labels: [
+                ("ServiceName".to_string(), "web".to_string()),
+                ("EnvironmentName".to_string(), "prod".to_string()),
+                ("ProxyMode".to_string(), "tcp".to_string()),
+            ]
+            .into(),
+            ips: vec!["172.17.0.2".parse().unwrap()],
+            ports: vec![(80, Proto::Tcp)],
+        };
+        r.apply_container(meta.clone());
+        let s = &r.list()[0];
+        assert_eq!((s.name.as_str(), s.mode), ("web-prod", Mode::Tcp));
+        assert_eq!(s.container.as_ref().unwrap().name, "web1");
+        assert!(rx
+            .borrow()
+            .get(Kind::Cluster)
+            .contains_key("web-prod_tcp_0-0-0-0_8080"));
+        // A second mapping of the same container is named at once.
+        r.register(mapping(8081, "172.17.0.2"), me(), Some(1), false, None)
+            .unwrap();
+        assert!(r.list().iter().all(|s| s.name == "web-prod"));
+        // Another container reusing the address takes over.
+        let mut next = meta;
+        next.id = "c2".into();
+        next.name = "other".into();
+        next.labels.clear();
+        r.apply_container(next);
+        assert!(r
+            .list()
+            .iter()
+            .all(|s| s.name == "other" && s.mode == Mode::Http));
+    }
+
+    #[test]
     fn dead_owners_are_reaped_and_sctp_is_refused() {
         let mut r = Registry::new(Mode::Http);
         let dead = OwnerProcess {
             pid: u32::MAX - 1,
             start: None,
         };
-        r.register(mapping(80, "10.0.0.2"), dead, None, false)
+        r.register(mapping(80, "10.0.0.2"), dead, None, false, None)
             .unwrap();
-        r.register(mapping(81, "10.0.0.2"), me(), None, false)
+        r.register(mapping(81, "10.0.0.2"), me(), None, false, None)
             .unwrap();
         r.reap();
         assert_eq!(r.list().len(), 1);
         let mut m = mapping(82, "10.0.0.2");
         m.key.proto = Proto::Sctp;
-        assert!(r.register(m, me(), None, false).is_err());
+        assert!(r.register(m, me(), None, false, None).is_err());
     }
 }

@@ -1,11 +1,10 @@
 //! How mappings end and survive: SIGINT, SIGKILL, bind conflicts, and
 //! registrar restarts with recovery or with resync.
 
+use crate::harness::watch::Watch;
 use crate::harness::{backend, free_port, http_get, refused, wait_until, Ads, ProxySpec, Stack};
 use nix::sys::signal::Signal;
 use std::net::{SocketAddr, TcpListener};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[test]
@@ -73,76 +72,6 @@ fn a_port_held_elsewhere_fails_like_docker_proxy() {
             .1,
         "never"
     );
-}
-
-/// Requests every port in a loop and counts failures, while another thread
-/// checks that Envoy never loses a listener.
-struct Watch {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicU64>,
-    failures: Arc<std::sync::Mutex<Vec<String>>>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Watch {
-    fn start(stack: &Stack, ports: &[u16]) -> Watch {
-        let stop = Arc::new(AtomicBool::new(false));
-        let ok = Arc::new(AtomicU64::new(0));
-        let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let mut threads = Vec::new();
-        {
-            let (stop, ok, failures, ports) =
-                (stop.clone(), ok.clone(), failures.clone(), ports.to_vec());
-            threads.push(std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    for port in &ports {
-                        match http_get(SocketAddr::from(([127, 0, 0, 1], *port)), "/") {
-                            Ok((200, _)) => {
-                                ok.fetch_add(1, Ordering::Relaxed);
-                            }
-                            other => failures
-                                .lock()
-                                .unwrap()
-                                .push(format!("port {port}: {other:?}")),
-                        }
-                    }
-                }
-            }));
-        }
-        {
-            let (stop, failures, ports) = (stop.clone(), failures.clone(), ports.to_vec());
-            let admin = stack.admin;
-            threads.push(std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    let listeners = crate::harness::admin_get(admin, "/listeners");
-                    for port in &ports {
-                        if !listeners.contains(&format!("127.0.0.1:{port}")) {
-                            failures
-                                .lock()
-                                .unwrap()
-                                .push(format!("listener for {port} missing"));
-                        }
-                    }
-                    std::thread::sleep(Duration::from_millis(25));
-                }
-            }));
-        }
-        Watch {
-            stop,
-            ok,
-            failures,
-            threads,
-        }
-    }
-
-    fn finish(self) -> (u64, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads {
-            t.join().unwrap();
-        }
-        let f = self.failures.lock().unwrap().clone();
-        (self.ok.load(Ordering::Relaxed), f)
-    }
 }
 
 fn registrar_restart_keeps_everything_served(ads: Ads) {

@@ -5,7 +5,9 @@
 #![allow(dead_code)]
 
 pub mod backend;
+pub mod dockerd;
 pub mod proc;
+pub mod watch;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -121,7 +123,33 @@ pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> 
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    Ok((status, body.to_string()))
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    Ok((
+        status,
+        if chunked {
+            dechunk(body)
+        } else {
+            body.to_string()
+        },
+    ))
+}
+
+/// Decodes an HTTP/1.1 chunked body.
+fn dechunk(mut rest: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || after.len() < n {
+            break;
+        }
+        out.push_str(&after[..n]);
+        rest = after[n..].trim_start_matches("\r\n");
+    }
+    out
 }
 
 pub fn admin_get(admin: SocketAddr, path: &str) -> String {
@@ -195,6 +223,12 @@ impl Stack {
             .arg("--xds")
             .arg(self.xds.to_string())
             .args(&self.serve_args)
+            // These stacks have no Docker unless a test gives one.
+            .args(if self.serve_args.iter().any(|a| a == "--docker") {
+                &[][..]
+            } else {
+                &["--docker", "none"][..]
+            })
             .env("ENVOY_DOCKER_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -324,13 +358,19 @@ impl Stack {
     }
 }
 
-impl Drop for Stack {
-    fn drop(&mut self) {
-        self.kill_registrar();
+impl Stack {
+    pub fn stop_envoys(&mut self) {
         let others = self.others.drain(..).map(|(c, _)| c);
         for mut c in self.envoy.take().into_iter().chain(others) {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.kill_registrar();
+        self.stop_envoys();
     }
 }

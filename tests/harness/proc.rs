@@ -73,14 +73,27 @@ impl Proxy {
         if let Some(uid) = spec.uid {
             cmd.uid(uid).gid(uid);
         }
-        // SAFETY: only async-signal-safe calls (dup2) between fork and exec.
+        // SAFETY: only async-signal-safe calls (fcntl, dup2) between fork
+        // and exec. Both descriptors are first moved above 100, so that
+        // placing one on 3 or 4 cannot clobber the other.
         unsafe {
             cmd.pre_exec(move || {
-                if nix::libc::dup2(write_raw, 3) < 0 {
+                use nix::libc::{dup2, fcntl, F_DUPFD_CLOEXEC};
+                let high = |fd: i32| {
+                    let n = fcntl(fd, F_DUPFD_CLOEXEC, 100);
+                    if n < 0 {
+                        Err(std::io::Error::last_os_error())
+                    } else {
+                        Ok(n)
+                    }
+                };
+                let status = high(write_raw)?;
+                let listen = listen_raw.map(high).transpose()?;
+                if dup2(status, 3) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                if let Some(fd) = listen_raw {
-                    if nix::libc::dup2(fd, 4) < 0 {
+                if let Some(fd) = listen {
+                    if dup2(fd, 4) < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
                 }

@@ -1,0 +1,206 @@
+//! A small Docker Engine API client: JSON GETs and the `/events` stream,
+//! over the daemon's Unix socket or TCP, with hyper's HTTP/1.1 client
+//! (hyper is already in the tree for gRPC, and it handles chunked bodies
+//! and framing that a hand-written client would get wrong).
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use std::path::PathBuf;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// Largest JSON answer accepted from Docker.
+const MAX_BODY: usize = 32 << 20;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    Unix(PathBuf),
+    Tcp(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct Docker {
+    pub endpoint: Endpoint,
+}
+
+impl Docker {
+    /// `--docker URL|none`, else `$DOCKER_HOST`, else the default socket.
+    pub fn from_setting(flag: Option<&str>) -> Result<Option<Docker>, String> {
+        let env = std::env::var("DOCKER_HOST").ok().filter(|v| !v.is_empty());
+        let url = flag
+            .map(str::to_string)
+            .or(env)
+            .unwrap_or_else(|| "unix:///var/run/docker.sock".into());
+        if url == "none" {
+            return Ok(None);
+        }
+        let endpoint = if let Some(path) = url.strip_prefix("unix://") {
+            Endpoint::Unix(PathBuf::from(path))
+        } else if let Some(addr) = url.strip_prefix("tcp://") {
+            Endpoint::Tcp(addr.trim_end_matches('/').to_string())
+        } else {
+            return Err(format!(
+                "bad Docker address {url:?}: want unix:///PATH, tcp://HOST:PORT or none"
+            ));
+        };
+        Ok(Some(Docker { endpoint }))
+    }
+
+    pub fn describe(&self) -> String {
+        match &self.endpoint {
+            Endpoint::Unix(p) => format!("unix://{}", p.display()),
+            Endpoint::Tcp(a) => format!("tcp://{a}"),
+        }
+    }
+
+    async fn sender(&self) -> Result<SendRequest<Empty<Bytes>>, String> {
+        match &self.endpoint {
+            Endpoint::Unix(p) => {
+                handshake(
+                    tokio::net::UnixStream::connect(p)
+                        .await
+                        .map_err(|e| e.to_string())?,
+                )
+                .await
+            }
+            Endpoint::Tcp(a) => {
+                handshake(
+                    tokio::net::TcpStream::connect(a)
+                        .await
+                        .map_err(|e| e.to_string())?,
+                )
+                .await
+            }
+        }
+    }
+
+    async fn send(&self, path: &str) -> Result<hyper::Response<Incoming>, String> {
+        let mut sender = self.sender().await?;
+        let req = hyper::Request::get(path)
+            .header(hyper::header::HOST, "docker")
+            .body(Empty::new())
+            .map_err(|e| e.to_string())?;
+        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+        if !resp.status().is_success() {
+            let status = resp.status();
+            let body = collect(resp.into_body()).await.unwrap_or_default();
+            let text = String::from_utf8_lossy(&body);
+            return Err(format!("GET {path}: {status}: {}", text.trim()));
+        }
+        Ok(resp)
+    }
+
+    /// GETs `path` and parses the answer as JSON.
+    pub async fn get_json(&self, path: &str) -> Result<Value, String> {
+        let body = collect(self.send(path).await?.into_body()).await?;
+        serde_json::from_slice(&body).map_err(|e| format!("GET {path}: bad JSON from Docker: {e}"))
+    }
+
+    /// Opens `GET /events` for container events.
+    pub async fn events(&self) -> Result<Events, String> {
+        let filters = r#"{"type":["container"],"event":["start","rename","die","destroy"]}"#;
+        let path = format!("/events?filters={}", percent_encode(filters));
+        Ok(Events {
+            body: self.send(&path).await?.into_body(),
+            buf: Vec::new(),
+        })
+    }
+}
+
+async fn handshake<S>(stream: S) -> Result<SendRequest<Empty<Bytes>>, String>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(sender)
+}
+
+async fn collect(mut body: Incoming) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| e.to_string())?;
+        if let Ok(data) = frame.into_data() {
+            out.extend_from_slice(&data);
+            if out.len() > MAX_BODY {
+                return Err(format!("answer from Docker over {MAX_BODY} bytes"));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Percent-encodes everything but unreserved characters, for a query value.
+pub fn percent_encode(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The `/events` stream: one JSON object per line.
+pub struct Events {
+    body: Incoming,
+    buf: Vec<u8>,
+}
+
+impl Events {
+    /// The next event; `None` when Docker closes the stream.
+    pub async fn next(&mut self) -> Option<Result<Value, String>> {
+        loop {
+            if let Some(nl) = self.buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=nl).collect();
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                return Some(
+                    serde_json::from_slice(&line)
+                        .map_err(|e| format!("bad event from Docker: {e}")),
+                );
+            }
+            if self.buf.len() > MAX_BODY {
+                return Some(Err("event line from Docker too long".into()));
+            }
+            match self.body.frame().await? {
+                Ok(frame) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.buf.extend_from_slice(&data);
+                    }
+                }
+                Err(e) => return Some(Err(e.to_string())),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings() {
+        let d = Docker::from_setting(Some("unix:///tmp/d.sock"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.endpoint, Endpoint::Unix("/tmp/d.sock".into()));
+        let d = Docker::from_setting(Some("tcp://127.0.0.1:2375"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.endpoint, Endpoint::Tcp("127.0.0.1:2375".into()));
+        assert!(Docker::from_setting(Some("none")).unwrap().is_none());
+        assert!(Docker::from_setting(Some("http://x")).is_err());
+        assert_eq!(percent_encode("{\"a\":[1]}"), "%7B%22a%22%3A%5B1%5D%7D");
+    }
+}

@@ -1,0 +1,170 @@
+//! Docker awareness: which container is behind each mapping, and so its
+//! name and mode.
+//!
+//! Two paths, and neither may stall `docker run`:
+//! - **At registration**, the container is still starting, and inspecting
+//!   it would block until its proxies report (dockerd holds the container
+//!   lock). Network inspect and the container list answer at once, so the
+//!   registrar finds the container by its IP in `GET /networks/{id}` and
+//!   reads its name and labels from `GET /containers/json?all=1`. The
+//!   mapping is then named right before Envoy first serves it.
+//! - **In the background**, the watcher lists running containers at start,
+//!   then follows `/events`, and inspects a container only after its
+//!   `start` event (or on `rename`), when that is safe. This fills in every
+//!   network address and the published ports, and catches containers that
+//!   were running before the registrar.
+//!
+//! If Docker is unreachable, one warning is logged, mappings keep default
+//! names, and the watcher retries in the background.
+
+pub mod client;
+pub mod meta;
+
+use super::state::Shared;
+use client::{percent_encode, Docker};
+use meta::ContainerMeta;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::time::timeout;
+
+/// Bound on one Docker request from the watcher.
+const REQUEST_BUDGET: Duration = Duration::from_secs(3);
+
+/// Finds the (possibly still starting) container that has `ip`, without
+/// inspecting it.
+pub async fn lookup(docker: &Docker, ip: IpAddr) -> Result<Option<ContainerMeta>, String> {
+    let networks = docker.get_json("/networks").await?;
+    let ids: Vec<String> = networks
+        .as_array()
+        .ok_or("GET /networks: not a list")?
+        .iter()
+        .filter(|n| !matches!(n["Driver"].as_str(), Some("host") | Some("null")))
+        .filter_map(|n| n["Id"].as_str().map(str::to_string))
+        .collect();
+    for id in ids {
+        let net = match docker.get_json(&format!("/networks/{id}")).await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::debug!("{e}");
+                continue;
+            }
+        };
+        let Some(cid) = meta::container_with_ip(&net, ip) else {
+            continue;
+        };
+        let filters = percent_encode(&format!(r#"{{"id":["{cid}"]}}"#));
+        let list = docker
+            .get_json(&format!("/containers/json?all=1&filters={filters}"))
+            .await?;
+        let item = list
+            .as_array()
+            .and_then(|l| l.iter().find(|c| c["Id"].as_str() == Some(cid.as_str())));
+        let Some(item) = item else {
+            return Ok(None);
+        };
+        let mut m = meta::from_list_item(item)?;
+        m.ips.push(ip);
+        return Ok(Some(m));
+    }
+    Ok(None)
+}
+
+async fn inspect(docker: &Docker, id: &str) -> Result<ContainerMeta, String> {
+    let v = timeout(
+        REQUEST_BUDGET,
+        docker.get_json(&format!("/containers/{id}/json")),
+    )
+    .await
+    .map_err(|_| format!("inspecting {id} timed out"))??;
+    meta::from_inspect(&v)
+}
+
+/// Runs the watcher; `synced` turns true after the first full listing, or
+/// once it is clear that Docker cannot be reached.
+pub async fn watch(docker: Arc<Docker>, registry: Shared, synced: watch::Sender<bool>) {
+    let mut warned = false;
+    let mut pause = Duration::from_millis(500);
+    loop {
+        match follow(&docker, &registry, &synced).await {
+            Ok(()) => {
+                tracing::warn!("Docker closed its event stream; reconnecting");
+                warned = false;
+                pause = Duration::from_millis(500);
+            }
+            Err(e) if !warned => {
+                tracing::warn!(
+                    "Docker at {} is unreachable ({e}); serving with default names and retrying",
+                    docker.describe()
+                );
+                warned = true;
+            }
+            Err(e) => tracing::debug!("Docker still unreachable: {e}"),
+        }
+        let _ = synced.send(true);
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// One connection's worth of following Docker: events first (so nothing
+/// between the listing and the stream is missed), then the listing.
+async fn follow(
+    docker: &Docker,
+    registry: &Shared,
+    synced: &watch::Sender<bool>,
+) -> Result<(), String> {
+    let mut events = timeout(REQUEST_BUDGET, docker.events())
+        .await
+        .map_err(|_| "timed out".to_string())??;
+    let running = timeout(REQUEST_BUDGET, docker.get_json("/containers/json"))
+        .await
+        .map_err(|_| "timed out".to_string())??;
+    let ids: Vec<String> = running
+        .as_array()
+        .map(|l| {
+            l.iter()
+                .filter_map(|c| c["Id"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    for id in &ids {
+        match inspect(docker, id).await {
+            Ok(m) => registry.lock().expect("registry").apply_container(m),
+            Err(e) => tracing::warn!("{e}"),
+        }
+    }
+    tracing::info!(
+        "Docker at {}: {} running container(s)",
+        docker.describe(),
+        ids.len()
+    );
+    let _ = synced.send(true);
+    while let Some(ev) = events.next().await {
+        let ev = match ev {
+            Ok(ev) => ev,
+            Err(e) => {
+                tracing::warn!("{e}");
+                continue;
+            }
+        };
+        let action = ev["Action"]
+            .as_str()
+            .or(ev["status"].as_str())
+            .unwrap_or("");
+        let Some(id) = ev["Actor"]["ID"].as_str().or(ev["id"].as_str()) else {
+            continue;
+        };
+        tracing::debug!("Docker event {action} for {id}");
+        match action {
+            "start" | "rename" => match inspect(docker, id).await {
+                Ok(m) => registry.lock().expect("registry").apply_container(m),
+                Err(e) => tracing::warn!("{e}"),
+            },
+            "die" | "destroy" => registry.lock().expect("registry").forget_container(id),
+            _ => {}
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,355 @@
+//! The Docker issue's scenarios against a real dockerd, with envoy-docker
+//! as its userland proxy, a real registrar and a real Envoy. They share one
+//! daemon and take turns (see `harness::dockerd`).
+
+use crate::harness::dockerd::{self, IMAGE};
+use crate::harness::watch::Watch;
+use crate::harness::{admin_get, free_port, http_get, refused, wait_until};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::time::Duration;
+
+const BODY: &str = "hello from container\n";
+
+fn local(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn row_for(rows: &[serde_json::Value], host: &str) -> serde_json::Value {
+    rows.iter()
+        .find(|r| r["host"] == host)
+        .cloned()
+        .unwrap_or_else(|| panic!("no mapping for {host} in {rows:#?}"))
+}
+
+#[test]
+fn docker_1_ready_on_return_and_counted_under_the_container_name() {
+    let env = dockerd::shared();
+    let h = free_port();
+    env.run(&["-p", &format!("{h}:80"), "--name", "ready1", IMAGE]);
+    // The very first request, right after `docker run` returned.
+    let got = http_get(local(h), "/").unwrap();
+    assert_eq!(got, (200, BODY.to_string()));
+    let prefix = format!("ready1_tcp_0-0-0-0_{h}");
+    assert_eq!(
+        env.stack.stat(&format!("http.{prefix}.downstream_rq_2xx")),
+        Some(1),
+        "{}",
+        admin_get(env.stack.admin, "/stats?filter=ready1")
+    );
+}
+
+#[test]
+fn docker_2_random_ports_are_served() {
+    let env = dockerd::shared();
+    let id = env.run(&["-P", IMAGE]);
+    let ports = env.host_ports(&id, "80/tcp");
+    assert!(!ports.is_empty());
+    for p in ports {
+        assert_eq!(http_get(local(p), "/").unwrap(), (200, BODY.to_string()));
+    }
+}
+
+#[test]
+fn docker_3_udp_echoes_through_the_relay() {
+    let env = dockerd::shared();
+    let h = free_port();
+    env.run(&[
+        "-p",
+        &format!("{h}:5353/udp"),
+        IMAGE,
+        "/bin/udp-echo",
+        "5353",
+    ]);
+    let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+    c.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut buf = [0u8; 100];
+    // The echo server may still be starting: retry a little.
+    let ok = wait_until(Duration::from_secs(5), || {
+        c.send_to(b"ping", local(h)).unwrap();
+        matches!(c.recv_from(&mut buf), Ok((4, _))) && &buf[..4] == b"ping"
+    });
+    assert!(ok, "no UDP echo through the relay");
+    let rows = env.stack.status();
+    assert!(rows
+        .iter()
+        .any(|r| r["proto"] == "udp" && r["host"] == format!("0.0.0.0:{h}")));
+}
+
+#[test]
+fn docker_4_dual_stack_proxies_each_get_a_listener() {
+    let env = dockerd::shared();
+    let h = free_port();
+    env.run(&["-p", &format!("{h}:80"), IMAGE]);
+    for addr in [local(h), format!("[::1]:{h}").parse().unwrap()] {
+        assert_eq!(
+            http_get(addr, "/").unwrap(),
+            (200, BODY.to_string()),
+            "{addr}"
+        );
+    }
+    let listeners = env.stack.listeners();
+    assert!(
+        listeners.contains(&format!("tcp_0-0-0-0_{h}::0.0.0.0:{h}")),
+        "{listeners}"
+    );
+    assert!(
+        listeners.contains(&format!("tcp_--_{h}::[::]:{h}")),
+        "{listeners}"
+    );
+}
+
+#[test]
+fn docker_5_stop_start_restart_and_remove() {
+    let env = dockerd::shared();
+    let h = free_port();
+    let id = env.run(&["-p", &format!("{h}:80"), "--name", "cycle", IMAGE]);
+    let first_ip = env.ip_of(&id);
+    assert_eq!(http_get(local(h), "/").unwrap().0, 200);
+
+    assert!(env.docker(&["stop", "-t", "1", &id]).status.success());
+    assert!(refused(local(h)), "port open after docker stop");
+    assert!(!env.stack.listeners().contains(&format!(":{h}")));
+
+    // Another container takes the freed address, so `cycle` gets a new one.
+    env.run(&[IMAGE]);
+    assert!(env.docker(&["start", &id]).status.success());
+    let second_ip = env.ip_of(&id);
+    assert_ne!(first_ip, second_ip, "the test wanted a new address");
+    assert_eq!(http_get(local(h), "/").unwrap(), (200, BODY.to_string()));
+    let row = row_for(&env.stack.status(), &format!("0.0.0.0:{h}"));
+    assert_eq!(row["container"], format!("{second_ip}:80"));
+    assert_eq!(row["name"], "cycle");
+
+    assert!(env.docker(&["restart", "-t", "1", &id]).status.success());
+    assert_eq!(http_get(local(h), "/").unwrap(), (200, BODY.to_string()));
+
+    assert!(env.docker(&["rm", "-f", &id]).status.success());
+    assert!(
+        wait_until(Duration::from_secs(2), || refused(local(h))),
+        "port open after docker rm -f"
+    );
+    assert!(!env.stack.listeners().contains(&format!(":{h}")));
+}
+
+#[test]
+fn docker_6_labels_name_the_service_and_choose_the_mode() {
+    let env = dockerd::shared();
+    let (web, api, plain) = (free_port(), free_port(), free_port());
+    env.run(&[
+        "-p",
+        &format!("{web}:80"),
+        "-l",
+        "ServiceName=web",
+        "-l",
+        "EnvironmentName=prod",
+        "-l",
+        "ProxyMode=tcp",
+        IMAGE,
+    ]);
+    env.run(&[
+        "-p",
+        &format!("{api}:80"),
+        "-l",
+        "com.docker.compose.service=api",
+        IMAGE,
+    ]);
+    env.run(&["-p", &format!("{plain}:80"), "--name", "plain1", IMAGE]);
+    for p in [web, api, plain] {
+        assert_eq!(http_get(local(p), "/").unwrap(), (200, BODY.to_string()));
+    }
+    let rows = env.stack.status();
+    let row = row_for(&rows, &format!("0.0.0.0:{web}"));
+    assert_eq!(
+        (&row["name"], &row["mode"]),
+        (&"web-prod".into(), &"tcp".into())
+    );
+    assert_eq!(row_for(&rows, &format!("0.0.0.0:{api}"))["name"], "api");
+    let plain_row = row_for(&rows, &format!("0.0.0.0:{plain}"));
+    assert_eq!(plain_row["name"], "plain1");
+    assert_eq!(plain_row["container_name"], "plain1");
+    assert_eq!(plain_row["container_id"].as_str().unwrap().len(), 64);
+
+    let text = String::from_utf8_lossy(
+        &std::process::Command::new(crate::harness::bin())
+            .args(["status"])
+            .env("ENVOY_DOCKER_SOCKET", &env.stack.socket)
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .into_owned();
+    assert!(
+        text.contains("web-prod") && text.contains("plain1"),
+        "{text}"
+    );
+
+    let prom = admin_get(env.stack.admin, "/stats/prometheus");
+    for series in [
+        format!("envoy_tcp_prefix=\"web-prod_tcp_0-0-0-0_{web}\""),
+        format!("envoy_http_conn_manager_prefix=\"api_tcp_0-0-0-0_{api}\""),
+        format!("envoy_http_conn_manager_prefix=\"plain1_tcp_0-0-0-0_{plain}\""),
+        format!("envoy_cluster_name=\"web-prod_tcp_0-0-0-0_{web}\""),
+    ] {
+        assert!(
+            prom.contains(&series),
+            "no {series} in Envoy's Prometheus stats"
+        );
+    }
+    // tcp mode really is tcp_proxy: no HTTP series for it.
+    assert!(!prom.contains(&format!(
+        "envoy_http_conn_manager_prefix=\"web-prod_tcp_0-0-0-0_{web}\""
+    )));
+}
+
+#[test]
+fn docker_7_a_port_held_outside_docker_fails_docker_run() {
+    let env = dockerd::shared();
+    let holder = TcpListener::bind("0.0.0.0:0").unwrap();
+    let h = holder.local_addr().unwrap().port();
+    let out = env.docker(&["run", "-d", "-p", &format!("{h}:80"), IMAGE]);
+    assert!(
+        !out.status.success(),
+        "docker run succeeded on a taken port"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Address already in use"), "{err}");
+    assert!(
+        wait_until(Duration::from_secs(2), || !env
+            .stack
+            .status()
+            .iter()
+            .any(|r| r["host"].as_str().unwrap().ends_with(&format!(":{h}")))),
+        "the registrar kept the failed mapping"
+    );
+}
+
+#[test]
+fn docker_8_twenty_parallel_runs_are_named_and_served() {
+    let env = dockerd::shared();
+    let ports: Vec<u16> = (0..20).map(|_| free_port()).collect();
+    let sock = env.sock.clone();
+    let threads: Vec<_> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let (sock, p) = (sock.clone(), *p);
+            std::thread::spawn(move || {
+                std::process::Command::new("docker")
+                    .arg("-H")
+                    .arg(format!("unix://{}", sock.display()))
+                    .args(["run", "-d", "-p", &format!("{p}:80")])
+                    .args(["-l", &format!("ServiceName=svc{i}"), IMAGE])
+                    .output()
+                    .unwrap()
+            })
+        })
+        .collect();
+    for t in threads {
+        let out = t.join().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let rows = env.stack.status();
+    for (i, p) in ports.iter().enumerate() {
+        assert_eq!(
+            http_get(local(*p), "/").unwrap(),
+            (200, BODY.to_string()),
+            "port {p}"
+        );
+        let row = row_for(&rows, &format!("0.0.0.0:{p}"));
+        assert_eq!(row["name"], format!("svc{i}"));
+        assert_eq!(row["state"], "active");
+    }
+}
+
+#[test]
+fn docker_9_registrar_restart_keeps_serving_and_naming() {
+    let mut env = dockerd::shared();
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    env.run(&[
+        "-p",
+        &format!("{}:80", ports[0]),
+        "-l",
+        "ServiceName=alpha",
+        IMAGE,
+    ]);
+    env.run(&[
+        "-p",
+        &format!("{}:80", ports[1]),
+        "-l",
+        "ServiceName=beta",
+        "-l",
+        "ProxyMode=tcp",
+        IMAGE,
+    ]);
+    env.run(&["-p", &format!("{}:80", ports[2]), "--name", "gamma", IMAGE]);
+    let before = env.stack.status();
+    let watch = Watch::start(&env.stack, &ports);
+    std::thread::sleep(Duration::from_millis(300));
+    env.stack.kill_registrar();
+    std::thread::sleep(Duration::from_millis(500));
+    env.stack.start_registrar();
+    std::thread::sleep(Duration::from_secs(2));
+    let (ok, failures) = watch.finish();
+    assert!(failures.is_empty(), "{failures:#?}");
+    assert!(ok > 10);
+    let after = env.stack.status();
+    assert_eq!(before.len(), after.len());
+    for b in &before {
+        let a = row_for(&after, b["host"].as_str().unwrap());
+        assert_eq!((&a["name"], &a["mode"]), (&b["name"], &b["mode"]), "{a}");
+    }
+}
+
+#[test]
+fn docker_10_dockerd_restart_converges() {
+    let mut env = dockerd::shared();
+    let (a, b) = (free_port(), free_port());
+    env.run(&[
+        "--restart",
+        "always",
+        "-p",
+        &format!("{a}:80"),
+        "--name",
+        "keep-a",
+        IMAGE,
+    ]);
+    env.run(&[
+        "--restart",
+        "always",
+        "-p",
+        &format!("{b}:80"),
+        "--name",
+        "keep-b",
+        IMAGE,
+    ]);
+    env.stop_dockerd();
+    assert!(
+        wait_until(Duration::from_secs(5), || refused(local(a))
+            && refused(local(b))),
+        "ports still open with dockerd stopped"
+    );
+    env.start_dockerd();
+    let served = wait_until(Duration::from_secs(30), || {
+        [a, b]
+            .iter()
+            .all(|p| matches!(http_get(local(*p), "/"), Ok((200, _))))
+    });
+    assert!(served, "containers not served after dockerd restart");
+    // Exactly the live mappings: two ports, two families each, nothing stale.
+    let rows = env.stack.status();
+    let tcp: Vec<_> = rows.iter().filter(|r| r["proto"] == "tcp").collect();
+    assert_eq!(tcp.len(), 4, "{rows:#?}");
+    let listeners = env.stack.listeners();
+    assert_eq!(listeners.lines().count(), 4, "{listeners}");
+    for r in tcp {
+        assert!(
+            ["keep-a", "keep-b"].contains(&r["name"].as_str().unwrap()),
+            "{r}"
+        );
+    }
+}

@@ -1,0 +1,311 @@
+//! A private Docker daemon for the end-to-end tests: Debian's dockerd with
+//! its own data root, exec root, socket, pidfile and bridge, iptables off,
+//! and `--userland-proxy-path` pointing at a `docker-proxy` symlink to the
+//! freshly built binary. A registrar (following this dockerd) and a real
+//! Envoy come with it.
+//!
+//! One daemon serves the whole test binary; its tests take turns through a
+//! mutex. It is torn down when the process exits, and the teardown checks
+//! that no mount, interface or process is left behind.
+
+use super::{bin, wait_until, Ads, Stack};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+pub const IMAGE: &str = "envoy-docker-test:busybox";
+const BRIDGE: &str = "edtest0";
+const BRIDGE_CIDR: &str = "172.29.7.1/24";
+
+pub struct DockerEnv {
+    pub root: PathBuf,
+    pub stack: Stack,
+    pub sock: PathBuf,
+    dockerd: Option<Child>,
+}
+
+static ENV: OnceLock<Mutex<DockerEnv>> = OnceLock::new();
+
+/// The shared daemon, started on first use; holding the guard gives a test
+/// the daemon to itself.
+pub fn shared() -> MutexGuard<'static, DockerEnv> {
+    let env = ENV.get_or_init(|| {
+        let env = DockerEnv::start();
+        // SAFETY: registers a plain extern "C" function; it runs once at exit.
+        unsafe { nix::libc::atexit(teardown_at_exit) };
+        Mutex::new(env)
+    });
+    let guard = env.lock().unwrap_or_else(|p| p.into_inner());
+    guard.remove_all_containers();
+    guard
+}
+
+extern "C" fn teardown_at_exit() {
+    if let Some(env) = ENV.get() {
+        let mut env = env.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(leftovers) = env.teardown() {
+            eprintln!("dockerd teardown left things behind:\n{leftovers}");
+            // SAFETY: ending the process with a failure status at exit.
+            unsafe { nix::libc::_exit(1) };
+        }
+    }
+}
+
+fn sh(cmd: &mut Command) -> Output {
+    cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"))
+}
+
+impl DockerEnv {
+    fn start() -> DockerEnv {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "the dockerd tests need root"
+        );
+        let root = PathBuf::from(format!("/tmp/ed-dockerd-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join("bin")).unwrap();
+        std::os::unix::fs::symlink(bin(), root.join("bin/docker-proxy")).unwrap();
+        let sock = root.join("docker.sock");
+
+        let _ = sh(Command::new("ip").args(["link", "delete", BRIDGE]));
+        for args in [
+            vec!["link", "add", BRIDGE, "type", "bridge"],
+            vec!["addr", "add", BRIDGE_CIDR, "dev", BRIDGE],
+            vec!["link", "set", BRIDGE, "up"],
+        ] {
+            let out = sh(Command::new("ip").args(&args));
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+
+        let stack = Stack::start_with(
+            Ads::Sotw,
+            &["--docker", &format!("unix://{}", sock.display())],
+        );
+        let mut env = DockerEnv {
+            root,
+            stack,
+            sock,
+            dockerd: None,
+        };
+        env.start_dockerd();
+        env.build_image();
+        env
+    }
+
+    pub fn start_dockerd(&mut self) {
+        assert!(self.dockerd.is_none());
+        let r = &self.root;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(r.join("dockerd.log"))
+            .unwrap();
+        let child = Command::new("dockerd")
+            .arg("--data-root")
+            .arg(r.join("data"))
+            .arg("--exec-root")
+            .arg(r.join("exec"))
+            .arg("-H")
+            .arg(format!("unix://{}", self.sock.display()))
+            .arg("--pidfile")
+            .arg(r.join("docker.pid"))
+            .args(["--iptables=false", "--ip-forward=false", "--bridge", BRIDGE])
+            .arg("--userland-proxy-path")
+            .arg(r.join("bin/docker-proxy"))
+            .env("ENVOY_DOCKER_SOCKET", &self.stack.socket)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("run dockerd (apt-get install docker.io)");
+        self.dockerd = Some(child);
+        let ok = wait_until(Duration::from_secs(60), || {
+            self.docker(&["version", "--format", "{{.Server.Version}}"])
+                .status
+                .success()
+        });
+        assert!(ok, "dockerd did not start:\n{}", self.dockerd_log());
+    }
+
+    /// SIGTERM to dockerd, as `systemctl stop docker` does; waits for it.
+    pub fn stop_dockerd(&mut self) {
+        if let Some(mut c) = self.dockerd.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let done = wait_until(Duration::from_secs(30), || {
+                matches!(c.try_wait(), Ok(Some(_)))
+            });
+            if !done {
+                let _ = c.kill();
+            }
+            let _ = c.wait();
+        }
+    }
+
+    pub fn dockerd_log(&self) -> String {
+        std::fs::read_to_string(self.root.join("dockerd.log")).unwrap_or_default()
+    }
+
+    pub fn docker(&self, args: &[&str]) -> Output {
+        sh(Command::new("docker")
+            .arg("-H")
+            .arg(format!("unix://{}", self.sock.display()))
+            .args(args))
+    }
+
+    /// `docker run -d ARGS`; returns the container id.
+    pub fn run(&self, args: &[&str]) -> String {
+        let mut all = vec!["run", "-d"];
+        all.extend_from_slice(args);
+        let out = self.docker(&all);
+        assert!(
+            out.status.success(),
+            "docker {all:?}: {}\nregistrar log tail:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            tail(&self.stack.log(), 30)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// Host ports that dockerd published for `port` (like "80/tcp").
+    pub fn host_ports(&self, id: &str, port: &str) -> Vec<u16> {
+        let out = self.docker(&["port", id, port]);
+        let mut ports: Vec<u16> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.rsplit(':').next()?.trim().parse().ok())
+            .collect();
+        ports.sort();
+        ports.dedup();
+        ports
+    }
+
+    pub fn ip_of(&self, id: &str) -> String {
+        let out = self.docker(&[
+            "inspect",
+            "-f",
+            "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+            id,
+        ]);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    pub fn remove_all_containers(&self) {
+        let out = self.docker(&["ps", "-aq"]);
+        let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .map(str::to_string)
+            .collect();
+        if !ids.is_empty() {
+            let mut args = vec!["rm", "-f"];
+            args.extend(ids.iter().map(String::as_str));
+            let _ = self.docker(&args);
+        }
+    }
+
+    fn build_image(&self) {
+        let rootfs = self.root.join("rootfs");
+        for d in ["bin", "www", "tmp", "etc"] {
+            std::fs::create_dir_all(rootfs.join(d)).unwrap();
+        }
+        std::fs::copy("/bin/busybox", rootfs.join("bin/busybox"))
+            .expect("busybox (apt-get install busybox-static)");
+        for applet in ["sh", "httpd", "sleep", "cat", "echo", "ls", "ip"] {
+            std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
+        }
+        std::fs::write(rootfs.join("www/index.html"), "hello from container\n").unwrap();
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/udp_echo.c");
+        let out = sh(Command::new("gcc")
+            .args(["-static", "-O2", "-o"])
+            .arg(rootfs.join("bin/udp-echo"))
+            .arg(&src));
+        assert!(
+            out.status.success(),
+            "gcc: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let tar = self.root.join("rootfs.tar");
+        let out = sh(Command::new("tar")
+            .arg("-C")
+            .arg(&rootfs)
+            .arg("-cf")
+            .arg(&tar)
+            .arg("."));
+        assert!(out.status.success());
+        let out = self.docker(&[
+            "import",
+            "-c",
+            "EXPOSE 80",
+            "-c",
+            r#"CMD ["/bin/httpd", "-f", "-p", "80", "-h", "/www"]"#,
+            tar.to_str().unwrap(),
+            IMAGE,
+        ]);
+        assert!(
+            out.status.success(),
+            "docker import: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Stops everything; reports whatever is left.
+    fn teardown(&mut self) -> Result<(), String> {
+        if self.dockerd.is_some() {
+            self.remove_all_containers();
+        }
+        self.stop_dockerd();
+        self.stack.kill_registrar();
+        self.stack.stop_envoys();
+        let mut left = Vec::new();
+        let root = self.root.to_string_lossy().to_string();
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        let mut ours: Vec<&str> = mounts
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1))
+            .filter(|m| m.starts_with(&root))
+            .collect();
+        ours.reverse();
+        for m in ours {
+            left.push(format!("mount {m}"));
+            let _ = sh(Command::new("umount").args(["-l", m]));
+        }
+        for p in procfs::process::all_processes()
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let Ok(cmd) = p.cmdline() else { continue };
+            if cmd.iter().any(|a| a.contains(&root)) {
+                left.push(format!("process {} {:?}", p.pid(), cmd));
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(p.pid()),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        let _ = sh(Command::new("ip").args(["link", "delete", BRIDGE]));
+        let links = sh(Command::new("ip").args(["-o", "link", "show"]));
+        for l in String::from_utf8_lossy(&links.stdout).lines() {
+            if l.contains(BRIDGE) || l.contains("veth") {
+                left.push(format!("interface {l}"));
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.root);
+        if left.is_empty() {
+            Ok(())
+        } else {
+            Err(left.join("\n"))
+        }
+    }
+}
+
+pub fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
