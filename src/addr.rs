@@ -11,6 +11,7 @@ pub const SOCKET_ENV: &str = "ENVOY_DOCKER_SOCKET";
 pub const DEFAULT_XDS: &str = "127.0.0.1:18000";
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:9901";
 pub const DEFAULT_NODE_ID: &str = "envoy-docker";
+pub const DEFAULT_REGISTRAR_ADMIN: &str = "127.0.0.1:18001";
 
 /// The registrar socket: the flag if given, else `$ENVOY_DOCKER_SOCKET`,
 /// else the default. dockerd passes the proxy no flags of ours, so the

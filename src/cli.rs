@@ -1,14 +1,15 @@
 //! Flags of the subcommands other than `proxy`, parsed with lexopt into
 //! plain structs, and the help text of every subcommand.
 
-use crate::addr::{Addr, DEFAULT_ADMIN, DEFAULT_NODE_ID, DEFAULT_XDS};
+use crate::addr::{Addr, DEFAULT_ADMIN, DEFAULT_NODE_ID, DEFAULT_REGISTRAR_ADMIN, DEFAULT_XDS};
 use crate::applet::Applet;
 use crate::mapping::Mode;
+use crate::xds::telemetry::{AccessLogTarget, Telemetry, Tracer};
 use lexopt::prelude::*;
 use std::ffi::OsString;
 use std::path::PathBuf;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServeArgs {
     pub socket: Option<PathBuf>,
     pub xds: Addr,
@@ -20,6 +21,10 @@ pub struct ServeArgs {
     pub envoy: Option<PathBuf>,
     /// `--docker URL|none`; `None` means `$DOCKER_HOST` or the default.
     pub docker: Option<String>,
+    /// Tracing, sampling and access logs for Envoy.
+    pub telemetry: Telemetry,
+    /// The registrar's own HTTP endpoint; `None` with `--admin none`.
+    pub admin: Option<Addr>,
     /// The supervised Envoy's admin address.
     pub envoy_admin: Addr,
 }
@@ -101,6 +106,8 @@ pub fn serve(args: Vec<OsString>) -> Result<Parsed<ServeArgs>, String> {
         no_recover: false,
         envoy: None,
         docker: None,
+        telemetry: Telemetry::default(),
+        admin: Some(Addr::parse(DEFAULT_REGISTRAR_ADMIN).expect("default")),
         envoy_admin: Addr::parse(DEFAULT_ADMIN).expect("default"),
     };
     let run = parse_flags(args, |name, p| {
@@ -116,6 +123,27 @@ pub fn serve(args: Vec<OsString>) -> Result<Parsed<ServeArgs>, String> {
             "--no-recover" => out.no_recover = true,
             "--envoy" => out.envoy = Some(value(p)?.into()),
             "--docker" => out.docker = Some(text(value(p)?)?),
+            "--tracing" => out.telemetry.tracer = Some(Tracer::parse(&text(value(p)?)?)?),
+            "--trace-sampling" => {
+                let v = text(value(p)?)?;
+                out.telemetry.sampling = v
+                    .trim_end_matches('%')
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|p| (0.0..=100.0).contains(p))
+                    .ok_or_else(|| format!("want a percentage from 0 to 100, not {v:?}"))?;
+            }
+            "--access-log" => {
+                out.telemetry.access_log = Some(AccessLogTarget::parse(&text(value(p)?)?))
+            }
+            "--admin" => {
+                let v = text(value(p)?)?;
+                out.admin = if v == "none" {
+                    None
+                } else {
+                    Some(Addr::parse(&v)?)
+                };
+            }
             "--envoy-admin" => out.envoy_admin = addr(value(p)?)?,
             _ => return Ok(false),
         }
@@ -206,6 +234,8 @@ Example:
 pub const SERVE_HELP: &str = "\
 Usage: envoy-docker serve [--socket PATH] [--xds ADDR] [--default-mode http|tcp]
                           [--node-id ID] [--no-recover] [--docker URL|none]
+                          [--admin ADDR|none] [--tracing otlp|zipkin=HOST:PORT]
+                          [--trace-sampling PERCENT] [--access-log stdout|PATH]
                           [--envoy PATH [--envoy-admin ADDR]]
 
 Runs the registrar. Needs no flags and no config file.
@@ -222,12 +252,24 @@ Runs the registrar. Needs no flags and no config file.
   --docker URL|none      the Docker API, for container names and labels:
                          unix:///PATH or tcp://HOST:PORT (default $DOCKER_HOST,
                          else unix:///var/run/docker.sock); none turns it off
+  --admin ADDR|none      the registrar's HTTP endpoint: /healthz, /mappings
+                         (as status --json) and /metrics (Prometheus)
+                         (default 127.0.0.1:18001)
+  --tracing KIND=ADDR    trace every HTTP-mode container: otlp=HOST:PORT
+                         (OpenTelemetry over gRPC; each container is its own
+                         service) or zipkin=HOST:PORT (v2 JSON over HTTP; the
+                         service is Envoy's node cluster and the container's
+                         name is in the tags). Off by default.
+  --trace-sampling PCT   percent of requests traced (default 100)
+  --access-log TARGET    Envoy access logs as JSON lines, to stdout or to a
+                         file path; each names the container. Off by default.
   --envoy PATH           also run this Envoy binary with a generated bootstrap,
                          restart it if it dies, stop it on shutdown
   --envoy-admin ADDR     admin address of that Envoy (default 127.0.0.1:9901)
 
 Examples:
   envoy-docker serve --envoy /usr/local/bin/envoy
+  envoy-docker serve --tracing otlp=127.0.0.1:4317 --trace-sampling 10
   envoy-docker serve --xds unix:/run/envoy-docker/xds.sock";
 
 pub const RESYNC_HELP: &str = "\

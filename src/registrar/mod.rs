@@ -12,8 +12,10 @@
 //! connected; connected proxies are noticed at once when their socket
 //! closes.
 
+pub mod admin;
 pub mod docker;
 pub mod envoy;
+pub mod metrics;
 pub mod socket;
 pub mod state;
 
@@ -51,9 +53,15 @@ pub fn run(args: ServeArgs) -> i32 {
 
 async fn serve(args: ServeArgs) -> Result<(), String> {
     let path = crate::addr::socket_path(args.socket.clone());
-    let registry: Shared = Registry::new(args.default_mode).shared();
+    let registry: Shared = Registry::new(args.default_mode)
+        .with_telemetry(args.telemetry.clone())
+        .shared();
     let unix = socket::bind(&path)?;
     let xds = XdsListener::bind(&args.xds).await?;
+    let admin = match &args.admin {
+        Some(a) => Some(admin::bind(a).await?),
+        None => None,
+    };
 
     if args.no_recover {
         tracing::info!("not recovering mappings (--no-recover)");
@@ -76,6 +84,9 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
 
     tokio::spawn(socket::serve(unix, registry.clone(), docker));
     tokio::spawn(reap(registry.clone()));
+    if let Some(l) = admin {
+        tokio::spawn(admin::serve(l, registry.clone()));
+    }
     tracing::info!(
         "serving proxies on {} and xDS on {} (node id {:?})",
         path.display(),
@@ -114,6 +125,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         let _ = stopped.wait_for(|s| *s).await;
         tokio::time::sleep(Duration::from_secs(1)).await;
     };
+    admin::XDS_SERVING.store(true, std::sync::atomic::Ordering::Relaxed);
     let result = tokio::select! {
         r = xds.serve(registry, args.node_id, shutdown) => r,
         _ = grace => Ok(()),

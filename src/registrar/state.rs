@@ -7,10 +7,12 @@
 //! taken from /proc or replayed by resync) when the owning process exits.
 
 use super::docker::meta::ContainerMeta;
+use super::metrics::METRICS;
 use crate::mapping::{ContainerRef, Mapping, MappingKey, MappingState, MappingStatus, Mode, Proto};
 use crate::xds::resources::Service;
 use crate::xds::session::{mentions, Feedback};
 use crate::xds::snapshot::{Kind, Snapshot};
+use crate::xds::telemetry::Telemetry;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{oneshot, watch};
@@ -68,6 +70,8 @@ struct Entry {
     waiters: Vec<oneshot::Sender<Outcome>>,
     /// The container behind the mapping, once Docker has told us.
     container: Option<Arc<ContainerMeta>>,
+    /// When it was registered, until every Envoy has ACKed it once.
+    since: Option<std::time::Instant>,
 }
 
 impl Entry {
@@ -115,6 +119,8 @@ pub struct Registry {
     closing: Vec<(MappingKey, oneshot::Sender<()>)>,
     /// Containers Docker told us about, by id.
     containers: BTreeMap<String, Arc<ContainerMeta>>,
+    /// Tracing and access logs, as Envoy gets them with every listener.
+    telemetry: Telemetry,
 }
 
 pub type Shared = Arc<Mutex<Registry>>;
@@ -133,7 +139,14 @@ impl Registry {
             snapshots,
             closing: Vec::new(),
             containers: BTreeMap::new(),
+            telemetry: Telemetry::default(),
         }
+    }
+
+    pub fn with_telemetry(mut self, telemetry: Telemetry) -> Registry {
+        self.telemetry = telemetry;
+        self.publish();
+        self
     }
 
     pub fn shared(self) -> Shared {
@@ -187,6 +200,7 @@ impl Registry {
             state: MappingState::Pending,
             waiters: Vec::new(),
             container: None,
+            since: Some(std::time::Instant::now()),
         });
         if container.is_some() && entry.container != container {
             entry.container = container;
@@ -209,6 +223,7 @@ impl Registry {
             entry.settle(Outcome::Failed(e));
         }
         if fresh {
+            METRICS.registered();
             tracing::info!("registered {mapping} (pid {})", owner.pid);
             self.publish();
         }
@@ -265,6 +280,7 @@ impl Registry {
         let Some(mut e) = self.entries.remove(key) else {
             return false;
         };
+        METRICS.deregistered();
         tracing::info!("removed {} ({why})", e.mapping);
         e.settle(Outcome::Failed(format!("mapping {why}")));
         true
@@ -423,6 +439,11 @@ impl Registry {
                     .values()
                     .all(|v| v.listeners.as_ref().is_some_and(|l| l.contains(&name)));
             if served {
+                if let Some(since) = e.since.take() {
+                    if !self.envoys.is_empty() && e.mapping.key.proto == Proto::Tcp {
+                        METRICS.ready_after(since.elapsed());
+                    }
+                }
                 e.state = MappingState::Active;
                 e.settle(Outcome::Ready);
             } else if e.state == MappingState::Active {
@@ -436,15 +457,28 @@ impl Registry {
             .entries
             .values()
             .filter(|e| e.mapping.key.proto == Proto::Tcp)
-            .map(|e| Service {
-                key: e.mapping.key,
-                backend: e.mapping.backend,
-                mode: e.mode,
-                name: e.name.clone(),
+            .map(|e| {
+                let (service, environment) = match &e.container {
+                    Some(c) => {
+                        let n = c.naming();
+                        (n.service, n.environment)
+                    }
+                    None => (e.name.clone(), None),
+                };
+                Service {
+                    key: e.mapping.key,
+                    backend: e.mapping.backend,
+                    mode: e.mode,
+                    name: e.name.clone(),
+                    service,
+                    environment,
+                    container: e.container.as_ref().map(|c| c.name.clone()),
+                    image: e.container.as_ref().map(|c| c.image.clone()),
+                }
             })
             .collect();
         self.snapshots
-            .send_replace(Arc::new(Snapshot::build(&services)));
+            .send_replace(Arc::new(Snapshot::build(&services, &self.telemetry)));
     }
 }
 

@@ -7,3 +7,4 @@ pub mod resources;
 pub mod server;
 pub mod session;
 pub mod snapshot;
+pub mod telemetry;

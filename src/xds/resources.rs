@@ -5,6 +5,7 @@
 //! Every resource carries a version that is a hash of its encoded bytes, so
 //! the same state always gives the same versions, also after a restart.
 
+use super::telemetry::{self, Telemetry};
 use crate::mapping::{Backend, MappingKey, Mode};
 use envoy_types::pb::envoy::config::cluster::v3::{cluster, Cluster};
 use envoy_types::pb::envoy::config::core::v3::{
@@ -16,8 +17,8 @@ use envoy_types::pb::envoy::config::endpoint::v3::{
 };
 use envoy_types::pb::envoy::config::listener::v3::{filter, Filter, FilterChain, Listener};
 use envoy_types::pb::envoy::config::route::v3::{
-    route, route_action, route_match, Route, RouteAction, RouteConfiguration, RouteMatch,
-    VirtualHost,
+    route, route_action, route_match, Decorator, Route, RouteAction, RouteConfiguration,
+    RouteMatch, VirtualHost,
 };
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
@@ -39,8 +40,14 @@ pub struct Service {
     pub key: MappingKey,
     pub backend: Backend,
     pub mode: Mode,
-    /// Sanitized service name; it starts every stat prefix and cluster name.
+    /// `<service>-<environment>`, sanitized; it starts every stat prefix
+    /// and cluster name, and is the service name in traces.
     pub name: String,
+    /// The service alone (ServiceName, compose service or container name).
+    pub service: String,
+    pub environment: Option<String>,
+    pub container: Option<String>,
+    pub image: Option<String>,
 }
 
 impl Service {
@@ -68,6 +75,7 @@ pub struct Resource {
 }
 
 impl Resource {
+    /// A resource whose version is the hash of its encoded bytes.
     pub fn new<M: Message + Name>(name: String, msg: M, cluster: Option<String>) -> Resource {
         let any = pack_any(msg);
         Resource {
@@ -77,7 +85,29 @@ impl Resource {
             cluster,
         }
     }
+
+    /// A resource whose version is the hash of `inputs`, everything it was
+    /// built from. For messages holding protobuf maps, whose encoded bytes
+    /// change order from one process to the next.
+    pub fn from_inputs<M: Message + Name>(
+        name: String,
+        msg: M,
+        cluster: Option<String>,
+        inputs: &str,
+    ) -> Resource {
+        let any = pack_any(msg);
+        Resource {
+            version: content_hash(&[any.type_url.as_bytes(), BUILD_SCHEMA, inputs.as_bytes()]),
+            name,
+            any,
+            cluster,
+        }
+    }
 }
+
+/// Bumped whenever the builders below change what they make from the same
+/// inputs, so that versions change with them.
+const BUILD_SCHEMA: &[u8] = b"listener-v1";
 
 /// FNV-1a, 64 bit, as 16 hex digits: stable across builds and restarts.
 pub fn content_hash(parts: &[&[u8]]) -> String {
@@ -153,19 +183,20 @@ pub fn endpoints(svc: &Service) -> Resource {
     Resource::new(name, cla, None)
 }
 
-pub fn listener(svc: &Service) -> Resource {
+pub fn listener(svc: &Service, t: &Telemetry) -> Resource {
     let name = svc.listener_name();
     let cluster = svc.cluster_name();
     let filter = match svc.mode {
         Mode::Http => Filter {
             name: "envoy.filters.network.http_connection_manager".into(),
-            config_type: Some(filter::ConfigType::TypedConfig(http_manager(svc))),
+            config_type: Some(filter::ConfigType::TypedConfig(http_manager(svc, t))),
         },
         Mode::Tcp => Filter {
             name: "envoy.filters.network.tcp_proxy".into(),
             config_type: Some(filter::ConfigType::TypedConfig(pack_any(TcpProxy {
                 stat_prefix: cluster.clone(),
                 cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(cluster.clone())),
+                access_log: telemetry::access_logs(t, svc, false),
                 ..Default::default()
             }))),
         },
@@ -181,10 +212,11 @@ pub fn listener(svc: &Service) -> Resource {
         }],
         ..Default::default()
     };
-    Resource::new(name, l, Some(cluster))
+    let inputs = format!("{svc:?} {t:?}");
+    Resource::from_inputs(name, l, Some(cluster), &inputs)
 }
 
-fn http_manager(svc: &Service) -> Any {
+fn http_manager(svc: &Service, t: &Telemetry) -> Any {
     let cluster = svc.cluster_name();
     let route = Route {
         r#match: Some(RouteMatch {
@@ -201,6 +233,11 @@ fn http_manager(svc: &Service) -> Any {
             }),
             ..Default::default()
         })),
+        // Spans are named after the service.
+        decorator: t.tracer.map(|_| Decorator {
+            operation: svc.name.clone(),
+            ..Default::default()
+        }),
         ..Default::default()
     };
     let hcm = HttpConnectionManager {
@@ -228,6 +265,8 @@ fn http_manager(svc: &Service) -> Any {
             upgrade_type: "websocket".into(),
             ..Default::default()
         }],
+        tracing: telemetry::tracing(t, svc),
+        access_log: telemetry::access_logs(t, svc, true),
         ..Default::default()
     };
     pack_any(hcm)
@@ -237,6 +276,12 @@ fn http_manager(svc: &Service) -> Any {
 mod tests {
     use super::*;
     use crate::mapping::Proto;
+
+    const T: Telemetry = Telemetry {
+        tracer: None,
+        sampling: 100.0,
+        access_log: None,
+    };
 
     fn svc(ip: &str, mode: Mode) -> Service {
         Service {
@@ -251,6 +296,10 @@ mod tests {
             },
             mode,
             name: "web-prod".into(),
+            service: "web".into(),
+            environment: Some("prod".into()),
+            container: Some("web1".into()),
+            image: Some("busybox".into()),
         }
     }
 
@@ -260,9 +309,9 @@ mod tests {
         let v6 = svc("::", Mode::Http);
         assert_eq!(v4.cluster_name(), "web-prod_tcp_0-0-0-0_8080");
         assert_ne!(v4.cluster_name(), v6.cluster_name());
-        assert_ne!(listener(&v4).name, listener(&v6).name);
+        assert_ne!(listener(&v4, &T).name, listener(&v6, &T).name);
         assert_eq!(
-            listener(&v4).cluster.as_deref(),
+            listener(&v4, &T).cluster.as_deref(),
             Some("web-prod_tcp_0-0-0-0_8080")
         );
     }
@@ -270,10 +319,10 @@ mod tests {
     #[test]
     fn versions_are_deterministic_and_follow_content() {
         let a = svc("0.0.0.0", Mode::Http);
-        assert_eq!(listener(&a).version, listener(&a).version);
+        assert_eq!(listener(&a, &T).version, listener(&a, &T).version);
         assert_ne!(
-            listener(&a).version,
-            listener(&svc("0.0.0.0", Mode::Tcp)).version
+            listener(&a, &T).version,
+            listener(&svc("0.0.0.0", Mode::Tcp), &T).version
         );
         let mut moved = a.clone();
         moved.backend.container_ip = "172.17.0.9".parse().unwrap();
@@ -283,7 +332,8 @@ mod tests {
 
     #[test]
     fn http_mode_routes_everything_with_no_timeout_and_tcp_mode_proxies() {
-        let l = Listener::decode(listener(&svc("::", Mode::Http)).any.value.as_slice()).unwrap();
+        let l =
+            Listener::decode(listener(&svc("::", Mode::Http), &T).any.value.as_slice()).unwrap();
         let f = &l.filter_chains[0].filters[0];
         assert_eq!(f.name, "envoy.filters.network.http_connection_manager");
         let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else {
@@ -311,8 +361,13 @@ mod tests {
         assert_eq!(sa.address, "::");
         assert!(!sa.ipv4_compat);
 
-        let l =
-            Listener::decode(listener(&svc("0.0.0.0", Mode::Tcp)).any.value.as_slice()).unwrap();
+        let l = Listener::decode(
+            listener(&svc("0.0.0.0", Mode::Tcp), &T)
+                .any
+                .value
+                .as_slice(),
+        )
+        .unwrap();
         assert_eq!(
             l.filter_chains[0].filters[0].name,
             "envoy.filters.network.tcp_proxy"

@@ -6,6 +6,7 @@ use super::resources::Resource;
 use super::session::{Flavor, Incoming, Outgoing, Session};
 use super::snapshot::{Kind, Snapshot};
 use crate::addr::Addr;
+use crate::registrar::metrics::METRICS;
 use crate::registrar::state::Shared;
 use envoy_types::pb::envoy::service::discovery::v3::{
     aggregated_discovery_service_server::{
@@ -247,6 +248,7 @@ async fn pump<Req, Resp>(
                     continue;
                 };
                 if let Some(fb) = session.on_request(kind, req.incoming) {
+                    METRICS.answered(kind, fb.error.is_some());
                     match &fb.error {
                         Some(e) => tracing::warn!("Envoy stream {id} rejected {}: {e}", kind.short()),
                         None => tracing::debug!("Envoy stream {id} acked {}", kind.short()),
@@ -269,6 +271,7 @@ async fn pump<Req, Resp>(
                 out.resources.len(),
                 out.removed.len()
             );
+            METRICS.pushed(out.kind);
             if tx.send(Ok(encode(out))).await.is_err() {
                 break 'stream;
             }

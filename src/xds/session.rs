@@ -99,6 +99,17 @@ pub struct Session {
     trust_listeners: bool,
 }
 
+/// Envoy's NACK text, cut to its first line: for a rejected filter, Envoy
+/// appends the whole configuration, which helps nobody on fd 3.
+pub fn first_line(text: &str) -> String {
+    let line = text.lines().next().unwrap_or("").trim_end();
+    let mut out: String = line.chars().take(500).collect();
+    if out.len() < line.len() || text.trim_end().contains('\n') {
+        out.push_str(" [...]");
+    }
+    out
+}
+
 /// True if `text` names `name` as a whole word of `[A-Za-z0-9_-]`.
 pub fn mentions(text: &str, name: &str) -> bool {
     let word = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
@@ -193,7 +204,7 @@ impl Session {
         Some(Feedback {
             kind,
             held: ts.acked.keys().cloned().collect(),
-            error: req.error,
+            error: req.error.as_deref().map(first_line),
         })
     }
 

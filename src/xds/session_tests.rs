@@ -17,11 +17,15 @@ fn svc(port: u16, name: &str, mode: Mode) -> Service {
         },
         mode,
         name: name.into(),
+        service: name.into(),
+        environment: None,
+        container: None,
+        image: None,
     }
 }
 
 fn snap(services: &[Service]) -> Arc<Snapshot> {
-    Arc::new(Snapshot::build(services))
+    Arc::new(Snapshot::build(services, &Default::default()))
 }
 
 fn names(out: &Outgoing) -> Vec<String> {
@@ -326,4 +330,14 @@ fn reconnect_with_the_same_state_pushes_nothing() {
     );
     let lds = one(&mut s);
     assert_eq!(names(&lds), vec![services[0].listener_name()]);
+}
+
+#[test]
+fn nack_text_is_cut_to_its_first_line() {
+    assert_eq!(first_line("one line"), "one line");
+    assert_eq!(
+        first_line("bad listener x: oops\nstat_prefix: ...\n}"),
+        "bad listener x: oops [...]"
+    );
+    assert!(first_line(&"y".repeat(2000)).len() < 520);
 }

@@ -3,6 +3,7 @@
 //! channel; each Envoy stream reads the newest one.
 
 use super::resources::{self, Resource, Service, CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE};
+use super::telemetry::{self, Telemetry};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -48,16 +49,20 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    pub fn build<'a>(services: impl IntoIterator<Item = &'a Service>) -> Snapshot {
+    pub fn build<'a>(services: impl IntoIterator<Item = &'a Service>, t: &Telemetry) -> Snapshot {
         let mut snap = Snapshot::default();
         for svc in services {
             for (kind, res) in [
                 (Kind::Cluster, resources::cluster(svc)),
                 (Kind::Endpoint, resources::endpoints(svc)),
-                (Kind::Listener, resources::listener(svc)),
+                (Kind::Listener, resources::listener(svc, t)),
             ] {
                 snap.by_kind[kind as usize].insert(res.name.clone(), Arc::new(res));
             }
+        }
+        if let Some(tracer) = &t.tracer {
+            let res = telemetry::collector_cluster(tracer);
+            snap.by_kind[Kind::Cluster as usize].insert(res.name.clone(), Arc::new(res));
         }
         snap
     }

@@ -43,14 +43,27 @@ pub fn envoy_bin() -> String {
     "envoy".into()
 }
 
-/// A port that was free a moment ago on 127.0.0.1 (TCP and UDP).
+/// A port for a test to publish or serve on. Ports come from a counter
+/// below the kernel's ephemeral range, so that no client socket or `:0`
+/// bind elsewhere in the run can take one between this call and its use;
+/// each is checked free for TCP and UDP, on IPv4 and IPv6.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::AtomicU16;
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let _ = NEXT.compare_exchange(
+        0,
+        20000 + (std::process::id() % 40) as u16 * 250,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
     loop {
-        let t = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = t.local_addr().unwrap().port();
-        // Also free for UDP and on ::1, so any test may use it.
-        if UdpSocket::bind(("127.0.0.1", port)).is_ok() && TcpListener::bind(("::1", port)).is_ok()
-        {
+        let port = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(port < 32000, "out of test ports");
+        let free = TcpListener::bind(("0.0.0.0", port)).is_ok()
+            && TcpListener::bind(("::", port)).is_ok()
+            && UdpSocket::bind(("0.0.0.0", port)).is_ok()
+            && UdpSocket::bind(("::", port)).is_ok();
+        if free {
             return port;
         }
     }
@@ -179,6 +192,8 @@ pub struct Stack {
     pub socket: PathBuf,
     pub xds: SocketAddr,
     pub admin: SocketAddr,
+    /// The registrar's own admin endpoint.
+    pub registrar_admin: SocketAddr,
     serve_args: Vec<String>,
     registrar: Option<Child>,
     envoy: Option<Child>,
@@ -198,6 +213,7 @@ impl Stack {
             socket: dir.path("run/registrar.sock"),
             xds: SocketAddr::from(([127, 0, 0, 1], free_port())),
             admin: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            registrar_admin: SocketAddr::from(([127, 0, 0, 1], free_port())),
             dir,
             serve_args: serve_args.iter().map(|s| s.to_string()).collect(),
             registrar: None,
@@ -222,6 +238,8 @@ impl Stack {
             .arg(&self.socket)
             .arg("--xds")
             .arg(self.xds.to_string())
+            .arg("--admin")
+            .arg(self.registrar_admin.to_string())
             .args(&self.serve_args)
             // These stacks have no Docker unless a test gives one.
             .args(if self.serve_args.iter().any(|a| a == "--docker") {

@@ -1,0 +1,103 @@
+//! `serve --admin ADDR`: the registrar's own HTTP endpoint.
+//! - `GET /healthz`: 200 with a JSON body once xDS is being served, else 503;
+//! - `GET /mappings`: the same JSON as `envoy-docker status --json`;
+//! - `GET /metrics`: Prometheus text about the registrar itself.
+
+use super::state::Shared;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// Set once the xDS server is up.
+pub static XDS_SERVING: AtomicBool = AtomicBool::new(false);
+
+pub async fn bind(addr: &crate::addr::Addr) -> Result<tokio::net::TcpListener, String> {
+    match addr {
+        crate::addr::Addr::Tcp(sa) => tokio::net::TcpListener::bind(sa)
+            .await
+            .map_err(|e| format!("cannot listen for the admin endpoint on {sa}: {e}")),
+        crate::addr::Addr::Unix(_) => Err("--admin takes HOST:PORT".into()),
+    }
+}
+
+pub async fn serve(listener: tokio::net::TcpListener, registry: Shared) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let registry = registry.clone();
+                async move { Ok::<_, Infallible>(route(&req, &registry)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn reply(status: StatusCode, kind: &str, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    if let Ok(v) = kind.parse() {
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+fn route(
+    req: &Request<hyper::body::Incoming>,
+    registry: &Arc<std::sync::Mutex<super::state::Registry>>,
+) -> Response<Full<Bytes>> {
+    if req.method() != hyper::Method::GET {
+        return reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "GET only\n".into(),
+        );
+    }
+    let reg = registry.lock().expect("registry");
+    match req.uri().path() {
+        "/healthz" => {
+            let serving = XDS_SERVING.load(Ordering::Relaxed);
+            let body = serde_json::json!({
+                "status": if serving { "serving" } else { "starting" },
+                "envoys_connected": reg.envoy_count(),
+                "mappings": reg.list().len(),
+            });
+            let code = if serving {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            reply(code, "application/json", format!("{body}\n"))
+        }
+        "/mappings" => {
+            let rows: Vec<crate::status::Row> = reg.list().iter().map(Into::into).collect();
+            match serde_json::to_string_pretty(&rows) {
+                Ok(s) => reply(StatusCode::OK, "application/json", s + "\n"),
+                Err(e) => reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    e.to_string(),
+                ),
+            }
+        }
+        "/metrics" => reply(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            super::metrics::render(&reg),
+        ),
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "try /healthz, /mappings or /metrics\n".into(),
+        ),
+    }
+}

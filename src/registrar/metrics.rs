@@ -1,0 +1,187 @@
+//! The registrar's own metrics, as Prometheus text: counters and a
+//! histogram kept in process-wide atomics, and gauges read from the state at
+//! scrape time.
+
+use super::state::Registry;
+use crate::xds::snapshot::Kind;
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Upper bounds of the registration-to-ACK histogram, in seconds.
+const BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+struct Histogram {
+    counts: [u64; BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+pub struct Metrics {
+    registrations: AtomicU64,
+    deregistrations: AtomicU64,
+    pushes: [AtomicU64; 3],
+    acks: [AtomicU64; 3],
+    nacks: [AtomicU64; 3],
+    docker_events: AtomicU64,
+    ready: Mutex<Histogram>,
+}
+
+pub static METRICS: Metrics = Metrics {
+    registrations: AtomicU64::new(0),
+    deregistrations: AtomicU64::new(0),
+    pushes: [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)],
+    acks: [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)],
+    nacks: [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)],
+    docker_events: AtomicU64::new(0),
+    ready: Mutex::new(Histogram {
+        counts: [0; BUCKETS.len()],
+        count: 0,
+        sum: 0.0,
+    }),
+};
+
+impl Metrics {
+    pub fn registered(&self) {
+        self.registrations.fetch_add(1, Relaxed);
+    }
+    pub fn deregistered(&self) {
+        self.deregistrations.fetch_add(1, Relaxed);
+    }
+    pub fn pushed(&self, kind: Kind) {
+        self.pushes[kind as usize].fetch_add(1, Relaxed);
+    }
+    pub fn answered(&self, kind: Kind, nack: bool) {
+        let set = if nack { &self.nacks } else { &self.acks };
+        set[kind as usize].fetch_add(1, Relaxed);
+    }
+    pub fn docker_event(&self) {
+        self.docker_events.fetch_add(1, Relaxed);
+    }
+    /// Time from a registration to every connected Envoy's ACK.
+    pub fn ready_after(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let mut h = self.ready.lock().expect("histogram");
+        for (i, le) in BUCKETS.iter().enumerate() {
+            if secs <= *le {
+                h.counts[i] += 1;
+            }
+        }
+        h.count += 1;
+        h.sum += secs;
+    }
+}
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// The whole `/metrics` page.
+pub fn render(registry: &Registry) -> String {
+    let m = &METRICS;
+    let mut out = String::new();
+
+    family(
+        &mut out,
+        "envoy_docker_mappings",
+        "gauge",
+        "Registered port mappings by protocol and state.",
+    );
+    let mut by: BTreeMap<(String, String), u64> = BTreeMap::new();
+    for proto in ["tcp", "udp"] {
+        for state in ["pending", "active", "failed"] {
+            by.insert((proto.into(), state.into()), 0);
+        }
+    }
+    for s in registry.list() {
+        *by.entry((s.mapping.key.proto.to_string(), s.state.label().to_string()))
+            .or_default() += 1;
+    }
+    for ((proto, state), n) in &by {
+        let _ = writeln!(
+            out,
+            "envoy_docker_mappings{{proto=\"{proto}\",state=\"{state}\"}} {n}"
+        );
+    }
+
+    family(
+        &mut out,
+        "envoy_docker_envoys_connected",
+        "gauge",
+        "Envoy ADS streams open now.",
+    );
+    let _ = writeln!(
+        out,
+        "envoy_docker_envoys_connected {}",
+        registry.envoy_count()
+    );
+
+    for (name, help, v) in [
+        (
+            "envoy_docker_registrations_total",
+            "Mappings registered.",
+            &m.registrations,
+        ),
+        (
+            "envoy_docker_deregistrations_total",
+            "Mappings removed, for any reason.",
+            &m.deregistrations,
+        ),
+        (
+            "envoy_docker_docker_events_total",
+            "Container events seen from Docker.",
+            &m.docker_events,
+        ),
+    ] {
+        family(&mut out, name, "counter", help);
+        let _ = writeln!(out, "{name} {}", v.load(Relaxed));
+    }
+    for (name, help, set) in [
+        (
+            "envoy_docker_xds_pushes_total",
+            "xDS responses sent, by resource type.",
+            &m.pushes,
+        ),
+        (
+            "envoy_docker_xds_acks_total",
+            "xDS ACKs received, by resource type.",
+            &m.acks,
+        ),
+        (
+            "envoy_docker_xds_nacks_total",
+            "xDS NACKs received, by resource type.",
+            &m.nacks,
+        ),
+    ] {
+        family(&mut out, name, "counter", help);
+        for kind in Kind::ORDER {
+            let _ = writeln!(
+                out,
+                "{name}{{type=\"{}\"}} {}",
+                kind.short(),
+                set[kind as usize].load(Relaxed)
+            );
+        }
+    }
+
+    let name = "envoy_docker_registration_ready_seconds";
+    family(
+        &mut out,
+        name,
+        "histogram",
+        "Time from a registration until every connected Envoy ACKed its listener.",
+    );
+    let h = m.ready.lock().expect("histogram");
+    for (le, n) in BUCKETS.iter().zip(h.counts) {
+        let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {n}");
+    }
+    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", h.count);
+    let _ = writeln!(out, "{name}_sum {}", h.sum);
+    let _ = writeln!(out, "{name}_count {}", h.count);
+    out
+}
