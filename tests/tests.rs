@@ -5,3 +5,4 @@
 mod core;
 mod docker;
 mod harness;
+mod observability;

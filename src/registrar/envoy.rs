@@ -67,6 +67,8 @@ impl Supervisor {
             .arg("-c")
             .arg(&self.config)
             .arg("--disable-hot-restart")
+            // Access-log lines within a second, not Envoy's default ten.
+            .args(["--file-flush-interval-msec", "1000"])
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .spawn()

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod backend;
+pub mod collectors;
 pub mod dockerd;
 pub mod proc;
 pub mod watch;
@@ -194,7 +195,8 @@ pub struct Stack {
     pub admin: SocketAddr,
     /// The registrar's own admin endpoint.
     pub registrar_admin: SocketAddr,
-    serve_args: Vec<String>,
+    /// Extra flags for `envoy-docker serve`; a restart picks up changes.
+    pub serve_args: Vec<String>,
     registrar: Option<Child>,
     envoy: Option<Child>,
     /// Extra Envoys on the same registrar, with their admin addresses.
@@ -315,7 +317,7 @@ impl Stack {
                 "-l",
                 "warning",
             ])
-            .args(["--drain-time-s", "1"])
+            .args(["--drain-time-s", "1", "--file-flush-interval-msec", "250"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
