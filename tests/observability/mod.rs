@@ -334,3 +334,84 @@ fn docker_12_metrics_parse_and_move_and_admin_matches_status() {
     let mappings: serde_json::Value = serde_json::from_str(&admin_get(admin, "/mappings")).unwrap();
     assert_eq!(mappings, serde_json::Value::Array(env.stack.status()));
 }
+
+/// The metric names a PromQL expression reads.
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut cur = String::new();
+    for c in expr.chars().chain(std::iter::once(' ')) {
+        if c.is_ascii_alphanumeric() || c == '_' {
+            cur.push(c);
+        } else {
+            let label =
+                cur.ends_with("_prefix") || cur.ends_with("_name") || cur.ends_with("_class");
+            if cur.starts_with("envoy_") && !label {
+                names.push(std::mem::take(&mut cur));
+            }
+            cur.clear();
+        }
+    }
+    names
+}
+
+#[test]
+fn docker_13_examples_are_valid_and_the_dashboard_reads_real_series() {
+    let env = dockerd::shared();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new("promtool")
+        .args(["check", "config"])
+        .arg(root.join("examples/prometheus.yml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    let (h, t) = (free_port(), free_port());
+    env.run(&[
+        "-p",
+        &format!("{h}:80"),
+        "-l",
+        "ServiceName=dash-http",
+        IMAGE,
+    ]);
+    env.run(&[
+        "-p",
+        &format!("{t}:80"),
+        "-l",
+        "ServiceName=dash-tcp",
+        "-l",
+        "ProxyMode=tcp",
+        IMAGE,
+    ]);
+    for p in [h, t] {
+        assert_eq!(http_get(local(p), "/").unwrap().0, 200);
+    }
+    let envoy = admin_get(env.stack.admin, "/stats/prometheus");
+    let registrar = admin_get(env.stack.registrar_admin, "/metrics");
+    let dash: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("examples/grafana-dashboard.json")).unwrap(),
+    )
+    .unwrap();
+    let panels = dash["panels"].as_array().unwrap();
+    assert!(panels.len() >= 5);
+    for panel in panels {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for name in metric_names(expr) {
+                let found = [&envoy, &registrar].iter().any(|text| {
+                    text.lines().any(|l| {
+                        l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} "))
+                    })
+                });
+                assert!(
+                    found,
+                    "panel {:?} reads {name}, which no one exports",
+                    panel["title"]
+                );
+            }
+        }
+    }
+}
