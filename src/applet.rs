@@ -18,6 +18,7 @@ pub enum Applet {
     Resync,
     Bootstrap,
     Status,
+    Install,
     Version,
     /// `help [SUBCOMMAND]`, `--help`, or no arguments at all.
     Help,
@@ -31,6 +32,7 @@ impl Applet {
             "resync" => Applet::Resync,
             "bootstrap" => Applet::Bootstrap,
             "status" => Applet::Status,
+            "install" => Applet::Install,
             "version" | "--version" | "-V" => Applet::Version,
             "help" | "--help" | "-h" => Applet::Help,
             _ => return None,

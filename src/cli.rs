@@ -3,6 +3,7 @@
 
 use crate::addr::{Addr, DEFAULT_ADMIN, DEFAULT_NODE_ID, DEFAULT_REGISTRAR_ADMIN, DEFAULT_XDS};
 use crate::applet::Applet;
+use crate::install::InstallArgs;
 use crate::mapping::Mode;
 use crate::xds::telemetry::{AccessLogTarget, Telemetry, Tracer};
 use lexopt::prelude::*;
@@ -41,6 +42,8 @@ pub struct BootstrapArgs {
     pub admin: Addr,
     pub node_id: String,
     pub ads: AdsKind,
+    /// Write here instead of stdout.
+    pub output: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -158,11 +161,13 @@ pub fn bootstrap(args: Vec<OsString>) -> Result<Parsed<BootstrapArgs>, String> {
         admin: Addr::parse(DEFAULT_ADMIN).expect("default"),
         node_id: DEFAULT_NODE_ID.into(),
         ads: AdsKind::Sotw,
+        output: None,
     };
     let run = parse_flags(args, |name, p| {
         match name {
             "--xds" => out.xds = addr(value(p)?)?,
             "--admin" => out.admin = addr(value(p)?)?,
+            "--output" | "-o" => out.output = Some(value(p)?.into()),
             "--node-id" => out.node_id = text(value(p)?)?,
             "--ads" => {
                 out.ads = match text(value(p)?)?.as_str() {
@@ -175,6 +180,47 @@ pub fn bootstrap(args: Vec<OsString>) -> Result<Parsed<BootstrapArgs>, String> {
         }
         Ok(true)
     })?;
+    Ok(if run { Parsed::Run(out) } else { Parsed::Help })
+}
+
+/// `envoy` from PATH, else the usual place.
+fn default_envoy() -> PathBuf {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|d| d.join("envoy"))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("/usr/local/bin/envoy"))
+}
+
+pub fn install(args: Vec<OsString>) -> Result<Parsed<InstallArgs>, String> {
+    let mut out = InstallArgs {
+        prefix: "/usr/local".into(),
+        systemd_dir: "/etc/systemd/system".into(),
+        daemon_json: "/etc/docker/daemon.json".into(),
+        envoy: PathBuf::new(),
+        dry_run: false,
+        apply: false,
+    };
+    let mut envoy = None;
+    let run = parse_flags(args, |name, p| {
+        match name {
+            "--prefix" => out.prefix = value(p)?.into(),
+            "--systemd-dir" => out.systemd_dir = value(p)?.into(),
+            "--daemon-json" => out.daemon_json = value(p)?.into(),
+            "--envoy" => envoy = Some(PathBuf::from(value(p)?)),
+            "--dry-run" | "-n" => out.dry_run = true,
+            "--apply" => out.apply = true,
+            _ => return Ok(false),
+        }
+        Ok(true)
+    })?;
+    out.envoy = envoy.unwrap_or_else(default_envoy);
+    for p in [&out.prefix, &out.envoy] {
+        if !p.is_absolute() {
+            return Err(format!("{} must be an absolute path", p.display()));
+        }
+    }
     Ok(if run { Parsed::Run(out) } else { Parsed::Help })
 }
 
@@ -219,6 +265,7 @@ Subcommands:
   resync      replay the mappings of running proxies to the registrar
   bootstrap   print an Envoy bootstrap that points at the registrar
   status      list the registered mappings
+  install     put the binary, proxy symlinks and systemd units in place
   version     print the version
   help [SUB]  print help for a subcommand
 
@@ -285,7 +332,7 @@ Example:
 
 pub const BOOTSTRAP_HELP: &str = "\
 Usage: envoy-docker bootstrap [--xds ADDR] [--admin ADDR] [--node-id ID]
-                              [--ads sotw|delta]
+                              [--ads sotw|delta] [--output PATH]
 
 Prints an Envoy v3 bootstrap (YAML) that takes everything from the registrar
 over ADS and waits for it at start-up.
@@ -293,6 +340,7 @@ over ADS and waits for it at start-up.
   --admin ADDR     Envoy's admin listener (default 127.0.0.1:9901)
   --node-id ID     node id (default envoy-docker)
   --ads KIND       sotw (state of the world, default) or delta
+  --output PATH    write the file (atomically) instead of printing it
 
 Example:
   envoy-docker bootstrap --ads delta > /etc/envoy/envoy.yaml";
@@ -307,6 +355,28 @@ owning proxy's pid.
 Example:
   envoy-docker status --json";
 
+pub const INSTALL_HELP: &str = "\
+Usage: envoy-docker install [--prefix DIR] [--systemd-dir DIR] [--daemon-json PATH]
+                            [--envoy PATH] [--dry-run] [--apply]
+
+Copies this binary to PREFIX/bin/envoy-docker, links PREFIX/bin/docker-proxy
+and PREFIX/bin/envoy-docker-shim to it, writes envoy-docker.service and
+envoy-docker-envoy.service, and prints the daemon.json keys dockerd needs
+(userland-proxy-path and iptables: false). daemon.json is only changed with
+--apply, which merges the keys in, keeps every other key, and saves the old
+file next to it.
+  --prefix DIR         install root for bin/ (default /usr/local)
+  --systemd-dir DIR    where the units go (default /etc/systemd/system)
+  --daemon-json PATH   dockerd's config (default /etc/docker/daemon.json)
+  --envoy PATH         the Envoy the Envoy unit runs (default: envoy on PATH)
+  --dry-run            print every file it would write; write nothing
+  --apply              also merge the keys into daemon.json
+
+Example:
+  envoy-docker install --dry-run
+  envoy-docker install --apply && systemctl daemon-reload \
+    && systemctl enable --now envoy-docker envoy-docker-envoy && systemctl restart docker";
+
 pub const VERSION_HELP: &str = "\
 Usage: envoy-docker version
 
@@ -320,6 +390,7 @@ pub fn help_for(applet: Applet) -> &'static str {
         Applet::Bootstrap => BOOTSTRAP_HELP,
         Applet::Status => STATUS_HELP,
         Applet::Version => VERSION_HELP,
+        Applet::Install => INSTALL_HELP,
         Applet::Help => MAIN_HELP,
     }
 }

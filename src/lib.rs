@@ -9,6 +9,7 @@ pub mod addr;
 pub mod applet;
 pub mod bootstrap;
 pub mod cli;
+pub mod install;
 pub mod logging;
 pub mod mapping;
 pub mod protocol;
@@ -23,6 +24,17 @@ use applet::Applet;
 use cli::Parsed;
 use std::ffi::OsString;
 
+/// Printing roles end quietly, as other command-line tools do, when the
+/// reader of their output goes away (`envoy-docker status | head -1`). The
+/// proxy and the registrar keep ignoring SIGPIPE: a peer that closes a
+/// socket must not kill them.
+fn quiet_on_closed_stdout() {
+    // SAFETY: resets one signal's disposition before any thread starts.
+    unsafe {
+        nix::libc::signal(nix::libc::SIGPIPE, nix::libc::SIG_DFL);
+    }
+}
+
 /// Runs the role that argv asks for; returns the exit status.
 pub fn run(argv: Vec<OsString>) -> i32 {
     let (applet, args) = match applet::dispatch(&argv) {
@@ -32,6 +44,9 @@ pub fn run(argv: Vec<OsString>) -> i32 {
             return 2;
         }
     };
+    if !matches!(applet, Applet::Proxy | Applet::Serve) {
+        quiet_on_closed_stdout();
+    }
     let usage_error = |e: String| {
         eprintln!("envoy-docker: {e}");
         2
@@ -54,6 +69,7 @@ pub fn run(argv: Vec<OsString>) -> i32 {
         Applet::Resync => sub!(cli::resync, Applet::Resync, resync::run),
         Applet::Bootstrap => sub!(cli::bootstrap, Applet::Bootstrap, bootstrap::run),
         Applet::Status => sub!(cli::status, Applet::Status, status::run),
+        Applet::Install => sub!(cli::install, Applet::Install, install::run),
         Applet::Version => {
             println!("{}", version::line());
             0

@@ -6,3 +6,4 @@ mod core;
 mod docker;
 mod harness;
 mod observability;
+mod packaging;

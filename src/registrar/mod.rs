@@ -16,6 +16,7 @@ pub mod admin;
 pub mod docker;
 pub mod envoy;
 pub mod metrics;
+pub mod notify;
 pub mod socket;
 pub mod state;
 
@@ -126,10 +127,12 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         tokio::time::sleep(Duration::from_secs(1)).await;
     };
     admin::XDS_SERVING.store(true, std::sync::atomic::Ordering::Relaxed);
+    notify::notify(&format!("READY=1\nSTATUS=serving xDS on {}", args.xds));
     let result = tokio::select! {
         r = xds.serve(registry, args.node_id, shutdown) => r,
         _ = grace => Ok(()),
     };
+    notify::notify("STOPPING=1");
     if let Some(sup) = supervisor {
         let _ = sup.await;
     }

@@ -262,19 +262,29 @@ impl DockerEnv {
         self.stop_dockerd();
         self.stack.kill_registrar();
         self.stack.stop_envoys();
-        let mut left = Vec::new();
         let root = self.root.to_string_lossy().to_string();
-        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-        let mut ours: Vec<&str> = mounts
-            .lines()
-            .filter_map(|l| l.split_whitespace().nth(1))
-            .filter(|m| m.starts_with(&root))
-            .collect();
-        ours.reverse();
-        for m in ours {
-            left.push(format!("mount {m}"));
-            let _ = sh(Command::new("umount").args(["-l", m]));
+        let ours = |root: &str| -> Vec<String> {
+            let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+            let mut m: Vec<String> = mounts
+                .lines()
+                .filter_map(|l| l.split_whitespace().nth(1))
+                .filter(|m| m.starts_with(root))
+                .map(str::to_string)
+                .collect();
+            m.reverse();
+            m
+        };
+        // dockerd keeps the host network namespace bind-mounted under its
+        // exec root after it exits; that is cleaned up here, and only what
+        // survives the cleanup counts as left behind.
+        for m in ours(&root) {
+            let _ = sh(Command::new("umount").args(["-l", &m]));
         }
+        let _ = sh(Command::new("ip").args(["link", "delete", BRIDGE]));
+        let mut left: Vec<String> = ours(&root)
+            .into_iter()
+            .map(|m| format!("mount {m}"))
+            .collect();
         for p in procfs::process::all_processes()
             .into_iter()
             .flatten()
@@ -289,7 +299,6 @@ impl DockerEnv {
                 );
             }
         }
-        let _ = sh(Command::new("ip").args(["link", "delete", BRIDGE]));
         let links = sh(Command::new("ip").args(["-o", "link", "show"]));
         for l in String::from_utf8_lossy(&links.stdout).lines() {
             if l.contains(BRIDGE) || l.contains("veth") {

@@ -1,0 +1,262 @@
+//! `envoy-docker install`: puts the binary in place, makes the proxy
+//! symlinks, writes the systemd units, and shows (or, with `--apply`, makes)
+//! the daemon.json change. It never edits daemon.json silently.
+//!
+//! The work is first planned as a list of steps, so `--dry-run` can print
+//! every file it would write and write nothing.
+
+use serde_json::{Map, Value};
+use std::path::{Path, PathBuf};
+
+const REGISTRAR_UNIT: &str = include_str!("../packaging/systemd/envoy-docker.service");
+const ENVOY_UNIT: &str = include_str!("../packaging/systemd/envoy-docker-envoy.service");
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstallArgs {
+    pub prefix: PathBuf,
+    pub systemd_dir: PathBuf,
+    pub daemon_json: PathBuf,
+    /// The Envoy binary the Envoy unit runs.
+    pub envoy: PathBuf,
+    pub dry_run: bool,
+    pub apply: bool,
+}
+
+/// One thing `install` does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    Copy { from: PathBuf, to: PathBuf },
+    Symlink { link: PathBuf, target: String },
+    Write { path: PathBuf, content: String },
+}
+
+/// The units as written for `prefix` and `envoy`.
+pub fn units(prefix: &Path, envoy: &Path) -> [(&'static str, String); 2] {
+    let bin = prefix.join("bin");
+    let ours = bin.join("envoy-docker").display().to_string();
+    let fill = |t: &str| {
+        t.replace("/usr/local/bin/envoy-docker", &ours)
+            .replace("/usr/local/bin/envoy ", &format!("{} ", envoy.display()))
+    };
+    [
+        ("envoy-docker.service", fill(REGISTRAR_UNIT)),
+        ("envoy-docker-envoy.service", fill(ENVOY_UNIT)),
+    ]
+}
+
+/// The keys dockerd needs, pointing at the installed proxy symlink.
+pub fn daemon_settings(prefix: &Path) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert(
+        "userland-proxy-path".into(),
+        Value::String(prefix.join("bin/docker-proxy").display().to_string()),
+    );
+    m.insert("iptables".into(), Value::Bool(false));
+    m
+}
+
+/// Merges our keys into an existing daemon.json, keeping every other key.
+pub fn merge_daemon_json(existing: Option<&str>, prefix: &Path) -> Result<String, String> {
+    let mut doc = match existing.map(str::trim).filter(|s| !s.is_empty()) {
+        None => Map::new(),
+        Some(text) => match serde_json::from_str::<Value>(text) {
+            Ok(Value::Object(m)) => m,
+            Ok(_) => return Err("daemon.json is not a JSON object".into()),
+            Err(e) => return Err(format!("daemon.json is not valid JSON: {e}")),
+        },
+    };
+    doc.extend(daemon_settings(prefix));
+    serde_json::to_string_pretty(&Value::Object(doc))
+        .map(|s| s + "\n")
+        .map_err(|e| e.to_string())
+}
+
+pub fn plan(args: &InstallArgs, exe: &Path) -> Vec<Step> {
+    let bin = args.prefix.join("bin");
+    let target = bin.join("envoy-docker");
+    let mut steps = Vec::new();
+    if exe != target {
+        steps.push(Step::Copy {
+            from: exe.to_path_buf(),
+            to: target,
+        });
+    }
+    for name in crate::applet::PROXY_NAMES {
+        steps.push(Step::Symlink {
+            link: bin.join(name),
+            target: "envoy-docker".into(),
+        });
+    }
+    for (name, content) in units(&args.prefix, &args.envoy) {
+        steps.push(Step::Write {
+            path: args.systemd_dir.join(name),
+            content,
+        });
+    }
+    steps
+}
+
+fn apply(step: &Step) -> Result<(), String> {
+    let parent = |p: &Path| {
+        if let Some(dir) = p.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
+        Ok::<(), String>(())
+    };
+    match step {
+        Step::Copy { from, to } => {
+            parent(to)?;
+            // Copy then rename, so a running binary is replaced, not rewritten.
+            let tmp = to.with_extension("new");
+            std::fs::copy(from, &tmp)
+                .and_then(|_| std::fs::rename(&tmp, to))
+                .map_err(|e| format!("{} -> {}: {e}", from.display(), to.display()))
+        }
+        Step::Symlink { link, target } => {
+            parent(link)?;
+            let _ = std::fs::remove_file(link);
+            std::os::unix::fs::symlink(target, link).map_err(|e| format!("{}: {e}", link.display()))
+        }
+        Step::Write { path, content } => {
+            parent(path)?;
+            std::fs::write(path, content).map_err(|e| format!("{}: {e}", path.display()))
+        }
+    }
+}
+
+pub fn run(args: InstallArgs) -> i32 {
+    let exe = match std::env::current_exe() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("envoy-docker install: cannot find this binary: {e}");
+            return 1;
+        }
+    };
+    let steps = plan(&args, &exe);
+    let verb = if args.dry_run { "would " } else { "" };
+    for step in &steps {
+        match step {
+            Step::Copy { from, to } => {
+                println!("{verb}copy {} to {}", from.display(), to.display())
+            }
+            Step::Symlink { link, target } => println!("{verb}link {} -> {target}", link.display()),
+            Step::Write { path, content } => {
+                println!("{verb}write {}:", path.display());
+                for line in content.lines() {
+                    println!("    {line}");
+                }
+            }
+        }
+        if !args.dry_run {
+            if let Err(e) = apply(step) {
+                eprintln!("envoy-docker install: {e}");
+                return 1;
+            }
+        }
+    }
+
+    let json = &args.daemon_json;
+    let existing = match std::fs::read_to_string(json) {
+        Ok(s) => Some(s),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            eprintln!("envoy-docker install: cannot read {}: {e}", json.display());
+            return 1;
+        }
+    };
+    let merged = match merge_daemon_json(existing.as_deref(), &args.prefix) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("envoy-docker install: {}: {e}", json.display());
+            return 1;
+        }
+    };
+    let settings = serde_json::to_string_pretty(&Value::Object(daemon_settings(&args.prefix)))
+        .unwrap_or_default();
+    if args.apply {
+        let backup = json.with_extension("json.before-envoy-docker");
+        println!(
+            "{verb}merge into {} (keeping every other key):",
+            json.display()
+        );
+        for line in merged.lines() {
+            println!("    {line}");
+        }
+        if existing.is_some() {
+            println!("{verb}back up the old file as {}", backup.display());
+        }
+        if !args.dry_run {
+            let done = existing
+                .as_ref()
+                .map_or(Ok(()), |old| std::fs::write(&backup, old))
+                .and_then(|()| {
+                    if let Some(dir) = json.parent() {
+                        std::fs::create_dir_all(dir)?;
+                    }
+                    std::fs::write(json, &merged)
+                });
+            if let Err(e) = done {
+                eprintln!("envoy-docker install: {}: {e}", json.display());
+                return 1;
+            }
+        }
+    } else {
+        println!("\ndockerd needs these keys in {} (run again with --apply to merge them, keeping the rest and a backup):", json.display());
+        println!("{settings}");
+    }
+    if !args.dry_run {
+        println!("\nthen: systemctl daemon-reload && systemctl enable --now envoy-docker envoy-docker-envoy && systemctl restart docker");
+    }
+    0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn units_follow_the_prefix_and_envoy_path() {
+        let [(_, reg), (_, env)] = units(Path::new("/opt/ed"), Path::new("/usr/bin/envoy"));
+        assert!(reg.contains("ExecStart=/opt/ed/bin/envoy-docker serve"));
+        assert!(reg.contains("Type=notify") && reg.contains("Before=docker.service"));
+        assert!(env.contains("ExecStart=/usr/bin/envoy -c /run/envoy-docker-envoy/envoy.yaml"));
+        assert!(env.contains("ExecStartPre=/opt/ed/bin/envoy-docker bootstrap --output"));
+    }
+
+    #[test]
+    fn daemon_json_merge_keeps_other_keys_and_refuses_garbage() {
+        let merged = merge_daemon_json(
+            Some(r#"{"log-driver": "journald", "iptables": true}"#),
+            Path::new("/usr/local"),
+        )
+        .unwrap();
+        let v: Value = serde_json::from_str(&merged).unwrap();
+        assert_eq!(v["log-driver"], "journald");
+        assert_eq!(v["iptables"], false);
+        assert_eq!(v["userland-proxy-path"], "/usr/local/bin/docker-proxy");
+        assert!(merge_daemon_json(None, Path::new("/x"))
+            .unwrap()
+            .contains("/x/bin/docker-proxy"));
+        assert!(merge_daemon_json(Some("[1]"), Path::new("/x")).is_err());
+        assert!(merge_daemon_json(Some("{oops"), Path::new("/x")).is_err());
+    }
+
+    #[test]
+    fn plan_copies_links_and_writes_units() {
+        let args = InstallArgs {
+            prefix: "/p".into(),
+            systemd_dir: "/s".into(),
+            daemon_json: "/d/daemon.json".into(),
+            envoy: "/e/envoy".into(),
+            dry_run: true,
+            apply: false,
+        };
+        let steps = plan(&args, Path::new("/build/envoy-docker"));
+        assert_eq!(steps.len(), 5);
+        assert!(
+            matches!(&steps[0], Step::Copy { to, .. } if to == Path::new("/p/bin/envoy-docker"))
+        );
+        // Installing from the installed binary copies nothing.
+        assert_eq!(plan(&args, Path::new("/p/bin/envoy-docker")).len(), 4);
+    }
+}
