@@ -378,9 +378,12 @@ Example:
     && systemctl enable --now envoy-docker envoy-docker-envoy && systemctl restart docker";
 
 pub const VERSION_HELP: &str = "\
-Usage: envoy-docker version
+Usage: envoy-docker version   (also --version, and docker-proxy -v)
 
-Prints the version, the git commit and the Envoy API it speaks.";
+Prints the version, the git commit and the Envoy API it speaks.
+
+Example:
+  envoy-docker version";
 
 pub fn help_for(applet: Applet) -> &'static str {
     match applet {
@@ -426,6 +429,27 @@ mod tests {
         assert!(serve(v(&["--default-mode", "udp"])).is_err());
         assert!(serve(v(&["--bogus"])).unwrap_err().contains("--bogus"));
         assert!(matches!(serve(v(&["--help"])).unwrap(), Parsed::Help));
+    }
+
+    #[test]
+    fn every_help_text_has_an_example() {
+        for applet in [
+            Applet::Proxy,
+            Applet::Serve,
+            Applet::Resync,
+            Applet::Bootstrap,
+            Applet::Status,
+            Applet::Install,
+            Applet::Version,
+            Applet::Help,
+        ] {
+            let text = help_for(applet);
+            assert!(text.contains("Example"), "{applet:?} help has no example");
+            assert!(
+                text.starts_with("Usage") || applet == Applet::Help,
+                "{applet:?}"
+            );
+        }
     }
 
     #[test]

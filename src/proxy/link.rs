@@ -115,13 +115,19 @@ impl Link {
 /// long as the proxy lives; the caller races it against stop signals.
 pub async fn reconnect(path: PathBuf, mapping: Mapping) -> Link {
     let mut pause = Duration::from_millis(50);
+    let mut said = false;
     loop {
         match Link::register(&path, mapping, Duration::ZERO, false).await {
             Ok((link, _)) => {
                 eprintln!("envoy-docker proxy: registered {mapping} again");
                 return link;
             }
-            Err(e) => tracing::debug!("re-registering {mapping}: {e}"),
+            // Said once: the registrar may be down for a while.
+            Err(e) if !said => {
+                eprintln!("envoy-docker proxy: re-registering {mapping}: {e}; retrying");
+                said = true;
+            }
+            Err(_) => {}
         }
         sleep(pause).await;
         pause = (pause * 2).min(Duration::from_secs(2));

@@ -269,3 +269,40 @@ fn bootstrap_validates_in_envoy_for_both_ads_modes_and_a_unix_socket() {
         );
     }
 }
+
+#[test]
+fn an_envoy_with_another_node_id_is_refused() {
+    let stack = Stack::start(Ads::Sotw);
+    let dir = crate::harness::TempDir::new("node");
+    let config = dir.path("envoy.yaml");
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let out = Command::new(bin())
+        .args(["bootstrap", "--node-id", "somebody-else"])
+        .args([
+            "--xds",
+            &stack.xds.to_string(),
+            "--admin",
+            &admin.to_string(),
+        ])
+        .output()
+        .unwrap();
+    std::fs::write(&config, &out.stdout).unwrap();
+    let mut envoy = Command::new(envoy_bin())
+        .arg("-c")
+        .arg(&config)
+        .args(["--disable-hot-restart", "-l", "critical"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let refused = crate::harness::wait_until(Duration::from_secs(10), || {
+        stack
+            .log()
+            .contains("node id \"somebody-else\" is not served here")
+    });
+    // It never gets a configuration, so it never becomes ready.
+    let ready = matches!(http_get(admin, "/ready"), Ok((200, _)));
+    let _ = envoy.kill();
+    let _ = envoy.wait();
+    assert!(refused, "{}", stack.log());
+    assert!(!ready);
+}

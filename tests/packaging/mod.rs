@@ -175,6 +175,20 @@ fn the_checked_in_units_are_what_install_writes_for_usr_local() {
     }
 }
 
+/// `envoy-docker serve` on private addresses, without Docker.
+fn serve_cmd(dir: &TempDir) -> Command {
+    let mut cmd = Command::new(bin());
+    cmd.arg("serve")
+        .arg("--socket")
+        .arg(dir.path("run/registrar.sock"))
+        .args(["--xds", &format!("127.0.0.1:{}", free_port())])
+        .args(["--admin", &format!("127.0.0.1:{}", free_port())])
+        .args(["--docker", "none"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    cmd
+}
+
 #[test]
 fn serve_tells_systemd_it_is_ready() {
     let dir = TempDir::new("notify");
@@ -182,15 +196,8 @@ fn serve_tells_systemd_it_is_ready() {
     notify
         .set_read_timeout(Some(Duration::from_secs(15)))
         .unwrap();
-    let mut serve = Command::new(bin())
-        .arg("serve")
-        .arg("--socket")
-        .arg(dir.path("run/registrar.sock"))
-        .args(["--xds", &format!("127.0.0.1:{}", free_port())])
-        .args(["--admin", &format!("127.0.0.1:{}", free_port())])
-        .args(["--docker", "none"])
+    let mut serve = serve_cmd(&dir)
         .env("NOTIFY_SOCKET", dir.path("notify.sock"))
-        .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let mut buf = [0u8; 256];
@@ -213,16 +220,9 @@ fn serve_tells_systemd_it_is_ready() {
 fn serve_runs_restarts_and_stops_envoy() {
     let dir = TempDir::new("supervise");
     let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let mut serve = Command::new(bin())
-        .arg("serve")
-        .arg("--socket")
-        .arg(dir.path("run/registrar.sock"))
-        .args(["--xds", &format!("127.0.0.1:{}", free_port())])
-        .args(["--admin", &format!("127.0.0.1:{}", free_port())])
-        .args(["--docker", "none", "--envoy", &envoy_bin()])
+    let mut serve = serve_cmd(&dir)
+        .args(["--envoy", &envoy_bin()])
         .args(["--envoy-admin", &admin.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let ready = || matches!(http_get(admin, "/ready"), Ok((200, _)));

@@ -100,6 +100,16 @@ fn ip_of(v: &Value) -> Option<IpAddr> {
     bare.parse().ok()
 }
 
+/// Docker always names containers, but an answer without a name still gets
+/// one: the short id, as `docker ps` shows it.
+fn name_or_short_id(name: String, id: &str) -> String {
+    if name.is_empty() {
+        id[..id.len().min(12)].to_string()
+    } else {
+        name
+    }
+}
+
 /// One item of `GET /containers/json`. Its addresses are left empty: while
 /// a container starts they are still blank there.
 pub fn from_list_item(v: &Value) -> Result<ContainerMeta, String> {
@@ -112,11 +122,7 @@ pub fn from_list_item(v: &Value) -> Result<ContainerMeta, String> {
         .trim_start_matches('/')
         .to_string();
     Ok(ContainerMeta {
-        name: if name.is_empty() {
-            id[..id.len().min(12)].to_string()
-        } else {
-            name
-        },
+        name: name_or_short_id(name, &id),
         id,
         image: v["Image"].as_str().unwrap_or("").to_string(),
         labels: labels_of(&v["Labels"]),
@@ -153,11 +159,7 @@ pub fn from_inspect(v: &Value) -> Result<ContainerMeta, String> {
         }
     }
     Ok(ContainerMeta {
-        name: if name.is_empty() {
-            id[..id.len().min(12)].to_string()
-        } else {
-            name
-        },
+        name: name_or_short_id(name, &id),
         id,
         image: v["Config"]["Image"].as_str().unwrap_or("").to_string(),
         labels: labels_of(&v["Config"]["Labels"]),
