@@ -13,7 +13,7 @@ use crate::xds::resources::Service;
 use crate::xds::session::{mentions, Feedback};
 use crate::xds::snapshot::{Kind, Snapshot};
 use crate::xds::telemetry::Telemetry;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use tokio::sync::{oneshot, watch};
 
@@ -101,11 +101,37 @@ impl Entry {
     }
 }
 
-/// What one connected Envoy holds.
+/// What one connected Envoy holds, name to version.
 #[derive(Debug, Default)]
 struct EnvoyView {
-    /// Listener names from its last LDS ACK or NACK; `None` before one.
-    listeners: Option<BTreeSet<String>>,
+    /// From its last LDS ACK or NACK (or its first request); `None` before.
+    listeners: Option<BTreeMap<String, String>>,
+    endpoints: BTreeMap<String, String>,
+}
+
+impl EnvoyView {
+    /// True if this Envoy serves `listener` as the snapshot has it now: the
+    /// current listener, and the current endpoints of its cluster.
+    fn serves(&self, snap: &Snapshot, listener: &str) -> bool {
+        let Some(l) = snap.get(Kind::Listener).get(listener) else {
+            return false;
+        };
+        let held_listener = self.listeners.as_ref().and_then(|m| m.get(listener));
+        let endpoints_ok = match &l.cluster {
+            Some(c) => snap
+                .get(Kind::Endpoint)
+                .get(c)
+                .is_some_and(|e| self.endpoints.get(c) == Some(&e.version)),
+            None => true,
+        };
+        held_listener == Some(&l.version) && endpoints_ok
+    }
+
+    fn holds(&self, listener: &str) -> bool {
+        self.listeners
+            .as_ref()
+            .is_some_and(|m| m.contains_key(listener))
+    }
 }
 
 #[derive(Debug)]
@@ -375,13 +401,19 @@ impl Registry {
         self.envoys.len()
     }
 
-    /// An ACK or NACK from one Envoy.
+    /// An ACK or NACK from one Envoy, or what its first request said it holds.
     pub fn envoy_feedback(&mut self, id: u64, fb: Feedback) {
-        if fb.kind != Kind::Listener {
+        let Some(view) = self.envoys.get_mut(&id) else {
             return;
-        }
-        if let Some(view) = self.envoys.get_mut(&id) {
-            view.listeners = Some(fb.held);
+        };
+        match fb.kind {
+            Kind::Listener => view.listeners = Some(fb.held),
+            Kind::Endpoint => {
+                view.endpoints = fb.held;
+                self.evaluate();
+                return;
+            }
+            Kind::Cluster => return,
         }
         let Some(error) = fb.error else {
             self.evaluate();
@@ -417,11 +449,9 @@ impl Registry {
     /// Recomputes each TCP mapping's state from what the Envoys hold, and
     /// answers the proxies waiting for it.
     fn evaluate(&mut self) {
-        let held = |envoys: &BTreeMap<u64, EnvoyView>, name: &str| {
-            envoys
-                .values()
-                .any(|v| v.listeners.as_ref().is_some_and(|l| l.contains(name)))
-        };
+        let snap = self.snapshots.borrow().clone();
+        let held =
+            |envoys: &BTreeMap<u64, EnvoyView>, name: &str| envoys.values().any(|v| v.holds(name));
         let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.closing)
             .into_iter()
             .partition(|(key, _)| {
@@ -434,10 +464,7 @@ impl Registry {
         for e in self.entries.values_mut() {
             let name = e.listener();
             let served = e.mapping.key.proto != Proto::Tcp
-                || self
-                    .envoys
-                    .values()
-                    .all(|v| v.listeners.as_ref().is_some_and(|l| l.contains(&name)));
+                || self.envoys.values().all(|v| v.serves(&snap, &name));
             if served {
                 if let Some(since) = e.since.take() {
                     if !self.envoys.is_empty() && e.mapping.key.proto == Proto::Tcp {
@@ -514,6 +541,25 @@ mod tests {
         OwnerProcess::of(std::process::id())
     }
 
+    /// An ACK from `envoy` of everything of `kind` in the current snapshot.
+    fn ack(r: &mut Registry, envoy: u64, kind: Kind) {
+        let held = r
+            .snapshots()
+            .borrow()
+            .get(kind)
+            .iter()
+            .map(|(n, res)| (n.clone(), res.version.clone()))
+            .collect();
+        r.envoy_feedback(
+            envoy,
+            Feedback {
+                kind,
+                held,
+                error: None,
+            },
+        );
+    }
+
     #[test]
     fn same_backend_is_a_no_op_and_another_is_a_conflict() {
         let mut r = Registry::new(Mode::Http);
@@ -550,14 +596,10 @@ mod tests {
         let m = mapping(81, "10.0.0.2");
         let mut rx = r.register(m, me(), Some(1), true, None).unwrap().unwrap();
         assert!(rx.try_recv().is_err());
-        r.envoy_feedback(
-            envoy,
-            Feedback {
-                kind: Kind::Listener,
-                held: [m.key.resource_name()].into(),
-                error: None,
-            },
-        );
+        // The listener alone is not enough: its endpoints must be there too.
+        ack(&mut r, envoy, Kind::Listener);
+        assert!(rx.try_recv().is_err());
+        ack(&mut r, envoy, Kind::Endpoint);
         assert_eq!(rx.try_recv().unwrap(), Outcome::Ready);
     }
 
@@ -575,7 +617,7 @@ mod tests {
             envoy,
             Feedback {
                 kind: Kind::Listener,
-                held: BTreeSet::new(),
+                held: BTreeMap::new(),
                 error: Some(error.clone()),
             },
         );

@@ -183,6 +183,15 @@ pub fn endpoints(svc: &Service) -> Resource {
     Resource::new(name, cla, None)
 }
 
+/// An assignment with no endpoints, for a cluster that is going away.
+pub fn no_endpoints(cluster: &str) -> Resource {
+    let cla = ClusterLoadAssignment {
+        cluster_name: cluster.into(),
+        ..Default::default()
+    };
+    Resource::new(cluster.into(), cla, None)
+}
+
 pub fn listener(svc: &Service, t: &Telemetry) -> Resource {
     let name = svc.listener_name();
     let cluster = svc.cluster_name();

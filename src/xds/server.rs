@@ -247,11 +247,14 @@ async fn pump<Req, Resp>(
                     tracing::debug!("Envoy stream {id} asked for {}; not served", req.type_url);
                     continue;
                 };
+                let answers = !req.incoming.nonce.is_empty();
                 if let Some(fb) = session.on_request(kind, req.incoming) {
-                    METRICS.answered(kind, fb.error.is_some());
-                    match &fb.error {
-                        Some(e) => tracing::warn!("Envoy stream {id} rejected {}: {e}", kind.short()),
-                        None => tracing::debug!("Envoy stream {id} acked {}", kind.short()),
+                    if answers {
+                        METRICS.answered(kind, fb.error.is_some());
+                        match &fb.error {
+                            Some(e) => tracing::warn!("Envoy stream {id} rejected {}: {e}", kind.short()),
+                            None => tracing::debug!("Envoy stream {id} acked {}", kind.short()),
+                        }
                     }
                     ctx.registry.lock().expect("registry").envoy_feedback(id, fb);
                 }

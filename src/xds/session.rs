@@ -57,12 +57,12 @@ pub struct Outgoing {
     pub removed: Vec<String>,
 }
 
-/// What an ACK or NACK tells the registrar.
+/// What an ACK or NACK (or a first request) tells the registrar.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Feedback {
     pub kind: Kind,
-    /// The names Envoy now holds, as far as this stream knows.
-    pub held: BTreeSet<String>,
+    /// What Envoy now holds, name to version, as far as this stream knows.
+    pub held: BTreeMap<String, String>,
     /// Set for a NACK: Envoy's error text.
     pub error: Option<String>,
 }
@@ -86,6 +86,11 @@ struct TypeState {
     pending: Option<String>,
     sent: BTreeMap<String, Held>,
     acked: BTreeMap<String, String>,
+    /// Versions Envoy refused: never counted as held, never resent as such.
+    rejected: BTreeMap<String, String>,
+    /// Endpoints only: clusters sent anew, which wait for a fresh
+    /// assignment whatever Envoy says it holds.
+    fresh_needed: BTreeSet<String>,
 }
 
 #[derive(Debug)]
@@ -189,21 +194,65 @@ impl Session {
                 }
             }
         }
+        if first && kind == Kind::Endpoint {
+            // Clusters sent anew on this stream need their assignment again,
+            // even if Envoy reports holding it.
+            let ts = self.ts(kind);
+            for name in std::mem::take(&mut ts.fresh_needed) {
+                ts.sent.remove(&name);
+                ts.acked.remove(&name);
+                ts.fresh_needed.insert(name);
+            }
+        }
         let ts = self.ts(kind);
         if req.nonce.is_empty() || ts.pending.as_deref() != Some(req.nonce.as_str()) {
-            return None;
+            // A first request tells what Envoy already holds, which the
+            // registry needs even when nothing has to be sent.
+            return first.then(|| Feedback {
+                kind,
+                held: ts.acked.clone(),
+                error: None,
+            });
         }
         ts.pending = None;
+        let before = std::mem::take(&mut ts.acked);
+        let mut failed: Vec<String> = match &req.error {
+            None => Vec::new(),
+            Some(e) => ts.sent.keys().filter(|n| mentions(e, n)).cloned().collect(),
+        };
+        if req.error.is_some() && failed.is_empty() {
+            // The error names nothing: take it that everything this response
+            // changed was refused.
+            failed = ts
+                .sent
+                .iter()
+                .filter(|(n, h)| before.get(*n) != Some(&h.version))
+                .map(|(n, _)| n.clone())
+                .collect();
+        }
+        for name in &failed {
+            if let Some(h) = ts.sent.remove(name) {
+                ts.rejected.insert(name.clone(), h.version);
+            }
+            // Envoy keeps what it had before, if anything.
+            if let Some(old) = before.get(name) {
+                let held = Held {
+                    version: old.clone(),
+                    res: None,
+                };
+                ts.sent.insert(name.clone(), held);
+            }
+        }
         ts.acked = ts
             .sent
             .iter()
-            .filter(|(name, _)| !req.error.as_deref().is_some_and(|e| mentions(e, name)))
             .map(|(n, h)| (n.clone(), h.version.clone()))
             .collect();
-        let ts = self.ts(kind);
+        let acked = &ts.acked;
+        ts.rejected.retain(|n, v| acked.get(n) != Some(v));
         Some(Feedback {
             kind,
-            held: ts.acked.keys().cloned().collect(),
+            held: ts.acked.clone(),
             error: req.error.as_deref().map(first_line),
         })
     }
@@ -271,6 +320,7 @@ impl Session {
         let changed: Vec<Arc<Resource>> = desired
             .values()
             .filter(|r| ts.sent.get(&r.name).map(|h| &h.version) != Some(&r.version))
+            .filter(|r| ts.rejected.get(&r.name) != Some(&r.version))
             .cloned()
             .collect();
         let removed: Vec<String> = ts
@@ -289,6 +339,7 @@ impl Session {
         ts.must_respond = false;
         ts.pending = Some(nonce.clone());
         ts.last_nonce = Some(nonce.clone());
+        let old_sent = std::mem::take(&mut ts.sent);
         ts.sent = desired
             .iter()
             .map(|(n, r)| {
@@ -301,6 +352,17 @@ impl Session {
                 )
             })
             .collect();
+        if flavor == Flavor::Delta {
+            // A refused version that was not sent again is not Envoy's.
+            for (name, version) in &ts.rejected {
+                if ts.sent.get(name).map(|h| &h.version) == Some(version) {
+                    match old_sent.get(name) {
+                        Some(h) => ts.sent.insert(name.clone(), h.clone()),
+                        None => ts.sent.remove(name),
+                    };
+                }
+            }
+        }
         if kind == Kind::Listener {
             self.trust_listeners = false;
         }
@@ -311,6 +373,13 @@ impl Session {
             for r in &changed {
                 eds.sent.remove(&r.name);
                 eds.acked.remove(&r.name);
+                eds.fresh_needed.insert(r.name.clone());
+            }
+        }
+        if kind == Kind::Endpoint {
+            let ts = self.ts(kind);
+            for name in desired.keys() {
+                ts.fresh_needed.remove(name);
             }
         }
         Some(match flavor {
@@ -368,6 +437,16 @@ impl Session {
                         if wanted(name) {
                             out.insert(name.clone(), res.clone());
                         }
+                    }
+                }
+                // A cluster Envoy has but we have no endpoints for (its
+                // mapping went away before Envoy asked) gets an empty
+                // assignment, or it would warm until Envoy's 15 s timeout.
+                // Envoy asks for assignments of EDS clusters only.
+                for name in clusters.keys() {
+                    if wanted(name) && !out.contains_key(name) {
+                        let empty = super::resources::no_endpoints(name);
+                        out.insert(name.clone(), Arc::new(empty));
                     }
                 }
                 out

@@ -66,7 +66,8 @@ fn subscribe(s: &mut Session, kind: Kind, names: &[&str]) {
             ..Default::default()
         },
     };
-    assert_eq!(s.on_request(kind, req), None);
+    // A first request reports what Envoy holds; later ones report nothing.
+    let _ = s.on_request(kind, req);
 }
 
 /// Drives a fresh Envoy to the point where it serves `services`.
@@ -244,8 +245,8 @@ fn nack_names_the_failed_listener_and_stale_nonces_are_ignored() {
         )
         .unwrap();
     assert_eq!(fb.error, Some(error));
-    assert!(fb.held.contains(&a.listener_name()));
-    assert!(!fb.held.contains(&b.listener_name()));
+    assert!(fb.held.contains_key(&a.listener_name()));
+    assert!(!fb.held.contains_key(&b.listener_name()));
 }
 
 #[test]
@@ -340,4 +341,134 @@ fn nack_text_is_cut_to_its_first_line() {
         "bad listener x: oops [...]"
     );
     assert!(first_line(&"y".repeat(2000)).len() < 520);
+}
+
+fn nack(s: &mut Session, out: &Outgoing, error: &str) -> Feedback {
+    s.on_request(
+        out.kind,
+        Incoming {
+            nonce: out.nonce.clone(),
+            error: Some(error.into()),
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_nack_naming_nothing_keeps_what_envoy_had() {
+    let a = svc(8080, "a", Mode::Http);
+    let mut s = converge(Flavor::Delta, std::slice::from_ref(&a));
+    let before = s.types[Kind::Listener as usize].acked.clone();
+    s.set_snapshot(snap(&[svc(8080, "a", Mode::Tcp)]));
+    let lds = one(&mut s);
+    let fb = nack(&mut s, &lds, "Proto constraint validation failed");
+    assert_eq!(fb.held, before, "the old listener is what Envoy has");
+    // The refused version is not sent again by itself.
+    assert!(s.poll().is_empty());
+}
+
+#[test]
+fn a_refused_delta_listener_is_neither_held_nor_resent() {
+    let a = svc(8080, "a", Mode::Http);
+    let b = svc(80, "b", Mode::Http);
+    let mut s = converge(Flavor::Delta, std::slice::from_ref(&a));
+    s.set_snapshot(snap(&[a.clone(), b.clone()]));
+    let cds = one(&mut s);
+    subscribe(&mut s, Kind::Endpoint, &[&b.cluster_name()]);
+    let eds = one(&mut s);
+    ack(&mut s, &eds);
+    ack(&mut s, &cds);
+    let lds = one(&mut s);
+    let fb = nack(
+        &mut s,
+        &lds,
+        &format!(
+            "Error adding/updating listener(s) {}: cannot bind",
+            b.listener_name()
+        ),
+    );
+    assert!(!fb.held.contains_key(&b.listener_name()));
+    assert!(s.poll().is_empty(), "a refused version is not pushed again");
+    // An unrelated change later does not make it count as held.
+    s.set_snapshot(snap(&[svc(8080, "a", Mode::Tcp), b.clone()]));
+    let lds = one(&mut s);
+    assert_eq!(names(&lds), vec![a.listener_name()]);
+    let fb = ack(&mut s, &lds).unwrap();
+    assert!(!fb.held.contains_key(&b.listener_name()));
+}
+
+#[test]
+fn a_reconnect_reports_what_envoy_holds_and_refreshes_rebuilt_clusters() {
+    let a = svc(8080, "a", Mode::Http);
+    let live = converge(Flavor::Delta, std::slice::from_ref(&a));
+    let held = |k: Kind| live.types[k as usize].acked.clone();
+    let mut s = Session::new(Flavor::Delta, snap(std::slice::from_ref(&a)));
+    // Envoy says it holds a different cluster version: it gets the cluster
+    // again, and then a fresh assignment although it holds the same one.
+    let mut clusters = held(Kind::Cluster);
+    clusters.insert(a.cluster_name(), "older".into());
+    s.on_request(
+        Kind::Cluster,
+        Incoming {
+            initial_versions: clusters,
+            ..Default::default()
+        },
+    );
+    let cds = one(&mut s);
+    assert_eq!(names(&cds), vec![a.cluster_name()]);
+    let fb = s
+        .on_request(
+            Kind::Endpoint,
+            Incoming {
+                subscribe: vec![a.cluster_name()],
+                initial_versions: held(Kind::Endpoint),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert!(
+        fb.held.is_empty(),
+        "a rebuilt cluster's endpoints are not held"
+    );
+    let eds = one(&mut s);
+    assert_eq!(eds.kind, Kind::Endpoint);
+    // The first LDS request reports the listeners Envoy has.
+    let fb = s
+        .on_request(
+            Kind::Listener,
+            Incoming {
+                initial_versions: held(Kind::Listener),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(fb.held, held(Kind::Listener));
+}
+
+#[test]
+fn a_cluster_without_endpoints_gets_an_empty_assignment() {
+    let a = svc(8080, "a", Mode::Http);
+    let b = svc(8081, "b", Mode::Http);
+    let mut s = converge(Flavor::Sotw, std::slice::from_ref(&a));
+    s.set_snapshot(snap(&[a.clone(), b.clone()]));
+    let cds = one(&mut s);
+    assert_eq!(cds.kind, Kind::Cluster);
+    // b's mapping goes away before Envoy asks for b's endpoints.
+    s.set_snapshot(snap(std::slice::from_ref(&a)));
+    subscribe(
+        &mut s,
+        Kind::Endpoint,
+        &[&a.cluster_name(), &b.cluster_name()],
+    );
+    let eds = one(&mut s);
+    let empty = eds
+        .resources
+        .iter()
+        .find(|r| r.name == b.cluster_name())
+        .unwrap();
+    assert_eq!(
+        empty.version,
+        crate::xds::resources::no_endpoints(&b.cluster_name()).version
+    );
 }
