@@ -353,3 +353,61 @@ fn docker_10_dockerd_restart_converges() {
         );
     }
 }
+
+#[test]
+fn docker_15_a_container_on_two_networks_is_found_and_served() {
+    let env = dockerd::shared();
+    let net = "edtest-net";
+    let _ = env.docker(&["network", "rm", net]);
+    let out = env.docker(&["network", "create", "--subnet", "172.29.8.0/24", net]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let h = free_port();
+    let id = env.run(&[
+        "--network",
+        net,
+        "-p",
+        &format!("{h}:80"),
+        "--name",
+        "two-nets",
+        "-l",
+        "ServiceName=multi",
+        IMAGE,
+    ]);
+    assert!(env
+        .docker(&["network", "connect", "bridge", &id])
+        .status
+        .success());
+    assert_eq!(http_get(local(h), "/").unwrap(), (200, BODY.to_string()));
+    // dockerd publishes the port on one of the two networks (it moves the
+    // mapping when the default bridge is connected); either address is this
+    // container's, and the mapping is named after it.
+    let row = row_for(&env.stack.status(), &format!("0.0.0.0:{h}"));
+    let out = env.docker(&[
+        "inspect",
+        "-f",
+        "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}",
+        &id,
+    ]);
+    let ips = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(ips.split_whitespace().count(), 2, "{ips}");
+    let backend = row["container"].as_str().unwrap().trim_end_matches(":80");
+    assert!(
+        ips.split_whitespace().any(|ip| ip == backend),
+        "{row} vs {ips}"
+    );
+    assert_eq!(row["name"], "multi");
+    assert_eq!(row["container_name"], "two-nets");
+    // A restart puts it back on both networks, with new proxies.
+    assert!(env.docker(&["restart", "-t", "1", &id]).status.success());
+    assert_eq!(http_get(local(h), "/").unwrap(), (200, BODY.to_string()));
+    assert_eq!(
+        row_for(&env.stack.status(), &format!("0.0.0.0:{h}"))["name"],
+        "multi"
+    );
+    assert!(env.docker(&["rm", "-f", &id]).status.success());
+    assert!(env.docker(&["network", "rm", net]).status.success());
+}

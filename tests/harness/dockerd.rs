@@ -258,6 +258,7 @@ impl DockerEnv {
     fn teardown(&mut self) -> Result<(), String> {
         if self.dockerd.is_some() {
             self.remove_all_containers();
+            let _ = self.docker(&["network", "prune", "-f"]);
         }
         self.stop_dockerd();
         self.stack.kill_registrar();
@@ -301,7 +302,7 @@ impl DockerEnv {
         }
         let links = sh(Command::new("ip").args(["-o", "link", "show"]));
         for l in String::from_utf8_lossy(&links.stdout).lines() {
-            if l.contains(BRIDGE) || l.contains("veth") {
+            if l.contains(BRIDGE) || l.contains("veth") || l.contains(": br-") {
                 left.push(format!("interface {l}"));
             }
         }
