@@ -105,6 +105,19 @@ impl Resource {
     }
 }
 
+impl Resource {
+    /// Stands for a resource Envoy holds from before, known only by name and
+    /// version. Its version matches what Envoy has, so it is never sent.
+    pub fn placeholder(name: &str, version: &str) -> Resource {
+        Resource {
+            name: name.into(),
+            version: version.into(),
+            any: Any::default(),
+            cluster: None,
+        }
+    }
+}
+
 /// Bumped whenever the builders below change what they make from the same
 /// inputs, so that versions change with them.
 const BUILD_SCHEMA: &[u8] = b"listener-v1";

@@ -102,6 +102,10 @@ pub struct Session {
     /// SotW reconnect with unknown contents: Envoy already has listeners we
     /// cannot name, so the first LDS response is sent without warming gates.
     trust_listeners: bool,
+    /// Set by the first LDS ACK on this stream. Until then, clusters Envoy
+    /// said it held on reconnect may still serve listeners whose contents
+    /// we do not know, so they are not removed.
+    listeners_confirmed: bool,
 }
 
 /// Envoy's NACK text, cut to its first line: for a rejected filter, Envoy
@@ -133,6 +137,7 @@ impl Session {
             types: Default::default(),
             nonces: 0,
             trust_listeners: false,
+            listeners_confirmed: false,
         }
     }
 
@@ -250,6 +255,10 @@ impl Session {
             .collect();
         let acked = &ts.acked;
         ts.rejected.retain(|n, v| acked.get(n) != Some(v));
+        if kind == Kind::Listener && req.error.is_none() {
+            self.listeners_confirmed = true;
+        }
+        let ts = self.ts(kind);
         Some(Feedback {
             kind,
             held: ts.acked.clone(),
@@ -343,13 +352,10 @@ impl Session {
         ts.sent = desired
             .iter()
             .map(|(n, r)| {
-                (
-                    n.clone(),
-                    Held {
-                        version: r.version.clone(),
-                        res: Some(r.clone()),
-                    },
-                )
+                // A placeholder stays what it was: held, contents unknown.
+                let res = (!r.any.type_url.is_empty()).then(|| r.clone());
+                let version = r.version.clone();
+                (n.clone(), Held { version, res })
             })
             .collect();
         if flavor == Flavor::Delta {
@@ -416,6 +422,16 @@ impl Session {
                         (out.contains_key(name), &held.res, still_used)
                     {
                         out.insert(name.clone(), res.clone());
+                    }
+                    // Held from before this stream, contents unknown: keep it
+                    // (unchanged, so nothing is sent) until Envoy has ACKed
+                    // listeners that no longer need it.
+                    let keep = self.flavor == Flavor::Delta && !self.listeners_confirmed;
+                    if keep && held.res.is_none() && !out.contains_key(name) {
+                        out.insert(
+                            name.clone(),
+                            Arc::new(Resource::placeholder(name, &held.version)),
+                        );
                     }
                 }
                 out

@@ -472,3 +472,46 @@ fn a_cluster_without_endpoints_gets_an_empty_assignment() {
         crate::xds::resources::no_endpoints(&b.cluster_name()).version
     );
 }
+
+#[test]
+fn a_reconnect_keeps_clusters_envoy_holds_until_its_listeners_move_on() {
+    // While the registrar was down, container `old` was renamed `new`:
+    // Envoy still has the old cluster, used by the old listener.
+    let old = svc(8080, "old", Mode::Http);
+    let new = svc(8080, "new", Mode::Http);
+    let live = converge(Flavor::Delta, std::slice::from_ref(&old));
+    let held = |k: Kind| live.types[k as usize].acked.clone();
+    let mut s = Session::new(Flavor::Delta, snap(std::slice::from_ref(&new)));
+    for kind in Kind::ORDER {
+        let subscribe = if kind == Kind::Endpoint {
+            vec![old.cluster_name(), new.cluster_name()]
+        } else {
+            vec![]
+        };
+        s.on_request(
+            kind,
+            Incoming {
+                subscribe,
+                initial_versions: held(kind),
+                ..Default::default()
+            },
+        );
+    }
+    let out = s.poll();
+    let cds = out.iter().find(|o| o.kind == Kind::Cluster).unwrap();
+    assert_eq!(names(cds), vec![new.cluster_name()]);
+    assert!(cds.removed.is_empty(), "the old cluster must stay for now");
+    let cds = cds.clone();
+    for o in &out {
+        if o.kind == Kind::Endpoint {
+            ack(&mut s, o);
+        }
+    }
+    ack(&mut s, &cds);
+    let lds = one(&mut s);
+    assert_eq!(lds.kind, Kind::Listener);
+    ack(&mut s, &lds);
+    let out = s.poll();
+    assert_eq!(out[0].kind, Kind::Cluster);
+    assert_eq!(out[0].removed, vec![old.cluster_name()]);
+}
