@@ -192,10 +192,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
     }
 
-    pub fn get_ref(&self) -> &S {
-        &self.stream
-    }
-
     /// Reads the next message. `Ok(None)` is a clean close between frames.
     pub async fn read_frame<T: DeserializeOwned>(&mut self) -> Result<Option<T>, ConnError> {
         loop {

@@ -50,10 +50,6 @@ fn label<'a>(labels: &'a BTreeMap<String, String>, key: &str) -> Option<&'a str>
 }
 
 impl ContainerMeta {
-    pub fn short_id(&self) -> &str {
-        &self.id[..self.id.len().min(12)]
-    }
-
     pub fn naming(&self) -> Naming {
         let service = label(&self.labels, SERVICE_LABEL)
             .or_else(|| label(&self.labels, COMPOSE_SERVICE_LABEL))
