@@ -129,11 +129,13 @@ impl fmt::Display for Mapping {
 /// Where a mapping stands with the Envoys connected to the registrar.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MappingState {
-    /// Registered; not every connected Envoy has accepted its listener yet.
+    /// Registered; not every connected Envoy has accepted its listener yet
+    /// (the proxy relays meanwhile).
     Pending,
-    /// Served: every connected Envoy has accepted it (or it needs no Envoy).
+    /// Every connected Envoy has accepted it, or it needs no Envoy (UDP).
     Active,
-    /// An Envoy rejected its listener; the text is Envoy's own.
+    /// An Envoy rejected its listener; the text is Envoy's own. The mapping
+    /// is kept, and its proxy goes on relaying.
     Failed(String),
 }
 
@@ -147,6 +149,40 @@ impl MappingState {
     }
 }
 
+/// Who accepts a TCP mapping's connections right now.
+///
+/// The proxy always owns the port's socket. It relays by itself until every
+/// connected Envoy has bound the same address (a reuse-port group), then
+/// closes its own socket so that Envoy alone serves; it takes the port back
+/// when no Envoy holds it any more. UDP is always relayed by the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+pub enum Server {
+    /// The proxy accepts and copies bytes itself, as docker-proxy does (or
+    /// is still starting).
+    #[default]
+    Relay,
+    /// The registrar told the proxy to step aside; it has not confirmed yet.
+    Handover,
+    /// Envoy alone accepts; the proxy holds no socket.
+    Envoy,
+}
+
+impl Server {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Server::Relay => "relay",
+            Server::Handover => "handover",
+            Server::Envoy => "envoy",
+        }
+    }
+}
+
+impl fmt::Display for Server {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A mapping as the registrar reports it to `status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MappingStatus {
@@ -154,6 +190,8 @@ pub struct MappingStatus {
     pub mode: Mode,
     pub name: String,
     pub state: MappingState,
+    /// Who accepts its connections now.
+    pub server: Server,
     pub owner_pid: u32,
     /// The container behind it, once Docker has told us.
     pub container: Option<ContainerRef>,

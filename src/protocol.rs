@@ -11,13 +11,13 @@
 //! buffered I/O on any `AsyncRead + AsyncWrite` stream, so the registrar, the
 //! proxy, resync, status and the tests all share it.
 
-use crate::mapping::{Mapping, MappingKey, MappingStatus};
+use crate::mapping::{Mapping, MappingKey, MappingStatus, Server};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::fmt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Bumped whenever a message changes shape.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Hard limit on the body of one frame. A status reply for a few hundred
 /// mappings fits easily.
@@ -34,6 +34,14 @@ pub enum Request {
     Register(Registration),
     /// Remove a mapping; answered with `Done` whether or not it existed.
     Deregister(MappingKey),
+    /// A proxy says who serves its mapping now, after it acted on a
+    /// [`Reply::Serve`] or on its own (start-up deadline), and how many
+    /// connections it has relayed in all. Not answered.
+    Serving {
+        key: MappingKey,
+        server: Server,
+        relayed: u64,
+    },
     /// Ask for every mapping; answered with `Mappings`.
     List,
 }
@@ -43,9 +51,9 @@ pub enum Request {
 pub struct Registration {
     pub mapping: Mapping,
     pub owner: Owner,
-    /// Answer only once Envoy serves the port (`Ready` or `Failed`), rather
-    /// than as soon as the mapping is stored (`Accepted`).
-    pub wait: bool,
+    /// Who serves the port as the registrant speaks: a proxy that registers
+    /// again after a registrar restart may already have handed over.
+    pub server: Server,
 }
 
 /// Whose life the mapping follows.
@@ -65,13 +73,13 @@ pub enum Reply {
     Hello {
         version: u16,
     },
-    /// Stored; the client did not ask to wait for Envoy.
+    /// Stored.
     Accepted,
-    /// Every connected Envoy serves the mapping (or none is connected).
-    Ready,
-    /// An Envoy rejected the listener; the text is Envoy's. The registrar has
-    /// forgotten the mapping.
-    Failed(String),
+    /// Sent unasked to a proxy whenever who should serve its mapping
+    /// changes: `Envoy` means every connected Envoy now listens on the port,
+    /// so the proxy closes its own socket (hand over); `Relay` means no
+    /// Envoy holds it any more, so the proxy binds and relays (take back).
+    Serve(Server),
     /// Deregistered.
     Done,
     /// Part of the answer to `List`; `more` is set on all but the last.
@@ -234,13 +242,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
     }
 
-    /// Sends one request and reads its reply.
+    /// Sends one request and reads its reply. `Serve` frames that the
+    /// registrar pushed meanwhile are not replies and are skipped.
     pub async fn call(&mut self, req: &Request) -> Result<Reply, String> {
         self.write_frame(req).await.map_err(|e| e.to_string())?;
-        match self.read_frame::<Reply>().await {
-            Ok(Some(reply)) => Ok(reply),
-            Ok(None) => Err("the registrar closed the connection".into()),
-            Err(e) => Err(e.to_string()),
+        loop {
+            match self.read_frame::<Reply>().await {
+                Ok(Some(Reply::Serve(_))) => continue,
+                Ok(Some(reply)) => return Ok(reply),
+                Ok(None) => return Err("the registrar closed the connection".into()),
+                Err(e) => return Err(e.to_string()),
+            }
         }
     }
 }
@@ -269,7 +281,7 @@ mod tests {
         let req = Request::Register(Registration {
             mapping: mapping(),
             owner: Owner::Pid(42),
-            wait: true,
+            server: Server::Envoy,
         });
         let bytes = encode_frame(&req).unwrap();
         for cut in 0..bytes.len() {

@@ -10,7 +10,7 @@
 
 use crate::applet::is_proxy_name;
 use crate::cli::ResyncArgs;
-use crate::mapping::Mapping;
+use crate::mapping::{Mapping, Server};
 use crate::protocol::{Owner, Registration, Reply, Request};
 use crate::proxy::flags::{self, Command};
 use std::ffi::OsString;
@@ -112,13 +112,15 @@ pub fn run(args: ResyncArgs) -> i32 {
             let req = Request::Register(Registration {
                 mapping: p.mapping,
                 owner: Owner::Pid(p.pid),
-                wait: false,
+                // Unknown from here; the proxy reports it once it
+                // registers again by itself.
+                server: Server::Relay,
             });
             match conn.call(&req).await {
-                Ok(Reply::Accepted) | Ok(Reply::Ready) => {
+                Ok(Reply::Accepted) => {
                     println!("replayed {} (pid {})", p.mapping, p.pid)
                 }
-                Ok(Reply::Error(e)) | Ok(Reply::Failed(e)) => {
+                Ok(Reply::Error(e)) => {
                     refused += 1;
                     println!("refused {} (pid {}): {e}", p.mapping, p.pid)
                 }

@@ -15,6 +15,8 @@ pub struct Row {
     pub mode: String,
     pub name: String,
     pub state: String,
+    /// Who accepts the port's connections now: envoy, relay or handover.
+    pub served_by: String,
     pub error: Option<String>,
     pub owner_pid: u32,
     pub container_name: Option<String>,
@@ -30,6 +32,7 @@ impl From<&MappingStatus> for Row {
             mode: s.mode.as_str().into(),
             name: s.name.clone(),
             state: s.state.label().into(),
+            served_by: s.server.as_str().into(),
             error: match &s.state {
                 MappingState::Failed(e) => Some(e.clone()),
                 _ => None,
@@ -51,6 +54,7 @@ pub fn render_table(rows: &[Row]) -> String {
         "CONTAINER NAME".into(),
         "ID".into(),
         "STATE".into(),
+        "SERVED BY".into(),
         "PID".into(),
     ]];
     for r in rows {
@@ -67,13 +71,14 @@ pub fn render_table(rows: &[Row]) -> String {
             r.container_name.clone().unwrap_or_else(|| "-".into()),
             r.container_id
                 .as_deref()
-                .map(|id| id[..id.len().min(12)].to_string())
+                .map(|id| id.chars().take(12).collect())
                 .unwrap_or_else(|| "-".into()),
             state,
+            r.served_by.clone(),
             r.owner_pid.to_string(),
         ]);
     }
-    let mut widths = [0usize; 9];
+    let mut widths = [0usize; 10];
     for l in &lines {
         for (w, cell) in widths.iter_mut().zip(l) {
             *w = (*w).max(cell.len());
@@ -86,7 +91,7 @@ pub fn render_table(rows: &[Row]) -> String {
             .zip(widths)
             .enumerate()
             .map(|(i, (c, w))| {
-                if i == 8 {
+                if i == 9 {
                     c.clone()
                 } else {
                     format!("{c:<w$}")

@@ -1,36 +1,63 @@
 //! The proxy role: what dockerd runs once per published port and address
-//! family, in place of docker-proxy.
+//! family, in place of docker-proxy. It owns the port's socket for the
+//! mapping's whole life and lends it to Envoy.
 //!
-//! Start-up order matters and is kept small, because `docker run` waits for
-//! it:
+//! Start-up, which `docker run` waits for, never depends on the registrar
+//! or on Envoy:
 //! 1. take fd 3 (the readiness pipe) and, with `-use-listen-fd`, fd 4,
 //!    before anything else can open a descriptor;
 //! 2. parse docker-proxy's flags; bad flags are reported on fd 3;
-//! 3. TCP: close fd 4 so Envoy can bind the port; UDP: bind (or adopt fd 4)
-//!    and relay in-process;
-//! 4. register with the registrar and wait for Envoy's verdict (TCP), then
-//!    write `0\n` or `1\n<error>`;
-//! 5. live as long as the mapping: keep the registrar connection, register
-//!    again if the registrar restarts, and deregister on SIGINT or SIGTERM.
-//!
-//! The data path for TCP is Envoy's. A later relay for ports no Envoy
-//! serves would slot in at step 4, next to the UDP relay.
+//! 3. get the socket: fd 4 as dockerd 28+ made it, or bind it here as
+//!    docker-proxy does (a conflict is `1\n<error>` at once); either way
+//!    with `SO_REUSEPORT`, so Envoy can bind beside it;
+//! 4. TCP: register and wait, at most [`START_BUDGET`], for the registrar's
+//!    hand-over order (every connected Envoy listens on the port). Then
+//!    write `0\n` and close the socket, or, without the order, write `0\n`
+//!    and relay. An unreachable registrar means `0\n` at once.
+//!    UDP: write `0\n` at once and relay; registering is only for `status`.
+//! 5. live as long as the mapping: follow the registrar's orders (hand over,
+//!    take back; see `handover`), register again whenever the registrar
+//!    comes back, and on SIGINT or SIGTERM close the port, deregister and
+//!    exit 0.
 //!
 //! The proxy runs once per published port, so it stays small: one thread,
 //! and no log subscriber (its few messages go straight to stderr).
 
 pub mod flags;
+pub mod handover;
 pub mod link;
+pub mod listen;
 pub mod status;
+pub mod tcp;
 pub mod udp;
 
-use crate::mapping::Proto;
+use crate::mapping::{Mapping, Proto, Server};
 use flags::{Command, ProxyFlags};
-use link::{Link, Verdict};
+use handover::{Action, Event, Handover, Phase};
+use link::{Failure, Link};
 use status::StatusPipe;
 use std::ffi::OsString;
+use std::future::Future;
+use std::net::TcpListener as StdTcpListener;
 use std::os::fd::{FromRawFd, OwnedFd};
-use tokio::signal::unix::{signal, SignalKind};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::signal::unix::{signal, Signal, SignalKind};
+
+/// How long a starting TCP proxy waits for Envoy to take the port over
+/// before it reports ready and relays by itself.
+pub const START_BUDGET: Duration = Duration::from_secs(1);
+/// Overrides [`START_BUDGET`], in milliseconds.
+pub const START_BUDGET_ENV: &str = "ENVOY_DOCKER_HANDOVER_WAIT_MS";
+/// The longest pause between two attempts to reach the registrar.
+const RETRY_MAX: Duration = Duration::from_secs(1);
+/// How often a relaying proxy reports its connection count, if it changed.
+const REPORT_EVERY: Duration = Duration::from_secs(1);
+/// How soon a take-back whose bind failed is tried again.
+const RELAY_RETRY: Duration = Duration::from_millis(100);
 
 const LISTEN_FD: i32 = 4;
 
@@ -96,71 +123,266 @@ async fn serve(flags: ProxyFlags, listen_fd: Option<OwnedFd>, mut status: Status
             return 1;
         }
     };
-
-    let relay = match mapping.key.proto {
+    let addr = mapping.key.host_addr();
+    let mut port = match mapping.key.proto {
         Proto::Sctp => {
             status.fail("SCTP is not supported by envoy-docker; publish this port as tcp or udp");
             return 1;
         }
         Proto::Tcp => {
-            // Envoy binds the port itself: let go of dockerd's socket first.
-            drop(listen_fd);
-            None
+            let sock = match listen_fd {
+                Some(fd) => listen::adopt(fd),
+                None => listen::bind_exclusive(addr),
+            };
+            match sock {
+                Ok(l) => Port::tcp(l, mapping),
+                Err(e) => {
+                    status.fail(&format!("listen tcp {addr}: bind: {e}"));
+                    return 1;
+                }
+            }
         }
         Proto::Udp => {
             let sock = match listen_fd {
                 Some(fd) => udp::adopt(fd),
-                None => udp::bind_host(mapping.key.host_addr()),
+                None => udp::bind_host(addr),
             };
             match sock.and_then(|s| udp::Relay::new(s, mapping.backend.addr())) {
-                Ok(r) => Some(r),
+                Ok(r) => {
+                    tokio::spawn(r.run());
+                    status.ready();
+                    Port::Udp
+                }
                 Err(e) => {
-                    status.fail(&format!(
-                        "listen udp {}: bind: {e}",
-                        mapping.key.host_addr()
-                    ));
+                    status.fail(&format!("listen udp {addr}: bind: {e}"));
                     return 1;
                 }
             }
         }
     };
-
     let path = crate::addr::socket_path(None);
-    let registered = tokio::select! {
-        r = Link::register(&path, mapping, link::CONNECT_BUDGET, true) => r,
-        _ = sigint.recv() => return 0,
-        _ = sigterm.recv() => return 0,
+    let link = tokio::select! {
+        link = port.live(&path, mapping, &mut status) => link,
+        _ = stop(&mut sigint, &mut sigterm) => None,
     };
-    let mut link = match registered {
-        Ok((link, Verdict::Served)) => link,
-        Ok((_, Verdict::Rejected(e))) => {
-            status.fail(&e);
-            return 1;
-        }
-        Err(e) => {
-            status.fail(&e);
-            return 1;
-        }
-    };
-    if let Some(relay) = relay {
-        tokio::spawn(relay.run());
+    port.close();
+    if let Some(link) = link {
+        link.deregister().await;
     }
-    status.ready();
+    0
+}
 
-    loop {
-        tokio::select! {
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
-            _ = link.closed() => {
-                eprintln!("envoy-docker proxy: lost the registrar at {}; registering again", path.display());
-                link = tokio::select! {
-                    l = link::reconnect(path.clone(), mapping) => l,
-                    _ = sigint.recv() => return 0,
-                    _ = sigterm.recv() => return 0,
-                };
+async fn stop(sigint: &mut Signal, sigterm: &mut Signal) {
+    tokio::select! {
+        _ = sigint.recv() => {}
+        _ = sigterm.recv() => {}
+    }
+}
+
+/// What the proxy serves the port with.
+enum Port {
+    /// Always relayed in-process; the relay task runs on its own.
+    Udp,
+    Tcp(TcpPort),
+}
+
+struct TcpPort {
+    mapping: Mapping,
+    machine: Handover,
+    /// The socket while it is held but not accepted on (starting).
+    held: Option<StdTcpListener>,
+    relay: Option<tcp::Relay>,
+    relayed: Arc<AtomicU64>,
+}
+
+type Attempt = Pin<Box<dyn Future<Output = Result<Link, Failure>>>>;
+
+impl Port {
+    fn tcp(l: StdTcpListener, mapping: Mapping) -> Port {
+        Port::Tcp(TcpPort {
+            mapping,
+            machine: Handover::default(),
+            held: Some(l),
+            relay: None,
+            relayed: Arc::default(),
+        })
+    }
+
+    fn server(&self) -> Server {
+        match self {
+            Port::Udp => Server::Relay,
+            Port::Tcp(t) => t.machine.server(),
+        }
+    }
+
+    fn relayed(&self) -> u64 {
+        match self {
+            Port::Udp => 0,
+            Port::Tcp(t) => t.relayed.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Serves until the caller stops it; returns the registrar link, if any,
+    /// for deregistration. Never returns by itself.
+    async fn live(
+        &mut self,
+        path: &std::path::Path,
+        mapping: Mapping,
+        status: &mut StatusPipe,
+    ) -> Option<Link> {
+        let path: PathBuf = path.to_path_buf();
+        let attempt_after = |pause: Duration, server: Server| -> Attempt {
+            let path = path.clone();
+            Box::pin(async move {
+                tokio::time::sleep(pause).await;
+                Link::register(&path, mapping, server).await
+            })
+        };
+        let mut attempt: Option<Attempt> = Some(attempt_after(Duration::ZERO, self.server()));
+        let mut link: Option<Link> = None;
+        let mut pause = Duration::from_millis(50);
+        let mut said = false;
+        let budget = start_budget();
+        let deadline = tokio::time::sleep(budget);
+        tokio::pin!(deadline);
+        let mut retry_relay: Option<Pin<Box<tokio::time::Sleep>>> = None;
+        let mut tick = tokio::time::interval(REPORT_EVERY);
+        let mut reported = 0u64;
+        loop {
+            let starting = matches!(self, Port::Tcp(t) if t.machine.phase() == Phase::Starting);
+            let event = tokio::select! {
+                _ = &mut deadline, if starting => Some(Event::Deadline),
+                r = pending_or(&mut attempt) => {
+                    attempt = None;
+                    match r {
+                        Ok(mut l) => {
+                            if said {
+                                eprintln!("envoy-docker proxy: registered {mapping} again");
+                            }
+                            said = false;
+                            pause = Duration::from_millis(50);
+                            // Who serves may have changed while connecting.
+                            reported = self.relayed();
+                            l.report(self.server(), reported).await;
+                            link = Some(l);
+                            None
+                        }
+                        Err(f) => {
+                            if !said {
+                                eprintln!("envoy-docker proxy: {mapping}: {}; relaying and retrying", f.text());
+                                said = true;
+                            }
+                            attempt = Some(attempt_after(pause, self.server()));
+                            pause = (pause * 2).min(RETRY_MAX);
+                            matches!(f, Failure::Unreachable(_)).then_some(Event::Unreachable)
+                        }
+                    }
+                }
+                order = next_order(&mut link) => match order {
+                    Some(s) => Some(Event::Serve(s)),
+                    None => {
+                        eprintln!("envoy-docker proxy: lost the registrar at {}; registering again", path.display());
+                        link = None;
+                        attempt = Some(attempt_after(Duration::ZERO, self.server()));
+                        None
+                    }
+                },
+                _ = pending_or(&mut retry_relay) => {
+                    retry_relay = None;
+                    if let Port::Tcp(t) = &mut *self {
+                        if let Err(e) = t.start_relay() {
+                            eprintln!("envoy-docker proxy: {mapping}: cannot take the port back yet: {e}");
+                            retry_relay = Some(Box::pin(tokio::time::sleep(RELAY_RETRY)));
+                        }
+                    }
+                    None
+                }
+                _ = tick.tick() => {
+                    let now = self.relayed();
+                    if let (Some(l), true) = (link.as_mut(), now != reported) {
+                        reported = now;
+                        l.report(self.server(), now).await;
+                    }
+                    None
+                }
+            };
+            let (Some(event), Port::Tcp(t)) = (event, &mut *self) else {
+                continue;
+            };
+            for action in t.machine.on(event) {
+                match action {
+                    Action::Ready => status.ready(),
+                    Action::Relay => {
+                        if let Err(e) = t.start_relay() {
+                            eprintln!("envoy-docker proxy: {mapping}: cannot take the port back: {e}; retrying");
+                            retry_relay = Some(Box::pin(tokio::time::sleep(RELAY_RETRY)));
+                        }
+                    }
+                    Action::Close => t.close(),
+                    Action::Report(server) => {
+                        if let Some(l) = link.as_mut() {
+                            reported = t.relayed.load(Ordering::Relaxed);
+                            l.report(server, reported).await;
+                        }
+                    }
+                }
             }
         }
     }
-    link.deregister().await;
-    0
+
+    fn close(&mut self) {
+        if let Port::Tcp(t) = self {
+            t.close();
+        }
+    }
+}
+
+impl TcpPort {
+    /// Relays on the socket held since start-up, or on a fresh one.
+    fn start_relay(&mut self) -> std::io::Result<()> {
+        if self.relay.is_some() {
+            return Ok(());
+        }
+        let listener = match self.held.take() {
+            Some(l) => l,
+            None => listen::bind_shared(self.mapping.key.host_addr())?,
+        };
+        self.relay = Some(tcp::Relay::start(
+            listener,
+            self.mapping.backend.addr(),
+            self.relayed.clone(),
+        )?);
+        Ok(())
+    }
+
+    /// Stops accepting and lets go of the socket.
+    fn close(&mut self) {
+        if let Some(r) = self.relay.take() {
+            r.stop();
+        }
+        self.held = None;
+    }
+}
+
+fn start_budget() -> Duration {
+    std::env::var(START_BUDGET_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_millis)
+        .unwrap_or(START_BUDGET)
+}
+
+/// Awaits the future if there is one; otherwise never resolves.
+async fn pending_or<F: Future + ?Sized>(f: &mut Option<Pin<Box<F>>>) -> F::Output {
+    match f {
+        Some(f) => f.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_order(link: &mut Option<Link>) -> Option<Server> {
+    match link {
+        Some(l) => l.next_order().await,
+        None => std::future::pending().await,
+    }
 }

@@ -28,6 +28,9 @@ pub struct Metrics {
     acks: [AtomicU64; 3],
     nacks: [AtomicU64; 3],
     docker_events: AtomicU64,
+    handovers: AtomicU64,
+    takebacks: AtomicU64,
+    relayed: AtomicU64,
     ready: Mutex<Histogram>,
 }
 
@@ -38,6 +41,9 @@ pub static METRICS: Metrics = Metrics {
     acks: [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)],
     nacks: [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)],
     docker_events: AtomicU64::new(0),
+    handovers: AtomicU64::new(0),
+    takebacks: AtomicU64::new(0),
+    relayed: AtomicU64::new(0),
     ready: Mutex::new(Histogram {
         counts: [0; BUCKETS.len()],
         count: 0,
@@ -61,6 +67,18 @@ impl Metrics {
     }
     pub fn docker_event(&self) {
         self.docker_events.fetch_add(1, Relaxed);
+    }
+    /// A proxy confirmed that it closed its socket and Envoy alone serves.
+    pub fn handed_over(&self) {
+        self.handovers.fetch_add(1, Relaxed);
+    }
+    /// A proxy was told to take its port back from Envoy.
+    pub fn took_back(&self) {
+        self.takebacks.fetch_add(1, Relaxed);
+    }
+    /// Connections the proxies relayed by themselves, as they report them.
+    pub fn relayed(&self, n: u64) {
+        self.relayed.fetch_add(n, Relaxed);
     }
     /// Time from a registration to every connected Envoy's ACK.
     pub fn ready_after(&self, d: Duration) {
@@ -92,13 +110,14 @@ pub fn render(registry: &Registry) -> String {
         "gauge",
         "Registered port mappings by protocol and state.",
     );
+    let rows = registry.list();
     let mut by: BTreeMap<(String, String), u64> = BTreeMap::new();
     for proto in ["tcp", "udp"] {
         for state in ["pending", "active", "failed"] {
             by.insert((proto.into(), state.into()), 0);
         }
     }
-    for s in registry.list() {
+    for s in &rows {
         *by.entry((s.mapping.key.proto.to_string(), s.state.label().to_string()))
             .or_default() += 1;
     }
@@ -107,6 +126,23 @@ pub fn render(registry: &Registry) -> String {
             out,
             "envoy_docker_mappings{{proto=\"{proto}\",state=\"{state}\"}} {n}"
         );
+    }
+
+    family(
+        &mut out,
+        "envoy_docker_mappings_served",
+        "gauge",
+        "Registered port mappings by who accepts their connections now.",
+    );
+    let mut by: BTreeMap<&str, u64> = ["envoy", "relay", "handover"]
+        .into_iter()
+        .map(|s| (s, 0))
+        .collect();
+    for s in &rows {
+        *by.entry(s.server.as_str()).or_default() += 1;
+    }
+    for (server, n) in &by {
+        let _ = writeln!(out, "envoy_docker_mappings_served{{by=\"{server}\"}} {n}");
     }
 
     family(
@@ -136,6 +172,21 @@ pub fn render(registry: &Registry) -> String {
             "envoy_docker_docker_events_total",
             "Container events seen from Docker.",
             &m.docker_events,
+        ),
+        (
+            "envoy_docker_handovers_total",
+            "Ports a proxy handed over to Envoy.",
+            &m.handovers,
+        ),
+        (
+            "envoy_docker_takebacks_total",
+            "Ports a proxy was told to take back because no Envoy held them.",
+            &m.takebacks,
+        ),
+        (
+            "envoy_docker_relayed_connections_total",
+            "TCP connections the proxies relayed by themselves (reported about once a second).",
+            &m.relayed,
         ),
     ] {
         family(&mut out, name, "counter", help);

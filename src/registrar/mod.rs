@@ -21,8 +21,9 @@ pub mod socket;
 pub mod state;
 
 use crate::cli::ServeArgs;
+use crate::mapping::Server;
 use crate::xds::server::XdsListener;
-use state::{OwnerProcess, Registry, Shared};
+use state::{OwnerProcess, Registry, Shared, RECONNECT_GRACE};
 use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -58,6 +59,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         .with_telemetry(args.telemetry.clone())
         .shared();
     let unix = socket::bind(&path)?;
+    migrate_queued_connections();
     let xds = XdsListener::bind(&args.xds).await?;
     let admin = match &args.admin {
         Some(a) => Some(admin::bind(a).await?),
@@ -85,6 +87,11 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
 
     tokio::spawn(socket::serve(unix, registry.clone(), docker));
     tokio::spawn(reap(registry.clone()));
+    let after_grace = registry.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(RECONNECT_GRACE).await;
+        after_grace.lock().expect("registry").tick();
+    });
     if let Some(l) = admin {
         tokio::spawn(admin::serve(l, registry.clone()));
     }
@@ -140,12 +147,44 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     result
 }
 
+/// Where the kernel's switch for moving queued connections lives.
+const MIGRATE_SYSCTL: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
+
+/// Turns on `net.ipv4.tcp_migrate_req` (Linux 5.14+). When a proxy hands
+/// its port over and closes its socket, connections still queued on it then
+/// move to Envoy's sockets in the same reuse-port group instead of being
+/// reset. Without it a hand-over can drop the few connections in flight.
+fn migrate_queued_connections() {
+    match std::fs::read_to_string(MIGRATE_SYSCTL) {
+        Ok(v) if v.trim() == "1" => {
+            tracing::info!("net.ipv4.tcp_migrate_req is 1: queued connections move on hand-over")
+        }
+        Ok(_) => match std::fs::write(MIGRATE_SYSCTL, "1") {
+            Ok(()) => tracing::info!(
+                "set net.ipv4.tcp_migrate_req=1, so queued connections move to Envoy on hand-over"
+            ),
+            Err(e) => tracing::warn!(
+                "cannot set net.ipv4.tcp_migrate_req=1 ({e}): a hand-over may reset connections queued at that moment"
+            ),
+        },
+        Err(e) => tracing::warn!(
+            "{MIGRATE_SYSCTL}: {e} (Linux older than 5.14?): a hand-over may reset connections queued at that moment"
+        ),
+    }
+}
+
 /// Takes the mappings of live proxies from /proc.
 fn recover(registry: &Shared, socket: &std::path::Path) {
     let found = crate::resync::scan(socket);
     let mut reg = registry.lock().expect("registry");
     for p in &found {
-        if let Err(e) = reg.register(p.mapping, OwnerProcess::of(p.pid), None, false, None) {
+        if let Err(e) = reg.register(
+            p.mapping,
+            OwnerProcess::of(p.pid),
+            None,
+            Server::Relay,
+            None,
+        ) {
             tracing::warn!("recovering {} (pid {}): {e}", p.mapping, p.pid);
         }
     }

@@ -127,8 +127,18 @@ async fn handle(
         Err(e) => return bad_frame(&mut conn, e).await,
     }
 
+    // Orders for this connection's proxy arrive here from the registry.
+    let (outbox, mut orders) = tokio::sync::mpsc::unbounded_channel();
+    registry.lock().expect("registry").link_opened(id, outbox);
     loop {
-        let req = match conn.read_frame::<Request>().await {
+        let next = tokio::select! {
+            next = conn.read_frame::<Request>() => next,
+            Some(order) = orders.recv() => {
+                conn.write_frame(&order).await?;
+                continue;
+            }
+        };
+        let req = match next {
             Ok(Some(r)) => r,
             Ok(None) => return Ok(()),
             Err(e) => return bad_frame(&mut conn, e).await,
@@ -151,12 +161,24 @@ async fn handle(
                     conn.write_frame(&Reply::Mappings { items, more }).await?;
                 }
             }
-            Request::Register(_) | Request::Deregister(_) if !may_change(uid) => {
+            Request::Register(_) | Request::Deregister(_) | Request::Serving { .. }
+                if !may_change(uid) =>
+            {
                 let msg = format!(
                     "permission denied: uid {uid} may not change mappings (only root and uid {} may)",
                     nix::unistd::geteuid()
                 );
                 return conn.write_frame(&refuse(msg)).await;
+            }
+            Request::Serving {
+                key,
+                server,
+                relayed,
+            } => {
+                registry
+                    .lock()
+                    .expect("registry")
+                    .serving(id, &key, server, relayed);
             }
             Request::Deregister(key) => {
                 let closed = registry.lock().expect("registry").deregister(&key);
@@ -193,39 +215,14 @@ async fn handle(
                     reg.mapping,
                     owner,
                     tied,
-                    reg.wait,
+                    reg.server,
                     meta,
                 );
-                let verdict = match result {
-                    Err(e) => {
-                        conn.write_frame(&Reply::Error(e)).await?;
-                        continue;
-                    }
-                    Ok(None) => {
-                        conn.write_frame(&Reply::Accepted).await?;
-                        continue;
-                    }
-                    Ok(Some(v)) => v,
+                let reply = match result {
+                    Ok(()) => Reply::Accepted,
+                    Err(e) => Reply::Error(e),
                 };
-                tokio::select! {
-                    outcome = verdict => {
-                        let reply = match outcome {
-                            Ok(super::state::Outcome::Ready) => Reply::Ready,
-                            Ok(super::state::Outcome::Failed(e)) => Reply::Failed(e),
-                            Err(_) => Reply::Failed("the registrar dropped the mapping".into()),
-                        };
-                        conn.write_frame(&reply).await?;
-                    }
-                    // The proxy gave up or died while waiting; anything else
-                    // it sends now is out of turn.
-                    next = conn.read_frame::<Request>() => {
-                        return match next {
-                            Ok(None) => Ok(()),
-                            Ok(Some(_)) => conn.write_frame(&refuse("request sent while a registration was pending".into())).await,
-                            Err(e) => bad_frame(&mut conn, e).await,
-                        };
-                    }
-                }
+                conn.write_frame(&reply).await?;
             }
         }
     }

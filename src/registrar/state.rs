@@ -1,28 +1,44 @@
-//! The registrar's state: every live mapping, who owns it, and what each
-//! connected Envoy has accepted. Every change publishes a new xDS snapshot
-//! and settles the proxies waiting for Envoy's verdict.
+//! The registrar's state: every live mapping, who owns it, what each
+//! connected Envoy has accepted, and so who should serve each port. Every
+//! change publishes a new xDS snapshot and sends the proxies their orders.
 //!
 //! A mapping is keyed by (proto, host ip, host port). It dies when its
 //! proxy deregisters, when the proxy's connection closes, or (for mappings
 //! taken from /proc or replayed by resync) when the owning process exits.
+//! An Envoy's NACK marks it failed and keeps it: its proxy relays on.
+//!
+//! Who serves a TCP port (see `proxy::handover` for the proxy's side):
+//! - hand over (order `Serve(Envoy)`) once at least one Envoy is connected
+//!   and every connected Envoy serves the mapping's current listener and
+//!   endpoints;
+//! - take back (order `Serve(Relay)`) once no connected Envoy may still
+//!   hold the listener. An Envoy whose holdings are not known yet (it has
+//!   just connected) may hold it; so may an Envoy that has not reconnected
+//!   yet within [`RECONNECT_GRACE`] of the registrar's start (until the
+//!   first Envoy connects), because a restarted registrar must not chase
+//!   proxies back out while Envoy serves.
 
 use super::docker::meta::ContainerMeta;
 use super::metrics::METRICS;
-use crate::mapping::{ContainerRef, Mapping, MappingKey, MappingState, MappingStatus, Mode, Proto};
+use crate::mapping::{
+    ContainerRef, Mapping, MappingKey, MappingState, MappingStatus, Mode, Proto, Server,
+};
+use crate::protocol::Reply;
 use crate::xds::resources::Service;
 use crate::xds::session::{mentions, Feedback};
 use crate::xds::snapshot::{Kind, Snapshot};
 use crate::xds::telemetry::Telemetry;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use tokio::sync::{oneshot, watch};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot, watch};
 
-/// Envoy's verdict, as a waiting proxy hears it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    Ready,
-    Failed(String),
-}
+/// How long after its start the registrar waits for Envoys to reconnect
+/// before it takes ports back from Envoys it has not heard from.
+pub const RECONNECT_GRACE: Duration = Duration::from_secs(5);
+
+/// Where the registrar sends a proxy's orders: its connection's outbox.
+pub type Outbox = mpsc::UnboundedSender<Reply>;
 
 /// The process that keeps a mapping alive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,11 +83,14 @@ struct Entry {
     /// The registrar connection this mapping lives with, if any.
     conn: Option<u64>,
     state: MappingState,
-    waiters: Vec<oneshot::Sender<Outcome>>,
+    /// Who accepts its connections: as ordered, or as its proxy reported.
+    server: Server,
+    /// Connections its proxy has relayed in all, as last reported.
+    relayed: u64,
     /// The container behind the mapping, once Docker has told us.
     container: Option<Arc<ContainerMeta>>,
     /// When it was registered, until every Envoy has ACKed it once.
-    since: Option<std::time::Instant>,
+    since: Option<Instant>,
 }
 
 impl Entry {
@@ -92,12 +111,6 @@ impl Entry {
         self.name = name;
         self.mode = mode;
         changed
-    }
-
-    fn settle(&mut self, outcome: Outcome) {
-        for w in self.waiters.drain(..) {
-            let _ = w.send(outcome.clone());
-        }
     }
 }
 
@@ -127,6 +140,13 @@ impl EnvoyView {
         held_listener == Some(&l.version) && endpoints_ok
     }
 
+    /// False only once this Envoy has said what it holds, without it.
+    fn may_hold(&self, listener: &str) -> bool {
+        self.listeners
+            .as_ref()
+            .is_none_or(|m| m.contains_key(listener))
+    }
+
     fn holds(&self, listener: &str) -> bool {
         self.listeners
             .as_ref()
@@ -147,12 +167,15 @@ pub struct Registry {
     containers: BTreeMap<String, Arc<ContainerMeta>>,
     /// Tracing and access logs, as Envoy gets them with every listener.
     telemetry: Telemetry,
+    /// Open proxy connections, by id, for their orders.
+    links: BTreeMap<u64, Outbox>,
+    started: Instant,
+    grace: Duration,
+    /// Set once any Envoy has connected: the grace is only for the first.
+    seen_envoy: bool,
 }
 
 pub type Shared = Arc<Mutex<Registry>>;
-
-/// What `register` gives back when the caller wants to wait.
-pub type Verdict = oneshot::Receiver<Outcome>;
 
 impl Registry {
     pub fn new(default_mode: Mode) -> Registry {
@@ -166,7 +189,17 @@ impl Registry {
             closing: Vec::new(),
             containers: BTreeMap::new(),
             telemetry: Telemetry::default(),
+            links: BTreeMap::new(),
+            started: Instant::now(),
+            grace: RECONNECT_GRACE,
+            seen_envoy: false,
         }
+    }
+
+    /// Sets how long Envoys get to reconnect after start (tests use zero).
+    pub fn with_grace(mut self, grace: Duration) -> Registry {
+        self.grace = grace;
+        self
     }
 
     pub fn with_telemetry(mut self, telemetry: Telemetry) -> Registry {
@@ -183,17 +216,22 @@ impl Registry {
         self.snapshots.subscribe()
     }
 
+    /// A proxy connection opened: its orders go to `outbox`.
+    pub fn link_opened(&mut self, conn: u64, outbox: Outbox) {
+        self.links.insert(conn, outbox);
+    }
+
     /// Adds a mapping or confirms an identical one. `meta` is the container
-    /// found for it at registration, if any. With `wait`, returns a
-    /// receiver for Envoy's verdict.
+    /// found for it at registration, if any; `server` is who serves the
+    /// port as the registrant says.
     pub fn register(
         &mut self,
         mapping: Mapping,
         owner: OwnerProcess,
         conn: Option<u64>,
-        wait: bool,
+        server: Server,
         meta: Option<ContainerMeta>,
-    ) -> Result<Option<Verdict>, String> {
+    ) -> Result<(), String> {
         if mapping.key.proto == Proto::Sctp {
             return Err("SCTP is not supported".into());
         }
@@ -224,9 +262,10 @@ impl Registry {
             owner,
             conn,
             state: MappingState::Pending,
-            waiters: Vec::new(),
+            server,
+            relayed: 0,
             container: None,
-            since: Some(std::time::Instant::now()),
+            since: Some(Instant::now()),
         });
         if container.is_some() && entry.container != container {
             entry.container = container;
@@ -239,14 +278,13 @@ impl Registry {
         // Idempotent: the newest registrant owns the mapping from now on.
         entry.owner = owner;
         entry.conn = conn;
-        let rx = wait.then(|| {
-            let (tx, rx) = oneshot::channel();
-            entry.waiters.push(tx);
-            rx
-        });
-        if let MappingState::Failed(e) = &entry.state {
-            let e = e.clone();
-            entry.settle(Outcome::Failed(e));
+        entry.server = server;
+        // With no Envoy to wait for, a relaying (or starting) proxy hears
+        // at once that it is to go on relaying.
+        if server == Server::Relay && self.envoys.is_empty() {
+            if let Some(tx) = conn.and_then(|c| self.links.get(&c)) {
+                let _ = tx.send(Reply::Serve(Server::Relay));
+            }
         }
         if fresh {
             METRICS.registered();
@@ -254,7 +292,22 @@ impl Registry {
             self.publish();
         }
         self.evaluate();
-        Ok(rx)
+        Ok(())
+    }
+
+    /// A proxy's report of who serves its mapping now.
+    pub fn serving(&mut self, conn: u64, key: &MappingKey, server: Server, relayed: u64) {
+        let Some(e) = self.entries.get_mut(key).filter(|e| e.conn == Some(conn)) else {
+            return;
+        };
+        METRICS.relayed(relayed.saturating_sub(e.relayed));
+        e.relayed = relayed;
+        if server == Server::Envoy && e.server != Server::Envoy {
+            METRICS.handed_over();
+            tracing::info!("{} handed over to Envoy", e.mapping);
+        }
+        e.server = server;
+        self.evaluate();
     }
 
     /// Removes a mapping. The receiver resolves once no connected Envoy
@@ -271,6 +324,7 @@ impl Registry {
 
     /// A registrar connection closed: its mappings go with it.
     pub fn connection_closed(&mut self, conn: u64) {
+        self.links.remove(&conn);
         let gone: Vec<MappingKey> = self
             .entries
             .iter()
@@ -303,12 +357,11 @@ impl Registry {
     }
 
     fn remove(&mut self, key: &MappingKey, why: &str) -> bool {
-        let Some(mut e) = self.entries.remove(key) else {
+        let Some(e) = self.entries.remove(key) else {
             return false;
         };
         METRICS.deregistered();
         tracing::info!("removed {} ({why})", e.mapping);
-        e.settle(Outcome::Failed(format!("mapping {why}")));
         true
     }
 
@@ -320,6 +373,7 @@ impl Registry {
                 mode: e.mode,
                 name: e.name.clone(),
                 state: e.state.clone(),
+                server: e.server,
                 owner_pid: e.owner.pid,
                 container: e.container.as_ref().map(|c| ContainerRef {
                     id: c.id.clone(),
@@ -388,6 +442,7 @@ impl Registry {
     pub fn envoy_connected(&mut self) -> u64 {
         self.next_envoy += 1;
         self.envoys.insert(self.next_envoy, EnvoyView::default());
+        self.seen_envoy = true;
         self.evaluate();
         self.next_envoy
     }
@@ -425,29 +480,19 @@ impl Registry {
             .filter(|e| mentions(&error, &e.listener()))
             .map(|e| e.mapping.key)
             .collect();
+        // The proxy owns the port and relays while Envoy cannot serve it, so
+        // the mapping is kept, marked failed, until Envoy accepts it.
         for key in &rejected {
-            let Some(e) = self.entries.get_mut(key) else {
-                continue;
-            };
-            if e.state == MappingState::Pending {
-                // A starting proxy fails, as docker-proxy does when its bind
-                // fails, and the mapping is forgotten.
-                e.settle(Outcome::Failed(error.clone()));
-                self.entries.remove(key);
-                tracing::warn!("Envoy rejected {key}, forgetting it: {error}");
-            } else {
-                tracing::warn!("Envoy rejected the listener of live {key}: {error}");
+            if let Some(e) = self.entries.get_mut(key) {
+                tracing::warn!("Envoy rejected the listener of {key}; its proxy relays: {error}");
                 e.state = MappingState::Failed(error.clone());
             }
-        }
-        if !rejected.is_empty() {
-            self.publish();
         }
         self.evaluate();
     }
 
     /// Recomputes each TCP mapping's state from what the Envoys hold, and
-    /// answers the proxies waiting for it.
+    /// orders proxies to hand over or take back where that changed.
     fn evaluate(&mut self) {
         let snap = self.snapshots.borrow().clone();
         let held =
@@ -461,22 +506,54 @@ impl Registry {
         for (_, tx) in done {
             let _ = tx.send(());
         }
+        let waiting_for_envoys =
+            !self.seen_envoy && self.envoys.is_empty() && self.started.elapsed() < self.grace;
         for e in self.entries.values_mut() {
+            if e.mapping.key.proto != Proto::Tcp {
+                e.state = MappingState::Active;
+                continue;
+            }
             let name = e.listener();
-            let served = e.mapping.key.proto != Proto::Tcp
-                || self.envoys.values().all(|v| v.serves(&snap, &name));
+            let served =
+                !self.envoys.is_empty() && self.envoys.values().all(|v| v.serves(&snap, &name));
             if served {
                 if let Some(since) = e.since.take() {
-                    if !self.envoys.is_empty() && e.mapping.key.proto == Proto::Tcp {
-                        METRICS.ready_after(since.elapsed());
-                    }
+                    METRICS.ready_after(since.elapsed());
                 }
                 e.state = MappingState::Active;
-                e.settle(Outcome::Ready);
             } else if e.state == MappingState::Active {
                 e.state = MappingState::Pending;
             }
+            let may_hold = waiting_for_envoys || self.envoys.values().any(|v| v.may_hold(&name));
+            let order = match e.server {
+                Server::Relay if served => Server::Envoy,
+                Server::Handover | Server::Envoy if !may_hold => Server::Relay,
+                _ => continue,
+            };
+            // Nobody to tell (a mapping recovered or replayed for a pid):
+            // what the proxy does is unknown until it registers again.
+            let Some(outbox) = e.conn.and_then(|c| self.links.get(&c)) else {
+                continue;
+            };
+            if order == Server::Relay {
+                METRICS.took_back();
+                tracing::info!(
+                    "no Envoy serves {} any more; its proxy takes it back",
+                    e.mapping
+                );
+            }
+            e.server = match order {
+                Server::Envoy => Server::Handover,
+                o => o,
+            };
+            let _ = outbox.send(Reply::Serve(order));
         }
+    }
+
+    /// Re-evaluates after time alone changed the picture (the reconnect
+    /// grace running out).
+    pub fn tick(&mut self) {
+        self.evaluate();
     }
 
     fn publish(&self) {
@@ -560,20 +637,47 @@ mod tests {
         );
     }
 
+    /// A registry without the reconnect grace, and one proxy connection.
+    fn with_link(conn: u64) -> (Registry, mpsc::UnboundedReceiver<Reply>) {
+        let mut r = Registry::new(Mode::Http).with_grace(Duration::ZERO);
+        let (tx, rx) = mpsc::unbounded_channel();
+        r.link_opened(conn, tx);
+        (r, rx)
+    }
+
+    fn orders(rx: &mut mpsc::UnboundedReceiver<Reply>) -> Vec<Server> {
+        let mut out = Vec::new();
+        while let Ok(r) = rx.try_recv() {
+            match r {
+                Reply::Serve(s) => out.push(s),
+                other => panic!("not an order: {other:?}"),
+            }
+        }
+        out
+    }
+
+    fn server_of(r: &Registry, port: u16) -> Server {
+        r.list()
+            .iter()
+            .find(|s| s.mapping.key.host_port == port)
+            .unwrap()
+            .server
+    }
+
     #[test]
     fn same_backend_is_a_no_op_and_another_is_a_conflict() {
         let mut r = Registry::new(Mode::Http);
         let rx = r.snapshots();
-        r.register(mapping(80, "10.0.0.2"), me(), Some(1), false, None)
+        r.register(mapping(80, "10.0.0.2"), me(), Some(1), Server::Relay, None)
             .unwrap();
         let v1 = rx.borrow().get(Kind::Listener).len();
-        r.register(mapping(80, "10.0.0.2"), me(), Some(2), false, None)
+        r.register(mapping(80, "10.0.0.2"), me(), Some(2), Server::Relay, None)
             .unwrap();
         assert_eq!(r.list().len(), 1);
         assert_eq!(v1, 1);
         let other = OwnerProcess::of(1);
         let err = r
-            .register(mapping(80, "10.0.0.3"), other, None, false, None)
+            .register(mapping(80, "10.0.0.3"), other, None, Server::Relay, None)
             .unwrap_err();
         assert!(err.contains("already registered"), "{err}");
         // The connection that registered last owns it now.
@@ -584,31 +688,96 @@ mod tests {
     }
 
     #[test]
-    fn no_envoy_means_ready_at_once_and_an_envoy_must_ack_first() {
-        let mut r = Registry::new(Mode::Http);
-        let mut rx = r
-            .register(mapping(80, "10.0.0.2"), me(), Some(1), true, None)
-            .unwrap()
+    fn with_no_envoy_a_starting_proxy_is_told_to_relay_at_once() {
+        let (mut r, mut rx) = with_link(1);
+        r.register(mapping(80, "10.0.0.2"), me(), Some(1), Server::Relay, None)
             .unwrap();
-        assert_eq!(rx.try_recv().unwrap(), Outcome::Ready);
-
-        let envoy = r.envoy_connected();
-        let m = mapping(81, "10.0.0.2");
-        let mut rx = r.register(m, me(), Some(1), true, None).unwrap().unwrap();
-        assert!(rx.try_recv().is_err());
-        // The listener alone is not enough: its endpoints must be there too.
-        ack(&mut r, envoy, Kind::Listener);
-        assert!(rx.try_recv().is_err());
-        ack(&mut r, envoy, Kind::Endpoint);
-        assert_eq!(rx.try_recv().unwrap(), Outcome::Ready);
+        assert_eq!(orders(&mut rx), [Server::Relay]);
+        assert_eq!(server_of(&r, 80), Server::Relay);
     }
 
     #[test]
-    fn a_nack_fails_the_pending_mapping_and_forgets_it() {
-        let mut r = Registry::new(Mode::Tcp);
+    fn hand_over_needs_listener_and_endpoints_then_take_back_when_envoy_goes() {
+        let (mut r, mut rx) = with_link(1);
+        let envoy = r.envoy_connected();
+        r.register(mapping(81, "10.0.0.2"), me(), Some(1), Server::Relay, None)
+            .unwrap();
+        assert_eq!(orders(&mut rx), []);
+        // The listener alone is not enough: its endpoints must be there too.
+        ack(&mut r, envoy, Kind::Listener);
+        assert_eq!(orders(&mut rx), []);
+        ack(&mut r, envoy, Kind::Endpoint);
+        assert_eq!(orders(&mut rx), [Server::Envoy]);
+        assert_eq!(server_of(&r, 81), Server::Handover);
+        r.serving(1, &mapping(81, "10.0.0.2").key, Server::Envoy, 0);
+        assert_eq!(server_of(&r, 81), Server::Envoy);
+        assert_eq!(r.list()[0].state, MappingState::Active);
+        // The Envoy's stream ends: nobody holds the port, take it back.
+        r.envoy_gone(envoy);
+        assert_eq!(orders(&mut rx), [Server::Relay]);
+        assert_eq!(server_of(&r, 81), Server::Relay);
+        // A new Envoy that holds nothing yet keeps the proxy relaying; its
+        // ACKs hand the port over again.
+        let again = r.envoy_connected();
+        assert_eq!(orders(&mut rx), []);
+        ack(&mut r, again, Kind::Listener);
+        ack(&mut r, again, Kind::Endpoint);
+        assert_eq!(orders(&mut rx), [Server::Envoy]);
+    }
+
+    #[test]
+    fn every_envoy_must_serve_before_hand_over_and_one_left_is_enough_to_stay() {
+        let (mut r, mut rx) = with_link(1);
+        let a = r.envoy_connected();
+        let b = r.envoy_connected();
+        r.register(mapping(82, "10.0.0.2"), me(), Some(1), Server::Relay, None)
+            .unwrap();
+        ack(&mut r, a, Kind::Listener);
+        ack(&mut r, a, Kind::Endpoint);
+        assert_eq!(orders(&mut rx), [], "b has not ACKed yet");
+        ack(&mut r, b, Kind::Listener);
+        ack(&mut r, b, Kind::Endpoint);
+        assert_eq!(orders(&mut rx), [Server::Envoy]);
+        r.envoy_gone(a);
+        assert_eq!(orders(&mut rx), [], "b still listens on the port");
+        r.envoy_gone(b);
+        assert_eq!(orders(&mut rx), [Server::Relay]);
+    }
+
+    #[test]
+    fn a_restarted_registrar_leaves_handed_over_proxies_alone_during_the_grace() {
+        let mut r = Registry::new(Mode::Http).with_grace(Duration::from_secs(3600));
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        r.link_opened(1, tx);
+        // The proxy registers again, saying Envoy serves its port.
+        r.register(mapping(83, "10.0.0.2"), me(), Some(1), Server::Envoy, None)
+            .unwrap();
+        assert_eq!(orders(&mut rx), []);
+        // An Envoy reconnects; until it says what it holds, it may hold it.
+        let envoy = r.envoy_connected();
+        assert_eq!(orders(&mut rx), []);
+        // It reports holding the listener (delta's initial versions).
+        ack(&mut r, envoy, Kind::Listener);
+        assert_eq!(orders(&mut rx), []);
+        assert_eq!(server_of(&r, 83), Server::Envoy);
+    }
+
+    #[test]
+    fn after_the_grace_a_proxy_with_no_envoy_takes_its_port_back() {
+        let mut r = Registry::new(Mode::Http).with_grace(Duration::ZERO);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        r.link_opened(1, tx);
+        r.register(mapping(84, "10.0.0.2"), me(), Some(1), Server::Envoy, None)
+            .unwrap();
+        assert_eq!(orders(&mut rx), [Server::Relay]);
+    }
+
+    #[test]
+    fn a_nack_marks_the_mapping_failed_and_keeps_it_relayed() {
+        let (mut r, mut rx) = with_link(1);
         let envoy = r.envoy_connected();
         let m = mapping(80, "10.0.0.2");
-        let mut rx = r.register(m, me(), Some(1), true, None).unwrap().unwrap();
+        r.register(m, me(), Some(1), Server::Relay, None).unwrap();
         let error = format!(
             "Error adding/updating listener(s) {}: cannot bind '0.0.0.0:80': Address already in use",
             m.key.resource_name()
@@ -621,8 +790,11 @@ mod tests {
                 error: Some(error.clone()),
             },
         );
-        assert_eq!(rx.try_recv().unwrap(), Outcome::Failed(error));
-        assert!(r.list().is_empty());
+        let rows = r.list();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].state, MappingState::Failed(error));
+        assert_eq!(rows[0].server, Server::Relay);
+        assert_eq!(orders(&mut rx), []);
     }
 
     #[test]
@@ -630,7 +802,7 @@ mod tests {
         let mut r = Registry::new(Mode::Http);
         let rx = r.snapshots();
         let m = mapping(8080, "172.17.0.2");
-        r.register(m, me(), Some(1), false, None).unwrap();
+        r.register(m, me(), Some(1), Server::Relay, None).unwrap();
         assert_eq!(r.list()[0].name, "172-17-0-2-80");
         let meta = ContainerMeta {
             id: "c1".into(),
@@ -654,8 +826,14 @@ mod tests {
             .get(Kind::Cluster)
             .contains_key("web-prod_tcp_0-0-0-0_8080"));
         // A second mapping of the same container is named at once.
-        r.register(mapping(8081, "172.17.0.2"), me(), Some(1), false, None)
-            .unwrap();
+        r.register(
+            mapping(8081, "172.17.0.2"),
+            me(),
+            Some(1),
+            Server::Relay,
+            None,
+        )
+        .unwrap();
         assert!(r.list().iter().all(|s| s.name == "web-prod"));
         // Another container reusing the address takes over.
         let mut next = meta;
@@ -676,14 +854,14 @@ mod tests {
             pid: u32::MAX - 1,
             start: None,
         };
-        r.register(mapping(80, "10.0.0.2"), dead, None, false, None)
+        r.register(mapping(80, "10.0.0.2"), dead, None, Server::Relay, None)
             .unwrap();
-        r.register(mapping(81, "10.0.0.2"), me(), None, false, None)
+        r.register(mapping(81, "10.0.0.2"), me(), None, Server::Relay, None)
             .unwrap();
         r.reap();
         assert_eq!(r.list().len(), 1);
         let mut m = mapping(82, "10.0.0.2");
         m.key.proto = Proto::Sctp;
-        assert!(r.register(m, me(), None, false, None).is_err());
+        assert!(r.register(m, me(), None, Server::Relay, None).is_err());
     }
 }

@@ -101,18 +101,21 @@ fn a_non_root_peer_may_look_but_not_register() {
         std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
     std::fs::set_permissions(&stack.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
-    let be = backend::http("127.0.0.17", "nope");
-    let mut spec = ProxySpec::tcp("127.0.0.1", free_port(), be);
+    let be = backend::http("127.0.0.17", "relayed, not registered");
+    let port = free_port();
+    let mut spec = ProxySpec::tcp("127.0.0.1", port, be);
     spec.uid = Some(65534);
-    let mut p = stack.proxy(spec);
-    let status = p.status();
-    assert!(status.starts_with("1\n"), "{status:?}");
-    assert!(
-        status.contains("permission denied: uid 65534"),
-        "{status:?}"
-    );
-    assert_eq!(p.wait_exit(Duration::from_secs(5)).unwrap().code(), Some(1));
+    // Refused by the registrar, the proxy still serves its own port, as
+    // docker-proxy would, but root's Envoy never hears of it.
+    let mut p = stack.proxy(spec).ready();
+    let got = http_get(SocketAddr::from(([127, 0, 0, 1], port)), "/").unwrap();
+    assert_eq!(got, (200, "relayed, not registered".into()));
     assert!(stack.status().is_empty());
+    assert!(!stack.listeners().contains(&format!(":{port}")));
+    p.signal(nix::sys::signal::Signal::SIGINT);
+    assert_eq!(p.wait_exit(Duration::from_secs(5)).unwrap().code(), Some(0));
+    let err = p.stderr();
+    assert!(err.contains("permission denied: uid 65534"), "{err:?}");
     // Listing is allowed.
     let out = Command::new(bin())
         .args(["status", "--socket"])
@@ -213,20 +216,27 @@ fn bad_proxy_flags_fail_on_fd_3_with_one_line() {
 }
 
 #[test]
-fn registrar_unreachable_fails_with_the_socket_path() {
+fn registrar_unreachable_means_ready_at_once_and_relaying() {
     let dir = crate::harness::TempDir::new("nosock");
     let socket = dir.path("missing.sock");
-    let mut p = crate::harness::Proxy::spawn(
-        &socket,
-        ProxySpec::mapping("tcp", "127.0.0.1", free_port(), "127.0.0.1", 1),
-    );
-    let status = p.status();
-    assert!(status.starts_with("1\n"), "{status:?}");
-    assert!(status.contains(&socket.display().to_string()), "{status:?}");
-    assert_eq!(
-        p.wait_exit(Duration::from_secs(10)).unwrap().code(),
-        Some(1)
-    );
+    let be = backend::http("127.0.0.19", "no registrar needed");
+    let port = free_port();
+    let started = std::time::Instant::now();
+    let mut p = crate::harness::Proxy::spawn(&socket, ProxySpec::tcp("127.0.0.1", port, be));
+    assert_eq!(p.status(), "0\n");
+    eprintln!("ready {:?} after spawn", started.elapsed());
+    let got = http_get(SocketAddr::from(([127, 0, 0, 1], port)), "/").unwrap();
+    assert_eq!(got, (200, "no registrar needed".into()));
+    p.signal(nix::sys::signal::Signal::SIGINT);
+    assert_eq!(p.wait_exit(Duration::from_secs(5)).unwrap().code(), Some(0));
+    // It said once where it looked for the registrar.
+    let err = p.stderr();
+    assert!(err.contains(&socket.display().to_string()), "{err:?}");
+    assert_eq!(err.matches("cannot reach").count(), 1, "{err:?}");
+    assert!(crate::harness::refused(SocketAddr::from((
+        [127, 0, 0, 1],
+        port
+    ))));
 }
 
 #[test]

@@ -411,3 +411,69 @@ fn docker_15_a_container_on_two_networks_is_found_and_served() {
     assert!(env.docker(&["rm", "-f", &id]).status.success());
     assert!(env.docker(&["network", "rm", net]).status.success());
 }
+
+#[test]
+fn docker_16_containers_started_while_the_registrar_is_down_are_served() {
+    let mut env = dockerd::shared();
+    env.stack.kill_registrar();
+    let ports: Vec<u16> = (0..2).map(|_| free_port()).collect();
+    for (i, p) in ports.iter().enumerate() {
+        // `docker run` succeeds: the proxy relays without the registrar.
+        env.run(&[
+            "-p",
+            &format!("{p}:80"),
+            "--name",
+            &format!("noreg{i}"),
+            IMAGE,
+        ]);
+    }
+    for p in &ports {
+        assert_eq!(http_get(local(*p), "/").unwrap(), (200, BODY.to_string()));
+    }
+    let watch = Watch::start_requests(&ports);
+    env.stack.start_registrar();
+    // The proxies register again, and Envoy takes their ports over.
+    assert!(
+        env.stack
+            .wait_served_by(&ports, "envoy", Duration::from_secs(20)),
+        "{}",
+        dockerd::tail(&env.stack.log(), 30)
+    );
+    let (ok, failures) = watch.finish();
+    assert!(failures.is_empty(), "{failures:#?}");
+    assert!(ok > 10);
+    let rows = env.stack.status();
+    for (i, p) in ports.iter().enumerate() {
+        let row = row_for(&rows, &format!("0.0.0.0:{p}"));
+        assert_eq!(row["container_name"], format!("noreg{i}"), "{row}");
+    }
+}
+
+#[test]
+fn docker_17_every_port_keeps_answering_when_envoy_is_killed() {
+    let mut env = dockerd::shared();
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    for p in &ports {
+        env.run(&["-p", &format!("{p}:80"), IMAGE]);
+    }
+    assert!(env
+        .stack
+        .wait_served_by(&ports, "envoy", Duration::from_secs(5)));
+    env.stack.kill_envoy();
+    // Taken back by the proxies: served without any Envoy.
+    assert!(env
+        .stack
+        .wait_served_by(&ports, "relay", Duration::from_secs(5)));
+    for p in &ports {
+        assert_eq!(http_get(local(*p), "/").unwrap(), (200, BODY.to_string()));
+    }
+    let watch = Watch::start_requests(&ports);
+    env.stack.start_envoy(crate::harness::Ads::Sotw);
+    assert!(env
+        .stack
+        .wait_served_by(&ports, "envoy", Duration::from_secs(10)));
+    std::thread::sleep(Duration::from_millis(300));
+    let (ok, failures) = watch.finish();
+    assert!(failures.is_empty(), "{failures:#?}");
+    assert!(ok > 10);
+}

@@ -7,6 +7,7 @@
 pub mod backend;
 pub mod collectors;
 pub mod dockerd;
+pub mod load;
 pub mod proc;
 pub mod watch;
 
@@ -210,6 +211,13 @@ impl Stack {
 
     /// `serve_args` are extra flags for `envoy-docker serve`.
     pub fn start_with(ads: Ads, serve_args: &[&str]) -> Stack {
+        let mut stack = Stack::registrar_only(serve_args);
+        stack.start_envoy(ads);
+        stack
+    }
+
+    /// A registrar with no Envoy yet; `start_envoy` adds it.
+    pub fn registrar_only(serve_args: &[&str]) -> Stack {
         let dir = TempDir::new("stack");
         let mut stack = Stack {
             socket: dir.path("run/registrar.sock"),
@@ -223,7 +231,6 @@ impl Stack {
             others: Vec::new(),
         };
         stack.start_registrar();
-        stack.start_envoy(ads);
         stack
     }
 
@@ -282,9 +289,46 @@ impl Stack {
         std::fs::read_to_string(self.dir.path("serve.log")).unwrap_or_default()
     }
 
-    fn start_envoy(&mut self, ads: Ads) {
+    /// Starts the main Envoy (again), and waits until it is ready.
+    pub fn start_envoy(&mut self, ads: Ads) {
+        assert!(self.envoy.is_none());
         let child = self.spawn_envoy(ads, self.admin, "envoy");
         self.envoy = Some(child);
+    }
+
+    /// SIGKILLs the main Envoy and reaps it.
+    pub fn kill_envoy(&mut self) {
+        if let Some(mut c) = self.envoy.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Who serves the mapping on `port`, as `status --json` says.
+    pub fn served_by(&self, port: u16) -> Option<String> {
+        self.status()
+            .iter()
+            .find(|r| {
+                r["host"]
+                    .as_str()
+                    .is_some_and(|h| h.ends_with(&format!(":{port}")))
+            })
+            .and_then(|r| r["served_by"].as_str().map(str::to_string))
+    }
+
+    /// Waits until `status` says `who` serves every one of `ports`.
+    pub fn wait_served_by(&self, ports: &[u16], who: &str, limit: Duration) -> bool {
+        wait_until(limit, || {
+            let rows = self.status();
+            ports.iter().all(|port| {
+                rows.iter().any(|r| {
+                    r["host"]
+                        .as_str()
+                        .is_some_and(|h| h.ends_with(&format!(":{port}")))
+                        && r["served_by"] == who
+                })
+            })
+        })
     }
 
     /// Starts one more Envoy on this registrar; returns its admin address.
@@ -297,6 +341,7 @@ impl Stack {
     }
 
     fn spawn_envoy(&self, ads: Ads, admin: SocketAddr, name: &str) -> Child {
+        // A restarted Envoy appends to the same log.
         let config = self.dir.path(&format!("{name}.yaml"));
         let out = Command::new(bin())
             .args(["bootstrap", "--xds", &self.xds.to_string()])
@@ -306,7 +351,11 @@ impl Stack {
             .unwrap();
         assert!(out.status.success());
         std::fs::write(&config, &out.stdout).unwrap();
-        let log = std::fs::File::create(self.dir.path(&format!("{name}.log"))).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path(&format!("{name}.log")))
+            .unwrap();
         let child = Command::new(envoy_bin())
             .arg("-c")
             .arg(&config)
@@ -393,4 +442,51 @@ impl Drop for Stack {
         self.kill_registrar();
         self.stop_envoys();
     }
+}
+
+/// Inodes of the TCP sockets listening on `port` (IPv4 and IPv6), from
+/// /proc/net/tcp and tcp6.
+pub fn listening_inodes(port: u16) -> Vec<u64> {
+    let mut out = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(state), Some(inode)) = (f.get(1), f.get(3), f.get(9)) else {
+                continue;
+            };
+            let lport = local
+                .rsplit(':')
+                .next()
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            // 0A is TCP_LISTEN.
+            if lport == Some(port) && *state == "0A" {
+                out.extend(inode.parse::<u64>().ok());
+            }
+        }
+    }
+    out
+}
+
+/// Inodes of the sockets process `pid` has open.
+pub fn socket_inodes(pid: u32) -> Vec<u64> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter_map(|t| {
+            t.to_str()?
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// True if process `pid` holds a socket listening on `port`.
+pub fn listens_on(pid: u32, port: u16) -> bool {
+    let mine = socket_inodes(pid);
+    listening_inodes(port).iter().any(|i| mine.contains(i))
 }

@@ -1,5 +1,6 @@
 //! A client that requests every given port in a loop and counts failures,
-//! while a second thread checks that Envoy never loses their listeners.
+//! optionally while a second thread checks that Envoy never loses their
+//! listeners.
 
 use super::{http_get, Stack};
 use std::net::SocketAddr;
@@ -18,6 +19,32 @@ pub struct Watch {
 
 impl Watch {
     pub fn start(stack: &Stack, ports: &[u16]) -> Watch {
+        let mut w = Watch::start_requests(ports);
+        {
+            let (stop, failures, ports) = (w.stop.clone(), w.failures.clone(), ports.to_vec());
+            let admin = stack.admin;
+            w.threads.push(std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let listeners = super::admin_get(admin, "/listeners");
+                    for port in &ports {
+                        let suffix = format!(":{port}");
+                        if !listeners.lines().any(|l| l.trim_end().ends_with(&suffix)) {
+                            failures
+                                .lock()
+                                .unwrap()
+                                .push(format!("listener for {port} missing"));
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(25));
+                }
+            }));
+        }
+        w
+    }
+
+    /// Only the request loop, for times when Envoy may rightly lack the
+    /// listeners (the proxies relay).
+    pub fn start_requests(ports: &[u16]) -> Watch {
         let stop = Arc::new(AtomicBool::new(false));
         let ok = Arc::new(AtomicU64::new(0));
         let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -38,25 +65,6 @@ impl Watch {
                                 .push(format!("port {port}: {other:?}")),
                         }
                     }
-                }
-            }));
-        }
-        {
-            let (stop, failures, ports) = (stop.clone(), failures.clone(), ports.to_vec());
-            let admin = stack.admin;
-            threads.push(std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    let listeners = super::admin_get(admin, "/listeners");
-                    for port in &ports {
-                        let suffix = format!(":{port}");
-                        if !listeners.lines().any(|l| l.trim_end().ends_with(&suffix)) {
-                            failures
-                                .lock()
-                                .unwrap()
-                                .push(format!("listener for {port} missing"));
-                        }
-                    }
-                    std::thread::sleep(Duration::from_millis(25));
                 }
             }));
         }
