@@ -80,7 +80,7 @@ class Loop:
                 r = c.getresponse()
                 ok = r.status == 200 and r.read() == b"ok\n"
                 c.close()
-            except OSError:
+            except (OSError, http.client.HTTPException):
                 pass
             self.log.append((start, time.monotonic(), ok))
 
@@ -196,7 +196,7 @@ def main():
         proxy = spawn_proxy(a.binary, "docker-proxy", port, bport, sock_path, docker_socket(port))
         procs.append(proxy)
         loop = Loop(port)
-        handover_fail, windows, handover_s = [], [], []
+        handover_fail, windows, handover_s, takeback_fail = [], [], [], []
         for _ in range(a.cycles):
             time.sleep(0.5)
             t0 = time.monotonic()
@@ -212,6 +212,7 @@ def main():
             assert wait(lambda: served_by(a.binary, sock_path, port) == "relay"), "no take-back"
             time.sleep(0.5)
             windows.append(window(loop.log, t1, time.monotonic()))
+            takeback_fail.append(failures(loop.log, t1, time.monotonic()))
         log = loop.finish()
         rate = len(log) / (log[-1][1] - log[0][0])
         print(f"envoy-docker: {len(log)} connections at {rate:.0f}/s over {a.cycles} cycles")
@@ -220,6 +221,7 @@ def main():
         ws = [w * 1000 for w in windows]
         print(f"  failure window after Envoy SIGKILL (ms): {[round(w, 1) for w in ws]}; "
               f"median {statistics.median(ws):.1f}, max {max(ws):.1f}")
+        print(f"  failed connections per take-back: {takeback_fail}")
         if base:
             print(f"docker-proxy: {base[0]:.0f} connections/s, {base[1]} failed (nothing to hand over)")
     finally:
