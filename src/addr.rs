@@ -8,7 +8,8 @@ use std::path::PathBuf;
 
 pub const DEFAULT_SOCKET: &str = "/run/envoy-docker/registrar.sock";
 pub const SOCKET_ENV: &str = "ENVOY_DOCKER_SOCKET";
-pub const DEFAULT_XDS: &str = "127.0.0.1:18000";
+/// Root-only (0600), so that no local user can pose as an Envoy.
+pub const DEFAULT_XDS: &str = "unix:/run/envoy-docker/xds.sock";
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:9901";
 pub const DEFAULT_NODE_ID: &str = "envoy-docker";
 pub const DEFAULT_REGISTRAR_ADMIN: &str = "127.0.0.1:18001";

@@ -28,6 +28,9 @@ pub struct ServeArgs {
     pub admin: Option<Addr>,
     /// The supervised Envoy's admin address.
     pub envoy_admin: Addr,
+    /// Another executable whose processes may own mappings, besides this
+    /// binary (`--proxy-exe`).
+    pub proxy_exe: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +58,8 @@ pub struct StatusArgs {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResyncArgs {
     pub socket: Option<PathBuf>,
+    /// As `serve --proxy-exe`.
+    pub proxy_exe: Option<PathBuf>,
 }
 
 /// Either the parsed flags or a request for help.
@@ -112,6 +117,7 @@ pub fn serve(args: Vec<OsString>) -> Result<Parsed<ServeArgs>, String> {
         telemetry: Telemetry::default(),
         admin: Some(Addr::parse(DEFAULT_REGISTRAR_ADMIN).expect("default")),
         envoy_admin: Addr::parse(DEFAULT_ADMIN).expect("default"),
+        proxy_exe: None,
     };
     let run = parse_flags(args, |name, p| {
         match name {
@@ -148,6 +154,7 @@ pub fn serve(args: Vec<OsString>) -> Result<Parsed<ServeArgs>, String> {
                 };
             }
             "--envoy-admin" => out.envoy_admin = addr(value(p)?)?,
+            "--proxy-exe" => out.proxy_exe = Some(value(p)?.into()),
             _ => return Ok(false),
         }
         Ok(true)
@@ -241,10 +248,14 @@ pub fn status(args: Vec<OsString>) -> Result<Parsed<StatusArgs>, String> {
 }
 
 pub fn resync(args: Vec<OsString>) -> Result<Parsed<ResyncArgs>, String> {
-    let mut out = ResyncArgs { socket: None };
+    let mut out = ResyncArgs {
+        socket: None,
+        proxy_exe: None,
+    };
     let run = parse_flags(args, |name, p| {
         match name {
             "--socket" => out.socket = Some(value(p)?.into()),
+            "--proxy-exe" => out.proxy_exe = Some(value(p)?.into()),
             _ => return Ok(false),
         }
         Ok(true)
@@ -288,14 +299,17 @@ Usage: envoy-docker serve [--socket PATH] [--xds ADDR] [--default-mode http|tcp]
 Runs the registrar. Needs no flags and no config file.
   --socket PATH          registrar socket (default $ENVOY_DOCKER_SOCKET, else
                          /run/envoy-docker/registrar.sock)
-  --xds ADDR             where Envoy connects for ADS: IP:PORT, [IPV6]:PORT or
-                         unix:PATH (default 127.0.0.1:18000)
+  --xds ADDR             where Envoy connects for ADS: unix:PATH (made 0600,
+                         root only), or IP:PORT / [IPV6]:PORT, which any local
+                         user can reach (default unix:/run/envoy-docker/xds.sock)
   --default-mode MODE    http or tcp, for containers without a ProxyMode label
                          (default http)
   --node-id ID           only Envoys with this node id are served
                          (default envoy-docker)
   --no-recover           don't take the mappings of running proxies from /proc
                          at start-up; run `envoy-docker resync` instead
+  --proxy-exe PATH       also trust processes running PATH as proxies (at
+                         recovery and for resync); this binary always is
   --docker URL|none      the Docker API, for container names and labels:
                          unix:///PATH or tcp://HOST:PORT (default $DOCKER_HOST,
                          else unix:///var/run/docker.sock); none turns it off
@@ -320,12 +334,14 @@ Examples:
   envoy-docker serve --xds unix:/run/envoy-docker/xds.sock";
 
 pub const RESYNC_HELP: &str = "\
-Usage: envoy-docker resync [--socket PATH]
+Usage: envoy-docker resync [--socket PATH] [--proxy-exe PATH]
 
 Finds running proxies in /proc (docker-proxy, envoy-docker-shim, or
 `envoy-docker proxy`) and registers each mapping on that proxy's behalf. The
 mapping then lives as long as that process. Prints one line per mapping and
-exits non-zero if the registrar cannot be reached.
+exits non-zero if the registrar cannot be reached. Only processes of root
+(or of the registrar's user) that run this binary, or --proxy-exe PATH, are
+taken.
 
 Example:
   envoy-docker resync";
@@ -336,7 +352,8 @@ Usage: envoy-docker bootstrap [--xds ADDR] [--admin ADDR] [--node-id ID]
 
 Prints an Envoy v3 bootstrap (YAML) that takes everything from the registrar
 over ADS and waits for it at start-up.
-  --xds ADDR       the registrar's xDS address (default 127.0.0.1:18000)
+  --xds ADDR       the registrar's xDS address
+                   (default unix:/run/envoy-docker/xds.sock)
   --admin ADDR     Envoy's admin listener (default 127.0.0.1:9901)
   --node-id ID     node id (default envoy-docker)
   --ads KIND       sotw (state of the world, default) or delta
@@ -411,7 +428,7 @@ mod tests {
         let Parsed::Run(a) = serve(v(&[])).unwrap() else {
             panic!()
         };
-        assert_eq!(a.xds.to_string(), "127.0.0.1:18000");
+        assert_eq!(a.xds.to_string(), "unix:/run/envoy-docker/xds.sock");
         assert_eq!(a.default_mode, Mode::Http);
         assert_eq!(a.node_id, "envoy-docker");
         let Parsed::Run(a) = serve(v(&[

@@ -114,14 +114,59 @@ fn apply(step: &Step) -> Result<(), String> {
         }
         Step::Symlink { link, target } => {
             parent(link)?;
+            set_aside(link)?;
             let _ = std::fs::remove_file(link);
             std::os::unix::fs::symlink(target, link).map_err(|e| format!("{}: {e}", link.display()))
         }
         Step::Write { path, content } => {
             parent(path)?;
-            std::fs::write(path, content).map_err(|e| format!("{}: {e}", path.display()))
+            write_atomic(path, content)
         }
     }
+}
+
+/// A regular file where a symlink goes (a real docker-proxy, say) is moved
+/// to `<name>.before-envoy-docker`, never overwriting an earlier one.
+fn set_aside(link: &Path) -> Result<(), String> {
+    let Ok(meta) = std::fs::symlink_metadata(link) else {
+        return Ok(());
+    };
+    if meta.file_type().is_symlink() {
+        return Ok(());
+    }
+    if !meta.is_file() {
+        return Err(format!(
+            "{} exists and is not a file; remove it first",
+            link.display()
+        ));
+    }
+    let aside = PathBuf::from(format!("{}.before-envoy-docker", link.display()));
+    if aside.exists() {
+        return Err(format!(
+            "{} is a regular file, and {} exists already; move one of them away first",
+            link.display(),
+            aside.display()
+        ));
+    }
+    std::fs::rename(link, &aside).map_err(|e| format!("{}: {e}", link.display()))?;
+    println!(
+        "moved the regular file {} aside to {}",
+        link.display(),
+        aside.display()
+    );
+    Ok(())
+}
+
+/// Writes through a temporary file and a rename, so that a crash leaves
+/// either the old file or the new one, never half of one.
+fn write_atomic(path: &Path, content: &str) -> Result<(), String> {
+    let tmp = PathBuf::from(format!("{}.envoy-docker-tmp", path.display()));
+    std::fs::write(&tmp, content)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            format!("{}: {e}", path.display())
+        })
 }
 
 pub fn run(args: InstallArgs) -> i32 {
@@ -182,18 +227,23 @@ pub fn run(args: InstallArgs) -> i32 {
         for line in merged.lines() {
             println!("    {line}");
         }
-        if existing.is_some() {
+        // The first backup is the original: a second --apply keeps it.
+        let back_up = existing.is_some() && !backup.exists();
+        if back_up {
             println!("{verb}back up the old file as {}", backup.display());
+        } else if existing.is_some() {
+            println!("keeping the existing backup {}", backup.display());
         }
         if !args.dry_run {
             let done = existing
                 .as_ref()
-                .map_or(Ok(()), |old| std::fs::write(&backup, old))
+                .filter(|_| back_up)
+                .map_or(Ok(()), |old| write_atomic(&backup, old))
                 .and_then(|()| {
                     if let Some(dir) = json.parent() {
-                        std::fs::create_dir_all(dir)?;
+                        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
                     }
-                    std::fs::write(json, &merged)
+                    write_atomic(json, &merged)
                 });
             if let Err(e) = done {
                 eprintln!("envoy-docker install: {}: {e}", json.display());

@@ -9,6 +9,7 @@ pub mod addr;
 pub mod applet;
 pub mod bootstrap;
 pub mod cli;
+pub mod fdlimit;
 pub mod install;
 pub mod logging;
 pub mod mapping;

@@ -197,6 +197,16 @@ pub struct MappingStatus {
     pub container: Option<ContainerRef>,
 }
 
+/// One Envoy's xDS stream, as `status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnvoyStatus {
+    /// The stream's number in the registrar's log.
+    pub stream: u64,
+    /// Seconds since it stopped answering, if it has; such a stream does not
+    /// count towards readiness.
+    pub stalled_secs: Option<u64>,
+}
+
 /// A container as `status` names it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContainerRef {

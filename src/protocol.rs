@@ -11,7 +11,7 @@
 //! buffered I/O on any `AsyncRead + AsyncWrite` stream, so the registrar, the
 //! proxy, resync, status and the tests all share it.
 
-use crate::mapping::{Mapping, MappingKey, MappingStatus, Server};
+use crate::mapping::{EnvoyStatus, Mapping, MappingKey, MappingStatus, Server};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::fmt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -44,6 +44,8 @@ pub enum Request {
     },
     /// Ask for every mapping; answered with `Mappings`.
     List,
+    /// Ask for the Envoy streams; answered with `Envoys`.
+    Envoys,
 }
 
 /// A mapping and who keeps it alive.
@@ -90,6 +92,8 @@ pub enum Reply {
     /// The request was refused; the connection is closed after this frame
     /// when the request itself was bad.
     Error(String),
+    /// The Envoy streams that count as Envoys.
+    Envoys(Vec<EnvoyStatus>),
 }
 
 /// Why bytes did not make a frame.
@@ -190,6 +194,10 @@ impl From<FrameError> for ConnError {
 pub struct Connection<S> {
     stream: S,
     buf: Vec<u8>,
+    /// How long a frame may take to arrive once its first byte has.
+    frame_deadline: Option<std::time::Duration>,
+    /// When the frame now in the buffer began to arrive.
+    partial_since: Option<tokio::time::Instant>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
@@ -197,7 +205,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         Connection {
             stream,
             buf: Vec::with_capacity(512),
+            frame_deadline: None,
+            partial_since: None,
         }
+    }
+
+    /// Fails a read with `TimedOut` when a frame, once begun, is not whole
+    /// within `d`, so that a peer cannot hold a half-sent frame open.
+    pub fn with_frame_deadline(mut self, d: std::time::Duration) -> Self {
+        self.frame_deadline = Some(d);
+        self
     }
 
     /// Reads the next message. `Ok(None)` is a clean close between frames.
@@ -205,11 +222,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         loop {
             if let Some((msg, used)) = decode_frame::<T>(&self.buf)? {
                 self.buf.drain(..used);
+                self.partial_since = (!self.buf.is_empty()).then(tokio::time::Instant::now);
                 return Ok(Some(msg));
             }
             // The header check above bounds the buffer to one frame plus one read.
             self.buf.reserve(4096);
-            if self.stream.read_buf(&mut self.buf).await? == 0 {
+            let read = match (self.frame_deadline, self.buf.is_empty()) {
+                (Some(d), false) => {
+                    let since = *self
+                        .partial_since
+                        .get_or_insert_with(tokio::time::Instant::now);
+                    match tokio::time::timeout_at(since + d, self.stream.read_buf(&mut self.buf))
+                        .await
+                    {
+                        Ok(r) => r?,
+                        Err(_) => {
+                            return Err(ConnError::Io(std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                format!("a frame took over {d:?} to arrive"),
+                            )))
+                        }
+                    }
+                }
+                _ => self.stream.read_buf(&mut self.buf).await?,
+            };
+            if read == 0 {
                 return if self.buf.is_empty() {
                     Ok(None)
                 } else {

@@ -7,6 +7,11 @@
 //! as `envoy-docker proxy ...`. Only proxies whose `ENVOY_DOCKER_SOCKET`
 //! (or the default, when unset) names this registrar's socket are taken,
 //! so two registrars on one host never take each other's mappings.
+//!
+//! Only a process that root (or the registrar's own user) runs, from this
+//! binary or from a configured proxy executable, is taken: anyone can start
+//! a process whose argv looks like a docker-proxy, and a mapping decides
+//! what root's Envoy binds and where it forwards (see [`Trust`]).
 
 use crate::applet::is_proxy_name;
 use crate::cli::ResyncArgs;
@@ -45,9 +50,55 @@ pub fn proxy_mapping(argv: &[OsString], runs_this_binary: bool) -> Option<Mappin
     }
 }
 
-/// Every proxy on this host that talks to the registrar at `socket`, as
-/// its `ENVOY_DOCKER_SOCKET` (or the default) says; this process excluded.
-pub fn scan(socket: &Path) -> Vec<FoundProxy> {
+/// Which processes may own a mapping held on their behalf.
+#[derive(Debug, Clone)]
+pub struct Trust {
+    exes: Vec<PathBuf>,
+    uid: u32,
+}
+
+impl Trust {
+    /// This binary, plus `extra` (`--proxy-exe`) if given.
+    pub fn new(extra: Option<&Path>) -> Trust {
+        let mut exes: Vec<PathBuf> = std::fs::read_link("/proc/self/exe")
+            .ok()
+            .into_iter()
+            .collect();
+        if let Some(p) = extra {
+            exes.push(std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()));
+        }
+        Trust {
+            exes,
+            uid: nix::unistd::geteuid().as_raw(),
+        }
+    }
+
+    /// Whether process `pid` may own mappings; the error says why not.
+    pub fn admits(&self, pid: u32) -> Result<(), String> {
+        let p = procfs::process::Process::new(pid as i32).map_err(|e| format!("pid {pid}: {e}"))?;
+        let uid = p.uid().map_err(|e| format!("pid {pid}: {e}"))?;
+        if uid != 0 && uid != self.uid {
+            return Err(format!("pid {pid} runs as uid {uid}, not as root"));
+        }
+        let exe = p.exe().map_err(|e| format!("pid {pid}: {e}"))?;
+        // A binary replaced by an upgrade reads as "PATH (deleted)".
+        let shown = exe.to_string_lossy();
+        let exe = PathBuf::from(shown.strip_suffix(" (deleted)").unwrap_or(&shown));
+        if self.exes.contains(&exe) {
+            Ok(())
+        } else {
+            Err(format!(
+                "pid {pid} runs {}, which is not envoy-docker (see --proxy-exe)",
+                exe.display()
+            ))
+        }
+    }
+}
+
+/// Every trusted proxy on this host that talks to the registrar at
+/// `socket`, as its `ENVOY_DOCKER_SOCKET` (or the default) says; this
+/// process excluded.
+pub fn scan(socket: &Path, trust: &Trust) -> Vec<FoundProxy> {
     let me = std::process::id();
     let own_exe: Option<PathBuf> = std::fs::read_link("/proc/self/exe").ok();
     let Ok(all) = procfs::process::all_processes() else {
@@ -75,6 +126,10 @@ pub fn scan(socket: &Path) -> Vec<FoundProxy> {
                 .map(PathBuf::from)
                 .unwrap_or_else(|| PathBuf::from(crate::addr::DEFAULT_SOCKET));
             if theirs != socket {
+                continue;
+            }
+            if let Err(why) = trust.admits(pid) {
+                tracing::warn!("not taking {mapping}: {why}");
                 continue;
             }
             if p.stat().is_ok_and(|s| s.state != 'Z') {
@@ -106,7 +161,7 @@ pub fn run(args: ResyncArgs) -> i32 {
                 return 1;
             }
         };
-        let found = scan(&path);
+        let found = scan(&path, &Trust::new(args.proxy_exe.as_deref()));
         let mut refused = 0;
         for p in &found {
             let req = Request::Register(Registration {

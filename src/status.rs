@@ -2,7 +2,7 @@
 //! one row each, or the same data as JSON.
 
 use crate::cli::StatusArgs;
-use crate::mapping::{MappingState, MappingStatus};
+use crate::mapping::{EnvoyStatus, MappingState, MappingStatus};
 use crate::protocol::{Reply, Request};
 use std::time::Duration;
 
@@ -104,9 +104,17 @@ pub fn render_table(rows: &[Row]) -> String {
     out
 }
 
-/// Fetches every mapping from the registrar at `path`.
-pub async fn fetch(path: &std::path::Path) -> Result<Vec<MappingStatus>, String> {
+/// Fetches every mapping, and the Envoy streams, from the registrar at
+/// `path`.
+pub async fn fetch(
+    path: &std::path::Path,
+) -> Result<(Vec<MappingStatus>, Vec<EnvoyStatus>), String> {
     let mut conn = crate::proxy::link::connect(path, Duration::from_secs(2)).await?;
+    let envoys = match conn.call(&Request::Envoys).await? {
+        Reply::Envoys(e) => e,
+        Reply::Error(e) => return Err(e),
+        other => return Err(format!("unexpected reply {other:?}")),
+    };
     let mut all = Vec::new();
     let mut reply = conn.call(&Request::List).await?;
     loop {
@@ -114,7 +122,7 @@ pub async fn fetch(path: &std::path::Path) -> Result<Vec<MappingStatus>, String>
             Reply::Mappings { items, more } => {
                 all.extend(items);
                 if !more {
-                    return Ok(all);
+                    return Ok((all, envoys));
                 }
             }
             Reply::Error(e) => return Err(e),
@@ -140,8 +148,8 @@ pub fn run(args: StatusArgs) -> i32 {
             return 1;
         }
     };
-    let all = match rt.block_on(fetch(&path)) {
-        Ok(all) => all,
+    let (all, envoys) = match rt.block_on(fetch(&path)) {
+        Ok(x) => x,
         Err(e) => {
             eprintln!("envoy-docker status: {e}");
             return 1;
@@ -158,6 +166,21 @@ pub fn run(args: StatusArgs) -> i32 {
         }
     } else {
         print!("{}", render_table(&rows));
+        print!("{}", render_envoys(&envoys));
     }
     0
+}
+
+/// One line on the Envoys, plus one per stalled stream.
+pub fn render_envoys(envoys: &[EnvoyStatus]) -> String {
+    let mut out = format!("\nEnvoys connected: {}\n", envoys.len());
+    for e in envoys {
+        if let Some(secs) = e.stalled_secs {
+            out.push_str(&format!(
+                "  stream {}: no ACK or NACK for {secs} s or more; not counted towards readiness\n",
+                e.stream
+            ));
+        }
+    }
+    out
 }

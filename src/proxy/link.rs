@@ -7,6 +7,7 @@
 
 use crate::mapping::{Mapping, MappingKey, Server};
 use crate::protocol::{Connection, Owner, Registration, Reply, Request};
+use crate::proxy::say::say;
 use std::path::Path;
 use std::time::Duration;
 use tokio::net::UnixStream;
@@ -146,13 +147,11 @@ impl Link {
         let req = Request::Deregister(self.key);
         match timeout(DEREGISTER_BUDGET, self.conn.call(&req)).await {
             Ok(Ok(Reply::Done)) => {}
-            Ok(Ok(other)) => {
-                eprintln!("envoy-docker proxy: deregistering: unexpected reply {other:?}")
-            }
-            Ok(Err(e)) => eprintln!("envoy-docker proxy: deregistering: {e}"),
-            Err(_) => eprintln!(
-                "envoy-docker proxy: deregistering: no answer within {DEREGISTER_BUDGET:?}"
-            ),
+            Ok(Ok(other)) => say(&format!("deregistering: unexpected reply {other:?}")),
+            Ok(Err(e)) => say(&format!("deregistering: {e}")),
+            Err(_) => say(&format!(
+                "deregistering: no answer within {DEREGISTER_BUDGET:?}"
+            )),
         }
     }
 }

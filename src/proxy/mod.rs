@@ -27,11 +27,13 @@ pub mod flags;
 pub mod handover;
 pub mod link;
 pub mod listen;
+pub mod say;
 pub mod status;
 pub mod tcp;
 pub mod udp;
 
 use crate::mapping::{Mapping, Proto, Server};
+use crate::proxy::say::say;
 use flags::{Command, ProxyFlags};
 use handover::{Action, Event, Handover, Phase};
 use link::{Failure, Link};
@@ -257,7 +259,7 @@ impl Port {
                     match r {
                         Ok(mut l) => {
                             if said {
-                                eprintln!("envoy-docker proxy: registered {mapping} again");
+                                say(&format!("registered {mapping} again"));
                             }
                             said = false;
                             pause = Duration::from_millis(50);
@@ -269,7 +271,7 @@ impl Port {
                         }
                         Err(f) => {
                             if !said {
-                                eprintln!("envoy-docker proxy: {mapping}: {}; relaying and retrying", f.text());
+                                say(&format!("{mapping}: {}; relaying and retrying", f.text()));
                                 said = true;
                             }
                             attempt = Some(attempt_after(pause, self.server()));
@@ -281,7 +283,7 @@ impl Port {
                 order = next_order(&mut link) => match order {
                     Some(s) => Some(Event::Serve(s)),
                     None => {
-                        eprintln!("envoy-docker proxy: lost the registrar at {}; registering again", path.display());
+                        say(&format!("lost the registrar at {}; registering again", path.display()));
                         link = None;
                         attempt = Some(attempt_after(Duration::ZERO, self.server()));
                         None
@@ -291,7 +293,7 @@ impl Port {
                     retry_relay = None;
                     if let Port::Tcp(t) = &mut *self {
                         if let Err(e) = t.start_relay() {
-                            eprintln!("envoy-docker proxy: {mapping}: cannot take the port back yet: {e}");
+                            say(&format!("{mapping}: cannot take the port back yet: {e}"));
                             retry_relay = Some(Box::pin(tokio::time::sleep(RELAY_RETRY)));
                         }
                     }
@@ -314,7 +316,9 @@ impl Port {
                     Action::Ready => status.ready(),
                     Action::Relay => {
                         if let Err(e) = t.start_relay() {
-                            eprintln!("envoy-docker proxy: {mapping}: cannot take the port back: {e}; retrying");
+                            say(&format!(
+                                "{mapping}: cannot take the port back: {e}; retrying"
+                            ));
                             retry_relay = Some(Box::pin(tokio::time::sleep(RELAY_RETRY)));
                         }
                     }

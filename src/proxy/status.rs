@@ -3,6 +3,7 @@
 //! before the container starts; a person running the proxy by hand has no
 //! fd 3, and then reports go nowhere.
 
+use crate::proxy::say::say;
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::FromRawFd;
@@ -34,7 +35,7 @@ impl StatusPipe {
     /// Reports a failure and closes the pipe. The message is also logged to
     /// stderr, on one line.
     pub fn fail(&mut self, msg: &str) {
-        eprintln!("envoy-docker proxy: {msg}");
+        say(msg);
         let mut out = b"1\n".to_vec();
         out.extend_from_slice(msg.as_bytes());
         self.send(out);

@@ -3,6 +3,7 @@
 //! is done, as docker-proxy does. Stopping the relay closes the listening
 //! socket at once; connections already relayed run on until they end.
 
+use crate::proxy::say::say;
 use std::io;
 use std::net::{SocketAddr, TcpListener as StdTcpListener};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,7 +46,7 @@ async fn accept_loop(listener: TcpListener, backend: SocketAddr, relayed: Arc<At
             }
             Err(e) => {
                 // Out of descriptors or memory: back off instead of spinning.
-                eprintln!("envoy-docker proxy: accept: {e}");
+                say(&format!("accept: {e}"));
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }

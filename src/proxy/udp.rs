@@ -1,8 +1,12 @@
 //! The in-process UDP relay, with docker-proxy's semantics: one upstream
 //! socket per client address, forgotten after 90 s without traffic in
 //! either direction, datagrams up to 65507 bytes, and ECONNREFUSED from the
-//! container ignored.
+//! container ignored. At most [`MAX_CLIENTS`] client addresses are relayed
+//! at once: datagrams from further new addresses are dropped (and said
+//! once) until one goes idle, so spoofed sources cannot use up the proxy's
+//! descriptors.
 
+use crate::proxy::say::say;
 use nix::sys::socket::{
     bind, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrStorage,
 };
@@ -18,6 +22,8 @@ use tokio::time::{sleep_until, Instant};
 
 pub const MAX_DATAGRAM: usize = 65507;
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Client addresses relayed at once, each with its own upstream socket.
+pub const MAX_CLIENTS: usize = 4096;
 
 /// Binds the host side. An IPv6 socket is IPv6-only, so that `::` and
 /// `0.0.0.0` on one port can coexist as dockerd expects.
@@ -72,6 +78,7 @@ impl Relay {
     /// Relays until the process ends.
     pub async fn run(self) {
         let mut buf = vec![0u8; MAX_DATAGRAM];
+        let mut said_full = false;
         loop {
             let (n, from) = match self.host.recv_from(&mut buf).await {
                 Ok(x) => x,
@@ -83,7 +90,10 @@ impl Relay {
             let client = match self.client(from).await {
                 Ok(c) => c,
                 Err(e) => {
-                    eprintln!("envoy-docker proxy: udp: no upstream socket for {from}: {e}");
+                    // Said once: a flood of new sources would flood the log.
+                    if !std::mem::replace(&mut said_full, true) {
+                        say(&format!("udp: no upstream socket for {from}: {e}"));
+                    }
                     continue;
                 }
             };
@@ -109,6 +119,11 @@ impl Relay {
         } else {
             "0.0.0.0:0".parse().expect("literal")
         };
+        if self.clients.lock().expect("clients lock").len() >= MAX_CLIENTS {
+            return Err(io::Error::other(format!(
+                "{MAX_CLIENTS} clients are being relayed already"
+            )));
+        }
         let upstream = UdpSocket::bind(local).await?;
         upstream.connect(self.backend).await?;
         let client = Arc::new(Client {

@@ -24,20 +24,41 @@ pub async fn bind(addr: &crate::addr::Addr) -> Result<tokio::net::TcpListener, S
     }
 }
 
+/// Connections served at once: scrapers and health checks are few.
+pub const MAX_CONNECTIONS: usize = 64;
+/// How long an admin connection may stay open, idle or not.
+const CONNECTION_BUDGET: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub async fn serve(listener: tokio::net::TcpListener, registry: Shared) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(crate::fdlimit::cap(
+        MAX_CONNECTIONS,
+    )));
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        // Wait for a free slot before accepting: a flood of idle
+        // connections then queues in the kernel instead of eating
+        // descriptors.
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                // Out of descriptors, say: back off instead of spinning.
+                tracing::warn!("accepting an admin connection: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let registry = registry.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let svc = hyper::service::service_fn(move |req| {
                 let registry = registry.clone();
                 async move { Ok::<_, Infallible>(route(&req, &registry)) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc);
+            let _ = tokio::time::timeout(CONNECTION_BUDGET, conn).await;
         });
     }
 }
@@ -66,10 +87,16 @@ fn route(
     match req.uri().path() {
         "/healthz" => {
             let serving = XDS_SERVING.load(Ordering::Relaxed);
+            let stalled = reg
+                .envoys()
+                .iter()
+                .filter(|e| e.stalled_secs.is_some())
+                .count();
             let body = serde_json::json!({
                 "status": if serving { "serving" } else { "starting" },
                 "envoys_connected": reg.envoy_count(),
-                "mappings": reg.list().len(),
+                "envoys_stalled": stalled,
+                "mappings": reg.len(),
             });
             let code = if serving {
                 StatusCode::OK

@@ -4,17 +4,20 @@
 //! 1. bind the registrar socket and the xDS address (fail fast if taken);
 //! 2. recover: take the mappings of every live proxy from /proc, the same
 //!    scan as `resync` (skipped with `--no-recover`);
-//! 3. only then serve proxies and Envoys. An Envoy therefore never hears a
-//!    state that lacks listeners of proxies that are still alive.
+//! 3. serve proxies at once; follow Docker, and wait (5 s at most) for its
+//!    container list, so that names and modes are in place;
+//! 4. only then serve Envoys. An Envoy therefore never hears a state that
+//!    lacks listeners of proxies that are still alive.
 //!
-//! A background task drops mappings whose owning process has exited
-//! (checked every 250 ms), which covers SIGKILLed proxies that were not
-//! connected; connected proxies are noticed at once when their socket
-//! closes.
+//! Mappings held for a pid (recovered, or replayed by resync) end when that
+//! process exits, seen through a pidfd (`liveness`), with a slow /proc check
+//! behind it; connected proxies are noticed at once when their socket
+//! closes, and are never dropped by pid.
 
 pub mod admin;
 pub mod docker;
 pub mod envoy;
+pub mod liveness;
 pub mod metrics;
 pub mod notify;
 pub mod socket;
@@ -27,7 +30,8 @@ use state::{OwnerProcess, Registry, Shared, RECONNECT_GRACE};
 use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
 
-const REAP_EVERY: Duration = Duration::from_millis(250);
+/// The slow safety net behind the pidfd watches (see `liveness`).
+const REAP_EVERY: Duration = Duration::from_secs(5);
 /// How long start-up waits for Docker's container list.
 const DOCKER_SYNC_BUDGET: Duration = Duration::from_secs(5);
 
@@ -55,9 +59,18 @@ pub fn run(args: ServeArgs) -> i32 {
 
 async fn serve(args: ServeArgs) -> Result<(), String> {
     let path = crate::addr::socket_path(args.socket.clone());
+    crate::fdlimit::raise();
+    let (exits_tx, mut exits) = tokio::sync::mpsc::unbounded_channel();
     let registry: Shared = Registry::new(args.default_mode)
         .with_telemetry(args.telemetry.clone())
+        .with_exit_watch(exits_tx)
         .shared();
+    let on_exit = registry.clone();
+    tokio::spawn(async move {
+        while let Some((key, owner)) = exits.recv().await {
+            on_exit.lock().expect("registry").owner_exited(&key, owner);
+        }
+    });
     let unix = socket::bind(&path)?;
     migrate_queued_connections();
     let xds = XdsListener::bind(&args.xds).await?;
@@ -66,16 +79,21 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         None => None,
     };
 
+    let trust = std::sync::Arc::new(crate::resync::Trust::new(args.proxy_exe.as_deref()));
     if args.no_recover {
         tracing::info!("not recovering mappings (--no-recover)");
     } else {
-        recover(&registry, &path);
+        recover(&registry, &path, &trust);
     }
 
     // Docker metadata: names and modes must be in place before any Envoy
     // hears about the recovered mappings, or they would change under it.
     let docker =
         docker::client::Docker::from_setting(args.docker.as_deref())?.map(std::sync::Arc::new);
+    // Proxies are taken at once, before Docker has answered: their names
+    // arrive later, as they do for any new container. No Envoy hears of
+    // anything before the sync below.
+    tokio::spawn(socket::serve(unix, registry.clone(), docker.clone(), trust));
     match &docker {
         Some(d) => {
             let (synced_tx, mut synced) = tokio::sync::watch::channel(false);
@@ -85,7 +103,6 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         None => tracing::info!("not following Docker (--docker none)"),
     }
 
-    tokio::spawn(socket::serve(unix, registry.clone(), docker));
     tokio::spawn(reap(registry.clone()));
     let after_grace = registry.clone();
     tokio::spawn(async move {
@@ -174,8 +191,8 @@ fn migrate_queued_connections() {
 }
 
 /// Takes the mappings of live proxies from /proc.
-fn recover(registry: &Shared, socket: &std::path::Path) {
-    let found = crate::resync::scan(socket);
+fn recover(registry: &Shared, socket: &std::path::Path, trust: &crate::resync::Trust) {
+    let found = crate::resync::scan(socket, trust);
     let mut reg = registry.lock().expect("registry");
     for p in &found {
         if let Err(e) = reg.register(

@@ -9,6 +9,7 @@
 use super::docker::{self, client::Docker};
 use super::state::{OwnerProcess, Shared};
 use crate::protocol::{ConnError, Connection, Owner, Reply, Request, PROTOCOL_VERSION};
+use crate::resync::Trust;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -62,11 +63,19 @@ pub fn bind(path: &Path) -> Result<UnixListener, String> {
     Ok(listener)
 }
 
+/// How long a peer may take over its hello, or over any frame once begun.
+pub const FRAME_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// How long a registration may wait for Docker to name its container.
 const LOOKUP_BUDGET: std::time::Duration = std::time::Duration::from_millis(1500);
 
 /// Accepts connections until the process ends.
-pub async fn serve(listener: UnixListener, registry: Shared, docker: Option<Arc<Docker>>) {
+pub async fn serve(
+    listener: UnixListener,
+    registry: Shared,
+    docker: Option<Arc<Docker>>,
+    trust: Arc<Trust>,
+) {
     static NEXT: AtomicU64 = AtomicU64::new(1);
     loop {
         match listener.accept().await {
@@ -74,8 +83,9 @@ pub async fn serve(listener: UnixListener, registry: Shared, docker: Option<Arc<
                 let id = NEXT.fetch_add(1, Ordering::Relaxed);
                 let registry = registry.clone();
                 let docker = docker.clone();
+                let trust = trust.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = handle(stream, id, &registry, docker.as_deref()).await {
+                    if let Err(e) = handle(stream, id, &registry, docker.as_deref(), &trust).await {
                         tracing::debug!("registrar connection {id}: {e}");
                     }
                     registry.lock().expect("registry").connection_closed(id);
@@ -98,14 +108,22 @@ async fn handle(
     id: u64,
     registry: &Shared,
     docker: Option<&Docker>,
+    trust: &Trust,
 ) -> Result<(), ConnError> {
     let cred = stream.peer_cred()?;
     let uid = cred.uid();
     let peer_pid = cred.pid().map(|p| p as u32);
-    let mut conn = Connection::new(stream);
+    let mut conn = Connection::new(stream).with_frame_deadline(FRAME_DEADLINE);
 
     let refuse = |msg: String| Reply::Error(msg);
-    match conn.read_frame::<Request>().await {
+    let hello = match tokio::time::timeout(FRAME_DEADLINE, conn.read_frame::<Request>()).await {
+        Ok(r) => r,
+        Err(_) => {
+            tracing::debug!("registrar connection {id}: no hello within {FRAME_DEADLINE:?}");
+            return Ok(());
+        }
+    };
+    match hello {
         Ok(Some(Request::Hello { version })) if version == PROTOCOL_VERSION => {
             conn.write_frame(&Reply::Hello {
                 version: PROTOCOL_VERSION,
@@ -133,10 +151,15 @@ async fn handle(
     loop {
         let next = tokio::select! {
             next = conn.read_frame::<Request>() => next,
-            Some(order) = orders.recv() => {
-                conn.write_frame(&order).await?;
-                continue;
-            }
+            order = orders.recv() => match order {
+                Some(order) => {
+                    conn.write_frame(&order).await?;
+                    continue;
+                }
+                // The registrar dropped this proxy's mapping for a reason
+                // of its own: closing makes the proxy register again.
+                None => return Ok(()),
+            },
         };
         let req = match next {
             Ok(Some(r)) => r,
@@ -148,6 +171,10 @@ async fn handle(
                 return conn
                     .write_frame(&refuse("Hello may only be sent once".into()))
                     .await
+            }
+            Request::Envoys => {
+                let envoys = registry.lock().expect("registry").envoys();
+                conn.write_frame(&Reply::Envoys(envoys)).await?;
             }
             Request::List => {
                 let all = registry.lock().expect("registry").list();
@@ -202,6 +229,13 @@ async fn handle(
                         if !owner.alive() {
                             let msg = format!("pid {pid} is not a running process");
                             conn.write_frame(&refuse(msg)).await?;
+                            continue;
+                        }
+                        // A mapping decides what root's Envoy binds: only
+                        // a real proxy may own one.
+                        if let Err(why) = trust.admits(pid) {
+                            tracing::warn!("refusing a registration for {}: {why}", reg.mapping);
+                            conn.write_frame(&refuse(why)).await?;
                             continue;
                         }
                         (owner, None)

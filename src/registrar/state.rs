@@ -21,7 +21,8 @@
 use super::docker::meta::ContainerMeta;
 use super::metrics::METRICS;
 use crate::mapping::{
-    ContainerRef, Mapping, MappingKey, MappingState, MappingStatus, Mode, Proto, Server,
+    ContainerRef, EnvoyStatus, Mapping, MappingKey, MappingState, MappingStatus, Mode, Proto,
+    Server,
 };
 use crate::protocol::Reply;
 use crate::xds::resources::Service;
@@ -41,7 +42,7 @@ pub const RECONNECT_GRACE: Duration = Duration::from_secs(5);
 pub type Outbox = mpsc::UnboundedSender<Reply>;
 
 /// The process that keeps a mapping alive.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct OwnerProcess {
     pub pid: u32,
     /// Start time from /proc/PID/stat, so a reused pid is not mistaken for
@@ -57,9 +58,17 @@ impl OwnerProcess {
         }
     }
 
+    /// False only when /proc says the process is gone (or a zombie, or
+    /// another process under a reused pid). Any other trouble reading /proc
+    /// (out of descriptors, say) counts as alive: a mapping must never be
+    /// dropped because the registrar itself is short of something.
     pub fn alive(&self) -> bool {
-        let Ok(stat) = procfs::process::Process::new(self.pid as i32).and_then(|p| p.stat()) else {
-            return false;
+        use procfs::ProcError;
+        let stat = match procfs::process::Process::new(self.pid as i32).and_then(|p| p.stat()) {
+            Ok(stat) => stat,
+            Err(ProcError::NotFound(_)) => return false,
+            Err(ProcError::Io(e, _)) if e.raw_os_error() == Some(nix::libc::ESRCH) => return false,
+            Err(_) => return true,
         };
         // A killed proxy stays a zombie until its parent reaps it; it serves
         // nothing any more.
@@ -117,6 +126,11 @@ impl Entry {
 /// What one connected Envoy holds, name to version.
 #[derive(Debug, Default)]
 struct EnvoyView {
+    /// The xDS stream's number, as the log names it.
+    stream: u64,
+    /// Since when it has left a response unanswered past the deadline; it
+    /// does not count towards hand-overs meanwhile.
+    stalled: Option<Instant>,
     /// From its last LDS ACK or NACK (or its first request); `None` before.
     listeners: Option<BTreeMap<String, String>>,
     endpoints: BTreeMap<String, String>,
@@ -140,11 +154,14 @@ impl EnvoyView {
         held_listener == Some(&l.version) && endpoints_ok
     }
 
-    /// False only once this Envoy has said what it holds, without it.
+    /// False once this Envoy has said what it holds, without it; while it
+    /// has not said, true unless it has stalled (a peer that never says
+    /// must not keep proxies from taking their ports back).
     fn may_hold(&self, listener: &str) -> bool {
-        self.listeners
-            .as_ref()
-            .is_none_or(|m| m.contains_key(listener))
+        match &self.listeners {
+            Some(m) => m.contains_key(listener),
+            None => self.stalled.is_none(),
+        }
     }
 
     fn holds(&self, listener: &str) -> bool {
@@ -173,6 +190,8 @@ pub struct Registry {
     grace: Duration,
     /// Set once any Envoy has connected: the grace is only for the first.
     seen_envoy: bool,
+    /// Where pidfd watches report owners that exited.
+    exits: Option<super::liveness::Exits>,
 }
 
 pub type Shared = Arc<Mutex<Registry>>;
@@ -193,7 +212,15 @@ impl Registry {
             started: Instant::now(),
             grace: RECONNECT_GRACE,
             seen_envoy: false,
+            exits: None,
         }
+    }
+
+    /// Watches the owners of mappings held for a pid, reporting exits on
+    /// `exits` (see [`Registry::owner_exited`]).
+    pub fn with_exit_watch(mut self, exits: super::liveness::Exits) -> Registry {
+        self.exits = Some(exits);
+        self
     }
 
     /// Sets how long Envoys get to reconnect after start (tests use zero).
@@ -246,7 +273,7 @@ impl Registry {
                     ));
                 }
                 // The old owner is gone and has not been reaped yet.
-                self.remove(&mapping.key, "replaced by a new registration");
+                self.remove(&mapping.key, "replaced by a new registration", false);
             }
         }
         let container = match meta {
@@ -276,8 +303,12 @@ impl Registry {
         }
         let entry = self.entries.get_mut(&mapping.key).expect("just inserted");
         // Idempotent: the newest registrant owns the mapping from now on.
+        let watch = conn.is_none() && (fresh || entry.owner != owner || entry.conn.is_some());
         entry.owner = owner;
         entry.conn = conn;
+        if let (true, Some(exits)) = (watch, &self.exits) {
+            super::liveness::watch(mapping.key, owner, exits);
+        }
         entry.server = server;
         // With no Envoy to wait for, a relaying (or starting) proxy hears
         // at once that it is to go on relaying.
@@ -315,7 +346,7 @@ impl Registry {
     pub fn deregister(&mut self, key: &MappingKey) -> oneshot::Receiver<()> {
         let (tx, rx) = oneshot::channel();
         self.closing.push((*key, tx));
-        if self.remove(key, "deregistered") {
+        if self.remove(key, "deregistered", true) {
             self.publish();
         }
         self.evaluate();
@@ -331,24 +362,37 @@ impl Registry {
             .filter(|(_, e)| e.conn == Some(conn))
             .map(|(k, _)| *k)
             .collect();
-        self.remove_all(&gone, "its proxy went away");
+        self.remove_all(&gone, "its proxy went away", true);
     }
 
-    /// Drops mappings whose owning process has exited.
+    /// Drops mappings held for a pid (recovered or replayed, so without a
+    /// connection) whose process has exited. A proxy whose connection is
+    /// open is alive, whatever /proc says.
     pub fn reap(&mut self) {
         let gone: Vec<MappingKey> = self
             .entries
             .iter()
-            .filter(|(_, e)| !e.owner.alive())
+            .filter(|(_, e)| e.conn.is_none() && !e.owner.alive())
             .map(|(k, _)| *k)
             .collect();
-        self.remove_all(&gone, "its proxy exited");
+        self.remove_all(&gone, "its proxy exited", true);
     }
 
-    fn remove_all(&mut self, keys: &[MappingKey], why: &str) {
+    /// A watched owner process exited (its pidfd became readable).
+    pub fn owner_exited(&mut self, key: &MappingKey, owner: OwnerProcess) {
+        let gone = self
+            .entries
+            .get(key)
+            .is_some_and(|e| e.conn.is_none() && e.owner == owner);
+        if gone {
+            self.remove_all(&[*key], "its proxy exited", true);
+        }
+    }
+
+    fn remove_all(&mut self, keys: &[MappingKey], why: &str, by_owner: bool) {
         let mut changed = false;
         for k in keys {
-            changed |= self.remove(k, why);
+            changed |= self.remove(k, why, by_owner);
         }
         if changed {
             self.publish();
@@ -356,13 +400,26 @@ impl Registry {
         }
     }
 
-    fn remove(&mut self, key: &MappingKey, why: &str) -> bool {
+    /// Drops a mapping. Unless its own proxy asked (`by_owner`), the
+    /// proxy's connection is closed, so that it registers again.
+    fn remove(&mut self, key: &MappingKey, why: &str, by_owner: bool) -> bool {
         let Some(e) = self.entries.remove(key) else {
             return false;
         };
         METRICS.deregistered();
         tracing::info!("removed {} ({why})", e.mapping);
+        if let (false, Some(c)) = (by_owner, e.conn) {
+            self.links.remove(&c);
+        }
         true
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
     }
 
     pub fn list(&self) -> Vec<MappingStatus> {
@@ -439,9 +496,15 @@ impl Registry {
         self.containers.remove(id);
     }
 
-    pub fn envoy_connected(&mut self) -> u64 {
+    /// An xDS stream named the right node in its first request: from now
+    /// on it counts as an Envoy.
+    pub fn envoy_connected(&mut self, stream: u64) -> u64 {
         self.next_envoy += 1;
-        self.envoys.insert(self.next_envoy, EnvoyView::default());
+        let view = EnvoyView {
+            stream,
+            ..Default::default()
+        };
+        self.envoys.insert(self.next_envoy, view);
         self.seen_envoy = true;
         self.evaluate();
         self.next_envoy
@@ -454,6 +517,25 @@ impl Registry {
 
     pub fn envoy_count(&self) -> usize {
         self.envoys.len()
+    }
+
+    /// An Envoy stopped answering (`true`) or answers again.
+    pub fn envoy_stalled(&mut self, id: u64, stalled: bool) {
+        if let Some(v) = self.envoys.get_mut(&id) {
+            v.stalled = stalled.then(Instant::now);
+        }
+        self.evaluate();
+    }
+
+    /// The Envoy streams, for `status` and `/healthz`.
+    pub fn envoys(&self) -> Vec<EnvoyStatus> {
+        self.envoys
+            .values()
+            .map(|v| EnvoyStatus {
+                stream: v.stream,
+                stalled_secs: v.stalled.map(|t| t.elapsed().as_secs()),
+            })
+            .collect()
     }
 
     /// An ACK or NACK from one Envoy, or what its first request said it holds.
@@ -514,8 +596,10 @@ impl Registry {
                 continue;
             }
             let name = e.listener();
-            let served =
-                !self.envoys.is_empty() && self.envoys.values().all(|v| v.serves(&snap, &name));
+            // A stalled Envoy counts neither for nor against readiness.
+            let mut answering = self.envoys.values().filter(|v| v.stalled.is_none());
+            let served = self.envoys.values().any(|v| v.stalled.is_none())
+                && answering.all(|v| v.serves(&snap, &name));
             if served {
                 if let Some(since) = e.since.take() {
                     METRICS.ready_after(since.elapsed());
@@ -699,7 +783,7 @@ mod tests {
     #[test]
     fn hand_over_needs_listener_and_endpoints_then_take_back_when_envoy_goes() {
         let (mut r, mut rx) = with_link(1);
-        let envoy = r.envoy_connected();
+        let envoy = r.envoy_connected(1);
         r.register(mapping(81, "10.0.0.2"), me(), Some(1), Server::Relay, None)
             .unwrap();
         assert_eq!(orders(&mut rx), []);
@@ -718,7 +802,7 @@ mod tests {
         assert_eq!(server_of(&r, 81), Server::Relay);
         // A new Envoy that holds nothing yet keeps the proxy relaying; its
         // ACKs hand the port over again.
-        let again = r.envoy_connected();
+        let again = r.envoy_connected(2);
         assert_eq!(orders(&mut rx), []);
         ack(&mut r, again, Kind::Listener);
         ack(&mut r, again, Kind::Endpoint);
@@ -728,8 +812,8 @@ mod tests {
     #[test]
     fn every_envoy_must_serve_before_hand_over_and_one_left_is_enough_to_stay() {
         let (mut r, mut rx) = with_link(1);
-        let a = r.envoy_connected();
-        let b = r.envoy_connected();
+        let a = r.envoy_connected(1);
+        let b = r.envoy_connected(2);
         r.register(mapping(82, "10.0.0.2"), me(), Some(1), Server::Relay, None)
             .unwrap();
         ack(&mut r, a, Kind::Listener);
@@ -745,6 +829,31 @@ mod tests {
     }
 
     #[test]
+    fn a_stalled_envoy_counts_neither_for_nor_against_a_hand_over() {
+        let (mut r, mut rx) = with_link(1);
+        let real = r.envoy_connected(1);
+        let rogue = r.envoy_connected(2);
+        r.register(mapping(85, "10.0.0.2"), me(), Some(1), Server::Relay, None)
+            .unwrap();
+        ack(&mut r, real, Kind::Listener);
+        ack(&mut r, real, Kind::Endpoint);
+        assert_eq!(orders(&mut rx), [], "the rogue has not ACKed");
+        r.envoy_stalled(rogue, true);
+        assert_eq!(orders(&mut rx), [Server::Envoy]);
+        assert_eq!(
+            r.envoys()
+                .iter()
+                .filter(|e| e.stalled_secs.is_some())
+                .count(),
+            1
+        );
+        // The real one goes: a stalled peer that never said what it holds
+        // does not keep the proxy from taking its port back.
+        r.envoy_gone(real);
+        assert_eq!(orders(&mut rx), [Server::Relay]);
+    }
+
+    #[test]
     fn a_restarted_registrar_leaves_handed_over_proxies_alone_during_the_grace() {
         let mut r = Registry::new(Mode::Http).with_grace(Duration::from_secs(3600));
         let (tx, mut rx) = mpsc::unbounded_channel();
@@ -754,7 +863,7 @@ mod tests {
             .unwrap();
         assert_eq!(orders(&mut rx), []);
         // An Envoy reconnects; until it says what it holds, it may hold it.
-        let envoy = r.envoy_connected();
+        let envoy = r.envoy_connected(1);
         assert_eq!(orders(&mut rx), []);
         // It reports holding the listener (delta's initial versions).
         ack(&mut r, envoy, Kind::Listener);
@@ -775,7 +884,7 @@ mod tests {
     #[test]
     fn a_nack_marks_the_mapping_failed_and_keeps_it_relayed() {
         let (mut r, mut rx) = with_link(1);
-        let envoy = r.envoy_connected();
+        let envoy = r.envoy_connected(1);
         let m = mapping(80, "10.0.0.2");
         r.register(m, me(), Some(1), Server::Relay, None).unwrap();
         let error = format!(

@@ -1,6 +1,13 @@
 //! The tonic ADS service: one task per Envoy stream, SotW or delta, that
 //! feeds a `Session` with Envoy's requests and the registrar's snapshots and
 //! sends out whatever the session says is due.
+//!
+//! Who counts as an Envoy: a stream only once its first request has come
+//! with the right node id, and only while it keeps up. A stream that lags
+//! behind the snapshot (see `Session::lagging`) without an ACK or NACK for
+//! [`ANSWER_DEADLINE`] stops counting towards readiness until it catches
+//! up, so a silent, hung or half-speaking peer cannot hold up hand-overs. HTTP/2 keepalive drops half-open connections,
+//! and at most [`MAX_CONNECTIONS`] connections are served at once.
 
 use super::resources::Resource;
 use super::session::{Flavor, Incoming, Outgoing, Session};
@@ -16,10 +23,23 @@ use envoy_types::pb::envoy::service::discovery::v3::{
     Resource as DeltaResource,
 };
 use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream, UnixListenerStream};
+use std::task::{Context as TaskContext, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status, Streaming};
+
+/// How long a stream may leave a response unanswered and still count.
+pub const ANSWER_DEADLINE: Duration = Duration::from_secs(5);
+/// Connections served at once; Envoys are few, so this only stops a flood.
+pub const MAX_CONNECTIONS: usize = 64;
+const KEEPALIVE_EVERY: Duration = Duration::from_secs(10);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A bound xDS listener, ready to serve once the registrar has recovered.
 pub enum XdsListener {
@@ -30,18 +50,37 @@ pub enum XdsListener {
 impl XdsListener {
     pub async fn bind(addr: &Addr) -> Result<XdsListener, String> {
         match addr {
-            Addr::Tcp(sa) => tokio::net::TcpListener::bind(sa)
-                .await
-                .map(XdsListener::Tcp)
-                .map_err(|e| format!("cannot listen for xDS on {sa}: {e}")),
+            Addr::Tcp(sa) => {
+                if !sa.ip().is_loopback() {
+                    tracing::warn!(
+                        "serving xDS on {sa}, which is not loopback: anyone who can reach it can pose as an Envoy; prefer the default Unix socket"
+                    );
+                }
+                tokio::net::TcpListener::bind(sa)
+                    .await
+                    .map(XdsListener::Tcp)
+                    .map_err(|e| format!("cannot listen for xDS on {sa}: {e}"))
+            }
             Addr::Unix(path) => {
                 if std::os::unix::net::UnixStream::connect(path).is_ok() {
                     return Err(format!("{} is already being served", path.display()));
                 }
+                if let Some(dir) = path.parent().filter(|d| !d.exists()) {
+                    use std::os::unix::fs::DirBuilderExt;
+                    std::fs::DirBuilder::new()
+                        .recursive(true)
+                        .mode(0o750)
+                        .create(dir)
+                        .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+                }
                 let _ = std::fs::remove_file(path);
-                tokio::net::UnixListener::bind(path)
-                    .map(|l| XdsListener::Unix(l, path.clone()))
-                    .map_err(|e| format!("cannot listen for xDS on {}: {e}", path.display()))
+                let l = tokio::net::UnixListener::bind(path)
+                    .map_err(|e| format!("cannot listen for xDS on {}: {e}", path.display()))?;
+                // Only root (Envoy runs as root) may talk xDS.
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                    .map_err(|e| format!("cannot chmod {}: {e}", path.display()))?;
+                Ok(XdsListener::Unix(l, path.clone()))
             }
         }
     }
@@ -59,16 +98,29 @@ impl XdsListener {
             snapshots,
             node_id,
         });
-        let router = tonic::transport::Server::builder().add_service(ads);
+        let router = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(KEEPALIVE_EVERY))
+            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+            .add_service(ads);
         let result = match self {
             XdsListener::Tcp(l) => {
+                let l = Arc::new(l);
+                let incoming = capped(move || {
+                    let l = l.clone();
+                    async move { l.accept().await.map(|(s, _)| s) }
+                });
                 router
-                    .serve_with_incoming_shutdown(TcpListenerStream::new(l), shutdown)
+                    .serve_with_incoming_shutdown(incoming, shutdown)
                     .await
             }
             XdsListener::Unix(l, path) => {
+                let l = Arc::new(l);
+                let incoming = capped(move || {
+                    let l = l.clone();
+                    async move { l.accept().await.map(|(s, _)| s) }
+                });
                 let r = router
-                    .serve_with_incoming_shutdown(UnixListenerStream::new(l), shutdown)
+                    .serve_with_incoming_shutdown(incoming, shutdown)
                     .await;
                 let _ = std::fs::remove_file(path);
                 r
@@ -215,10 +267,18 @@ async fn pump<Req, Resp>(
     decode: fn(Req) -> Decoded,
     encode: fn(Outgoing) -> Resp,
 ) {
-    let id = ctx.registry.lock().expect("registry").envoy_connected();
+    static STREAMS: AtomicU64 = AtomicU64::new(0);
+    let stream = STREAMS.fetch_add(1, Ordering::Relaxed) + 1;
     let mut session = Session::new(flavor, ctx.snapshots.borrow_and_update().clone());
-    let mut node: Option<String> = None;
-    tracing::info!("Envoy stream {id} opened ({flavor:?})");
+    // Set once the first request has named the right node: only then does
+    // the stream count as an Envoy.
+    let mut envoy: Option<u64> = None;
+    let mut stalled = false;
+    // Armed while the counted stream lags; pushed back by every answer.
+    let mut lagging = false;
+    let deadline = tokio::time::sleep(ANSWER_DEADLINE);
+    tokio::pin!(deadline);
+    tracing::info!("Envoy stream {stream} opened ({flavor:?})");
     'stream: loop {
         tokio::select! {
             msg = inbound.message() => {
@@ -226,34 +286,42 @@ async fn pump<Req, Resp>(
                     Ok(Some(req)) => decode(req),
                     Ok(None) => break,
                     Err(e) => {
-                        tracing::debug!("Envoy stream {id}: {e}");
+                        tracing::debug!("Envoy stream {stream}: {e}");
                         break;
                     }
                 };
-                if node.is_none() {
-                    let given = req.node_id.clone().unwrap_or_default();
-                    if given != ctx.node_id {
-                        let msg = format!(
-                            "node id {given:?} is not served here; this registrar serves {:?}",
-                            ctx.node_id
-                        );
-                        tracing::warn!("refusing Envoy stream {id}: {msg}");
-                        let _ = tx.send(Err(Status::permission_denied(msg))).await;
-                        break;
+                let id = match envoy {
+                    Some(id) => id,
+                    None => {
+                        let given = req.node_id.clone().unwrap_or_default();
+                        if given != ctx.node_id {
+                            let msg = format!(
+                                "node id {given:?} is not served here; this registrar serves {:?}",
+                                ctx.node_id
+                            );
+                            tracing::warn!("refusing Envoy stream {stream}: {msg}");
+                            let _ = tx.send(Err(Status::permission_denied(msg))).await;
+                            break;
+                        }
+                        let id = ctx.registry.lock().expect("registry").envoy_connected(stream);
+                        envoy = Some(id);
+                        id
                     }
-                    node = Some(given);
-                }
+                };
                 let Some(kind) = Kind::from_type_url(&req.type_url) else {
-                    tracing::debug!("Envoy stream {id} asked for {}; not served", req.type_url);
+                    tracing::debug!("Envoy stream {stream} asked for {}; not served", req.type_url);
                     continue;
                 };
                 let answers = !req.incoming.nonce.is_empty();
+                if answers {
+                    deadline.as_mut().reset(tokio::time::Instant::now() + ANSWER_DEADLINE);
+                }
                 if let Some(fb) = session.on_request(kind, req.incoming) {
                     if answers {
                         METRICS.answered(kind, fb.error.is_some());
                         match &fb.error {
-                            Some(e) => tracing::warn!("Envoy stream {id} rejected {}: {e}", kind.short()),
-                            None => tracing::debug!("Envoy stream {id} acked {}", kind.short()),
+                            Some(e) => tracing::warn!("Envoy stream {stream} rejected {}: {e}", kind.short()),
+                            None => tracing::debug!("Envoy stream {stream} acked {}", kind.short()),
                         }
                     }
                     ctx.registry.lock().expect("registry").envoy_feedback(id, fb);
@@ -265,10 +333,19 @@ async fn pump<Req, Resp>(
                 }
                 session.set_snapshot(ctx.snapshots.borrow_and_update().clone());
             }
+            _ = &mut deadline, if lagging && !stalled => {
+                stalled = true;
+                tracing::warn!(
+                    "Envoy stream {stream} has not caught up or answered for {ANSWER_DEADLINE:?}; it no longer counts towards readiness"
+                );
+                if let Some(id) = envoy {
+                    ctx.registry.lock().expect("registry").envoy_stalled(id, true);
+                }
+            }
         }
         for out in session.poll() {
             tracing::debug!(
-                "Envoy stream {id}: {} version {} ({} resources, {} removed)",
+                "Envoy stream {stream}: {} version {} ({} resources, {} removed)",
                 out.kind.short(),
                 out.version,
                 out.resources.len(),
@@ -279,7 +356,114 @@ async fn pump<Req, Resp>(
                 break 'stream;
             }
         }
+        let now_lagging = envoy.is_some() && session.lagging();
+        if now_lagging && !lagging {
+            deadline
+                .as_mut()
+                .reset(tokio::time::Instant::now() + ANSWER_DEADLINE);
+        }
+        lagging = now_lagging;
+        if stalled && !lagging {
+            stalled = false;
+            tracing::info!("Envoy stream {stream} has caught up");
+            if let Some(id) = envoy {
+                ctx.registry
+                    .lock()
+                    .expect("registry")
+                    .envoy_stalled(id, false);
+            }
+        }
     }
-    tracing::info!("Envoy stream {id} closed");
-    ctx.registry.lock().expect("registry").envoy_gone(id);
+    tracing::info!("Envoy stream {stream} closed");
+    if let Some(id) = envoy {
+        ctx.registry.lock().expect("registry").envoy_gone(id);
+    }
+}
+
+/// Accepted connections, at most [`MAX_CONNECTIONS`] open at once (fewer
+/// under a low open-file limit; see `fdlimit`). Accept
+/// errors (out of descriptors, say) back off instead of spinning.
+fn capped<S, F, Fut>(mut accept: F) -> ReceiverStream<std::io::Result<Capped<S>>>
+where
+    S: Send + 'static,
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: Future<Output = std::io::Result<S>> + Send,
+{
+    let (tx, rx) = mpsc::channel(1);
+    let permits = Arc::new(Semaphore::new(crate::fdlimit::cap(MAX_CONNECTIONS)));
+    tokio::spawn(async move {
+        loop {
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                return;
+            };
+            match accept().await {
+                Ok(io) => {
+                    let c = Capped {
+                        io,
+                        _permit: permit,
+                    };
+                    if tx.send(Ok(c)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!("accepting an xDS connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// A connection that holds one of the server's permits while open.
+pub struct Capped<S> {
+    io: S,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl<S: Connected> Connected for Capped<S> {
+    type ConnectInfo = S::ConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Capped<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Capped<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
 }

@@ -141,6 +141,29 @@ impl Session {
         }
     }
 
+    /// True while a response sent on this stream has had no ACK or NACK.
+    pub fn awaiting(&self) -> bool {
+        self.types.iter().any(|t| t.pending.is_some())
+    }
+
+    /// True while this stream's Envoy does not hold the listeners of the
+    /// current snapshot: a response is out, or listeners are not sent yet
+    /// (their clusters are warming, or the peer never asked for them), or
+    /// removals are not ACKed. Refused versions count as answered.
+    pub fn lagging(&self) -> bool {
+        if self.awaiting() {
+            return true;
+        }
+        let ts = &self.types[Kind::Listener as usize];
+        if !ts.subscribed {
+            return true;
+        }
+        let want = self.snap.get(Kind::Listener);
+        want.iter().any(|(name, r)| {
+            ts.acked.get(name) != Some(&r.version) && ts.rejected.get(name) != Some(&r.version)
+        }) || ts.acked.keys().any(|n| !want.contains_key(n))
+    }
+
     pub fn set_snapshot(&mut self, snap: Arc<Snapshot>) {
         self.snap = snap;
     }

@@ -515,3 +515,42 @@ fn a_reconnect_keeps_clusters_envoy_holds_until_its_listeners_move_on() {
     assert_eq!(out[0].kind, Kind::Cluster);
     assert_eq!(out[0].removed, vec![old.cluster_name()]);
 }
+
+#[test]
+fn a_stream_lags_until_it_holds_every_listener_and_a_refusal_counts_as_an_answer() {
+    let services = [svc(80, "web", Mode::Http)];
+    // A peer that only ever asks for listeners never gets them (their
+    // cluster never warms), so it lags for good.
+    let mut rogue = Session::new(Flavor::Sotw, snap(&services));
+    subscribe(&mut rogue, Kind::Listener, &[]);
+    let first = rogue.poll();
+    assert!(first.iter().all(|o| o.resources.is_empty()), "{first:?}");
+    assert!(rogue.lagging());
+    // Even once it ACKs that empty answer.
+    for o in &first {
+        ack(&mut rogue, o);
+    }
+    assert!(rogue.lagging());
+    // A real Envoy catches up.
+    let both = [svc(80, "web", Mode::Http), svc(81, "web", Mode::Http)];
+    let mut s = converge(Flavor::Sotw, &both);
+    assert!(!s.lagging());
+    // A changed listener: lagging until it is answered, even by a refusal.
+    s.set_snapshot(snap(&[
+        svc(80, "web", Mode::Http),
+        svc(81, "web", Mode::Tcp),
+    ]));
+    assert!(s.lagging());
+    let lds = one(&mut s);
+    assert_eq!(lds.kind, Kind::Listener);
+    let name = both[1].listener_name();
+    s.on_request(
+        Kind::Listener,
+        Incoming {
+            nonce: lds.nonce.clone(),
+            error: Some(format!("cannot bind {name}: Address already in use")),
+            ..Default::default()
+        },
+    );
+    assert!(!s.lagging(), "a refused listener is answered");
+}

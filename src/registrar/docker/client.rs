@@ -105,7 +105,7 @@ impl Docker {
         let path = format!("/events?filters={}", percent_encode(filters));
         Ok(Events {
             body: self.send(&path).await?.into_body(),
-            buf: Vec::new(),
+            lines: EventLines::default(),
         })
     }
 }
@@ -153,34 +153,66 @@ pub fn percent_encode(s: &str) -> String {
 /// The `/events` stream: one JSON object per line.
 pub struct Events {
     body: Incoming,
-    buf: Vec<u8>,
+    lines: EventLines,
 }
 
 impl Events {
     /// The next event; `None` when Docker closes the stream.
     pub async fn next(&mut self) -> Option<Result<Value, String>> {
         loop {
-            if let Some(nl) = self.buf.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = self.buf.drain(..=nl).collect();
-                if line.iter().all(u8::is_ascii_whitespace) {
-                    continue;
-                }
-                return Some(
-                    serde_json::from_slice(&line)
-                        .map_err(|e| format!("bad event from Docker: {e}")),
-                );
-            }
-            if self.buf.len() > MAX_BODY {
-                return Some(Err("event line from Docker too long".into()));
+            if let Some(event) = self.lines.next_event() {
+                return Some(event);
             }
             match self.body.frame().await? {
                 Ok(frame) => {
                     if let Ok(data) = frame.into_data() {
-                        self.buf.extend_from_slice(&data);
+                        self.lines.push(&data);
                     }
                 }
                 Err(e) => return Some(Err(e.to_string())),
             }
+        }
+    }
+}
+
+/// Longest event line kept; Docker's are well under a kilobyte.
+pub const MAX_EVENT_LINE: usize = 1 << 20;
+
+/// Splits the event stream into JSON lines, pure so that it can be tested
+/// and fuzzed. A line over [`MAX_EVENT_LINE`] is reported once and skipped
+/// up to its end, so a broken peer cannot grow the buffer or loop on it.
+#[derive(Debug, Default)]
+pub struct EventLines {
+    buf: Vec<u8>,
+    /// Inside an overlong line: drop bytes until its newline.
+    skipping: bool,
+}
+
+impl EventLines {
+    pub fn push(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
+    }
+
+    /// The next whole line as JSON, if one is buffered.
+    pub fn next_event(&mut self) -> Option<Result<Value, String>> {
+        loop {
+            let Some(nl) = self.buf.iter().position(|b| *b == b'\n') else {
+                if self.buf.len() > MAX_EVENT_LINE {
+                    self.buf.clear();
+                    if !self.skipping {
+                        self.skipping = true;
+                        return Some(Err("an event line from Docker is too long; skipped".into()));
+                    }
+                }
+                return None;
+            };
+            let line: Vec<u8> = self.buf.drain(..=nl).collect();
+            if std::mem::take(&mut self.skipping) || line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            return Some(
+                serde_json::from_slice(&line).map_err(|e| format!("bad event from Docker: {e}")),
+            );
         }
     }
 }
@@ -202,5 +234,31 @@ mod tests {
         assert!(Docker::from_setting(Some("none")).unwrap().is_none());
         assert!(Docker::from_setting(Some("http://x")).is_err());
         assert_eq!(percent_encode("{\"a\":[1]}"), "%7B%22a%22%3A%5B1%5D%7D");
+    }
+
+    #[test]
+    fn event_lines_split_skip_blank_and_survive_an_overlong_line() {
+        let mut l = EventLines::default();
+        l.push(b"{\"a\":1}\n\n{\"b\"");
+        assert_eq!(l.next_event().unwrap().unwrap()["a"], 1);
+        assert!(l.next_event().is_none());
+        l.push(b":2}\nnot json\n");
+        assert_eq!(l.next_event().unwrap().unwrap()["b"], 2);
+        assert!(l.next_event().unwrap().is_err());
+        // An endless line: reported once, memory stays bounded, and the
+        // stream goes on after its newline.
+        let chunk = vec![b'x'; MAX_EVENT_LINE / 2 + 1];
+        let mut errors = 0;
+        for _ in 0..6 {
+            l.push(&chunk);
+            while let Some(e) = l.next_event() {
+                assert!(e.is_err());
+                errors += 1;
+            }
+            assert!(l.buf.len() <= MAX_EVENT_LINE + chunk.len());
+        }
+        assert_eq!(errors, 1);
+        l.push(b"tail of the long line\n{\"c\":3}\n");
+        assert_eq!(l.next_event().unwrap().unwrap()["c"], 3);
     }
 }

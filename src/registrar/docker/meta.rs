@@ -100,7 +100,8 @@ fn ip_of(v: &Value) -> Option<IpAddr> {
 /// one: the short id, as `docker ps` shows it.
 fn name_or_short_id(name: String, id: &str) -> String {
     if name.is_empty() {
-        id[..id.len().min(12)].to_string()
+        // By characters: an id from a broken or hostile API may not be ASCII.
+        id.chars().take(12).collect()
     } else {
         name
     }
