@@ -85,10 +85,7 @@ pub async fn serve(
                 let docker = docker.clone();
                 let trust = trust.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = handle(stream, id, &registry, docker.as_deref(), &trust).await {
-                        tracing::debug!("registrar connection {id}: {e}");
-                    }
-                    registry.lock().expect("registry").connection_closed(id);
+                    serve_connection(stream, id, &registry, docker.as_deref(), &trust).await;
                 });
             }
             Err(e) => {
@@ -97,6 +94,21 @@ pub async fn serve(
             }
         }
     }
+}
+
+/// Serves one peer to its end; its mappings go with it. Public so that
+/// the fuzzer drives the very code that serves the socket.
+pub async fn serve_connection(
+    stream: UnixStream,
+    id: u64,
+    registry: &Shared,
+    docker: Option<&Docker>,
+    trust: &Trust,
+) {
+    if let Err(e) = handle(stream, id, registry, docker, trust).await {
+        tracing::debug!("registrar connection {id}: {e}");
+    }
+    registry.lock().expect("registry").connection_closed(id);
 }
 
 fn may_change(uid: u32) -> bool {

@@ -222,7 +222,12 @@ fn registrar_unreachable_means_ready_at_once_and_relaying() {
     let be = backend::http("127.0.0.19", "no registrar needed");
     let port = free_port();
     let started = std::time::Instant::now();
-    let mut p = crate::harness::Proxy::spawn(&socket, ProxySpec::tcp("127.0.0.1", port, be));
+    let mut spec = ProxySpec::tcp("127.0.0.1", port, be);
+    // dockerd discards a proxy's stderr: its messages go to this file too.
+    let log = dir.path("proxy.log");
+    spec.env
+        .push(("ENVOY_DOCKER_PROXY_LOG".into(), log.display().to_string()));
+    let mut p = crate::harness::Proxy::spawn(&socket, spec);
     assert_eq!(p.status(), "0\n");
     eprintln!("ready {:?} after spawn", started.elapsed());
     let got = http_get(SocketAddr::from(([127, 0, 0, 1], port)), "/").unwrap();
@@ -233,6 +238,12 @@ fn registrar_unreachable_means_ready_at_once_and_relaying() {
     let err = p.stderr();
     assert!(err.contains(&socket.display().to_string()), "{err:?}");
     assert_eq!(err.matches("cannot reach").count(), 1, "{err:?}");
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.starts_with(&format!("envoy-docker-proxy[{}]: ", p.pid()))
+            && logged.contains("cannot reach"),
+        "{logged:?}"
+    );
     assert!(crate::harness::refused(SocketAddr::from((
         [127, 0, 0, 1],
         port

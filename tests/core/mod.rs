@@ -2,6 +2,7 @@
 //! real Envoy on loopback.
 
 mod handover;
+mod hardening;
 mod input;
 mod lifecycle;
 mod serving;

@@ -477,3 +477,41 @@ fn docker_17_every_port_keeps_answering_when_envoy_is_killed() {
     assert!(failures.is_empty(), "{failures:#?}");
     assert!(ok > 10);
 }
+
+#[test]
+fn docker_18_docker_run_succeeds_under_rogue_xds_streams_and_a_descriptor_flood() {
+    use crate::harness::peer::{self, assert_not_spinning, idle_flood, Rogue};
+    let env = dockerd::shared();
+    let before = free_port();
+    env.run(&[
+        "-p",
+        &format!("{before}:80"),
+        "--name",
+        "before-attack",
+        IMAGE,
+    ]);
+    let mut attackers = vec![
+        peer::rogue_ads(env.stack.xds, Rogue::Silent),
+        peer::rogue_ads(env.stack.xds, Rogue::Nack),
+        idle_flood(env.stack.registrar_admin, 70, 30),
+        idle_flood(env.stack.xds, 70, 30),
+    ];
+    std::thread::sleep(Duration::from_secs(1));
+    let h = free_port();
+    env.run(&["-p", &format!("{h}:80"), "--name", "under-attack", IMAGE]);
+    for p in [before, h] {
+        assert_eq!(http_get(local(p), "/").unwrap(), (200, BODY.to_string()));
+    }
+    let rows = env.stack.status();
+    for name in ["before-attack", "under-attack"] {
+        assert!(
+            rows.iter().any(|r| r["container_name"] == name),
+            "{name} not listed: {rows:#?}"
+        );
+    }
+    assert_not_spinning(env.stack.registrar_pid());
+    for mut a in attackers.drain(..) {
+        let _ = a.kill();
+        let _ = a.wait();
+    }
+}

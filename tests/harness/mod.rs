@@ -8,6 +8,7 @@ pub mod backend;
 pub mod collectors;
 pub mod dockerd;
 pub mod load;
+pub mod peer;
 pub mod proc;
 pub mod watch;
 
@@ -198,6 +199,8 @@ pub struct Stack {
     pub registrar_admin: SocketAddr,
     /// Extra flags for `envoy-docker serve`; a restart picks up changes.
     pub serve_args: Vec<String>,
+    /// A command that runs the registrar (`prlimit --nofile=64 --`, say).
+    pub serve_prefix: Vec<String>,
     registrar: Option<Child>,
     envoy: Option<Child>,
     /// Extra Envoys on the same registrar, with their admin addresses.
@@ -226,6 +229,7 @@ impl Stack {
             registrar_admin: SocketAddr::from(([127, 0, 0, 1], free_port())),
             dir,
             serve_args: serve_args.iter().map(|s| s.to_string()).collect(),
+            serve_prefix: Vec::new(),
             registrar: None,
             envoy: None,
             others: Vec::new(),
@@ -241,7 +245,15 @@ impl Stack {
             .append(true)
             .open(self.dir.path("serve.log"))
             .unwrap();
-        let child = Command::new(bin())
+        let mut cmd = match self.serve_prefix.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin());
+                c
+            }
+            None => Command::new(bin()),
+        };
+        let child = cmd
             .arg("serve")
             .arg("--socket")
             .arg(&self.socket)

@@ -141,13 +141,63 @@ fn install_puts_everything_in_place_and_the_units_verify() {
         dir.path("usr/bin/docker-proxy").display().to_string()
     );
     let backup = json.with_extension("json.before-envoy-docker");
-    assert_eq!(std::fs::read_to_string(backup).unwrap(), old);
+    assert_eq!(std::fs::read_to_string(&backup).unwrap(), old);
+
+    // A second --apply keeps the first backup: the original file.
+    let out = install(&dir, &["--apply"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("keeping the existing backup"));
+    assert_eq!(std::fs::read_to_string(&backup).unwrap(), old);
+    // Files are written through a rename: no temporary file is left.
+    for d in ["etc/docker", "units"] {
+        let left: Vec<_> = files_under(&dir.path(d))
+            .into_iter()
+            .filter(|f| f.ends_with(".envoy-docker-tmp"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
 
     // A broken daemon.json is refused, not overwritten.
     std::fs::write(&json, "{not json").unwrap();
     let out = install(&dir, &["--apply"]);
     assert!(!out.status.success());
     assert_eq!(std::fs::read_to_string(&json).unwrap(), "{not json");
+}
+
+#[test]
+fn install_sets_a_real_docker_proxy_aside_and_never_loses_it() {
+    let dir = TempDir::new("install-aside");
+    let proxy = dir.path("usr/bin/docker-proxy");
+    std::fs::create_dir_all(proxy.parent().unwrap()).unwrap();
+    std::fs::write(&proxy, "the distribution's docker-proxy").unwrap();
+    let out = install(&dir, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("moved the regular file"));
+    let aside = dir.path("usr/bin/docker-proxy.before-envoy-docker");
+    assert_eq!(
+        std::fs::read_to_string(&aside).unwrap(),
+        "the distribution's docker-proxy"
+    );
+    assert!(std::fs::symlink_metadata(&proxy)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    // Again with a regular file there and the first one set aside already:
+    // refused, and both files are kept as they are.
+    std::fs::remove_file(&proxy).unwrap();
+    std::fs::write(&proxy, "another one").unwrap();
+    let out = install(&dir, &[]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("exists already"));
+    assert_eq!(std::fs::read_to_string(&proxy).unwrap(), "another one");
+    assert_eq!(
+        std::fs::read_to_string(&aside).unwrap(),
+        "the distribution's docker-proxy"
+    );
 }
 
 #[test]

@@ -178,6 +178,16 @@ pub fn container_with_ip(network: &Value, ip: IpAddr) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_nameless_container_with_a_non_ascii_id_gets_a_short_id_without_panicking() {
+        assert_eq!(
+            super::name_or_short_id(String::new(), "ééééééééééééé"),
+            "éééééééééééé"
+        );
+        assert_eq!(super::name_or_short_id(String::new(), "abc"), "abc");
+        assert_eq!(super::name_or_short_id("web".into(), "abc"), "web");
+    }
+
     use super::*;
     use serde_json::json;
 

@@ -1,0 +1,27 @@
+//! What the Docker API may answer: container lists, inspect documents and
+//! network settings as JSON, and the raw event stream cut anywhere.
+#![no_main]
+
+use envoy_docker::registrar::docker::client::EventLines;
+use envoy_docker::registrar::docker::meta;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) {
+        if let Ok(m) = meta::from_list_item(&v) {
+            let _ = m.naming();
+            let _ = m.bad_mode();
+        }
+        if let Ok(m) = meta::from_inspect(&v) {
+            let _ = m.naming();
+        }
+        let _ = meta::container_with_ip(&v, "172.17.0.2".parse().unwrap());
+    }
+    // The event stream in two pieces, split where the first byte says.
+    let cut = data.first().map_or(0, |b| *b as usize).min(data.len());
+    let mut lines = EventLines::default();
+    lines.push(&data[..cut]);
+    while lines.next_event().is_some() {}
+    lines.push(&data[cut..]);
+    while lines.next_event().is_some() {}
+});
