@@ -167,7 +167,7 @@ pub fn bootstrap(args: Vec<OsString>) -> Result<Parsed<BootstrapArgs>, String> {
         xds: Addr::parse(DEFAULT_XDS).expect("default"),
         admin: Addr::parse(DEFAULT_ADMIN).expect("default"),
         node_id: DEFAULT_NODE_ID.into(),
-        ads: AdsKind::Sotw,
+        ads: AdsKind::Delta,
         output: None,
     };
     let run = parse_flags(args, |name, p| {
@@ -356,11 +356,13 @@ over ADS and waits for it at start-up.
                    (default unix:/run/envoy-docker/xds.sock)
   --admin ADDR     Envoy's admin listener (default 127.0.0.1:9901)
   --node-id ID     node id (default envoy-docker)
-  --ads KIND       sotw (state of the world, default) or delta
+  --ads KIND       delta (incremental, default) or sotw (state of the
+                   world, which resends every listener and cluster on each
+                   change)
   --output PATH    write the file (atomically) instead of printing it
 
 Example:
-  envoy-docker bootstrap --ads delta > /etc/envoy/envoy.yaml";
+  envoy-docker bootstrap > /etc/envoy/envoy.yaml";
 
 pub const STATUS_HELP: &str = "\
 Usage: envoy-docker status [--socket PATH] [--json]

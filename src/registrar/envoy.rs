@@ -117,7 +117,7 @@ pub fn bootstrap_for(xds: &Addr, node_id: &str, admin: Addr) -> BootstrapArgs {
         },
         admin,
         node_id: node_id.into(),
-        ads: AdsKind::Sotw,
+        ads: AdsKind::Delta,
         output: None,
     }
 }
