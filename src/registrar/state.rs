@@ -25,8 +25,8 @@ use crate::mapping::{
     Server,
 };
 use crate::protocol::Reply;
-use crate::xds::resources::Service;
-use crate::xds::session::{mentions, Feedback};
+use crate::xds::resources::{self, Service};
+use crate::xds::session::{mentions, Feedback, Versions};
 use crate::xds::snapshot::{Kind, Snapshot};
 use crate::xds::telemetry::Telemetry;
 use std::collections::BTreeMap;
@@ -132,8 +132,8 @@ struct EnvoyView {
     /// does not count towards hand-overs meanwhile.
     stalled: Option<Instant>,
     /// From its last LDS ACK or NACK (or its first request); `None` before.
-    listeners: Option<BTreeMap<String, String>>,
-    endpoints: BTreeMap<String, String>,
+    listeners: Option<Versions>,
+    endpoints: Versions,
 }
 
 impl EnvoyView {
@@ -178,6 +178,11 @@ pub struct Registry {
     envoys: BTreeMap<u64, EnvoyView>,
     next_envoy: u64,
     snapshots: watch::Sender<Arc<Snapshot>>,
+    /// The snapshot being edited; each change sets or removes only the
+    /// resources of the mappings it touches, then a clone is sent.
+    snap: Snapshot,
+    /// The resources each mapping put into `snap`, to take out again.
+    published: BTreeMap<MappingKey, Vec<(Kind, String)>>,
     /// Deregistrations waiting for every Envoy to drop their listener.
     closing: Vec<(MappingKey, oneshot::Sender<()>)>,
     /// Containers Docker told us about, by id.
@@ -205,6 +210,8 @@ impl Registry {
             envoys: BTreeMap::new(),
             next_envoy: 0,
             snapshots,
+            snap: Snapshot::default(),
+            published: BTreeMap::new(),
             closing: Vec::new(),
             containers: BTreeMap::new(),
             telemetry: Telemetry::default(),
@@ -231,7 +238,7 @@ impl Registry {
 
     pub fn with_telemetry(mut self, telemetry: Telemetry) -> Registry {
         self.telemetry = telemetry;
-        self.publish();
+        self.publish_all();
         self
     }
 
@@ -294,12 +301,10 @@ impl Registry {
             container: None,
             since: Some(Instant::now()),
         });
+        let mut renamed = false;
         if container.is_some() && entry.container != container {
             entry.container = container;
-            let changed = entry.describe(default_mode);
-            if changed && !fresh {
-                self.publish();
-            }
+            renamed = entry.describe(default_mode) && !fresh;
         }
         let entry = self.entries.get_mut(&mapping.key).expect("just inserted");
         // Idempotent: the newest registrant owns the mapping from now on.
@@ -320,7 +325,10 @@ impl Registry {
         if fresh {
             METRICS.registered();
             tracing::info!("registered {mapping} (pid {})", owner.pid);
-            self.publish();
+        }
+        if fresh || renamed {
+            self.refresh(&mapping.key);
+            self.send();
         }
         self.evaluate();
         Ok(())
@@ -347,7 +355,7 @@ impl Registry {
         let (tx, rx) = oneshot::channel();
         self.closing.push((*key, tx));
         if self.remove(key, "deregistered", true) {
-            self.publish();
+            self.send();
         }
         self.evaluate();
         rx
@@ -395,7 +403,7 @@ impl Registry {
             changed |= self.remove(k, why, by_owner);
         }
         if changed {
-            self.publish();
+            self.send();
             self.evaluate();
         }
     }
@@ -408,6 +416,7 @@ impl Registry {
         };
         METRICS.deregistered();
         tracing::info!("removed {} ({why})", e.mapping);
+        self.refresh(key);
         if let (false, Some(c)) = (by_owner, e.conn) {
             self.links.remove(&c);
         }
@@ -474,7 +483,7 @@ impl Registry {
     pub fn apply_container(&mut self, meta: ContainerMeta) {
         let meta = self.remember(meta);
         let default_mode = self.default_mode;
-        let mut changed = false;
+        let mut changed = Vec::new();
         for e in self.entries.values_mut() {
             let b = e.mapping.backend;
             if !meta.serves(b.container_ip, b.container_port, e.mapping.key.proto) {
@@ -483,11 +492,14 @@ impl Registry {
             e.container = Some(meta.clone());
             if e.describe(default_mode) {
                 tracing::info!("{} is now {} ({})", e.mapping, e.name, e.mode.as_str());
-                changed = true;
+                changed.push(e.mapping.key);
             }
         }
-        if changed {
-            self.publish();
+        if !changed.is_empty() {
+            for key in &changed {
+                self.refresh(key);
+            }
+            self.send();
         }
     }
 
@@ -640,33 +652,66 @@ impl Registry {
         self.evaluate();
     }
 
-    fn publish(&self) {
-        let services: Vec<Service> = self
-            .entries
-            .values()
-            .filter(|e| e.mapping.key.proto == Proto::Tcp)
-            .map(|e| {
-                let (service, environment) = match &e.container {
-                    Some(c) => {
-                        let n = c.naming();
-                        (n.service, n.environment)
-                    }
-                    None => (e.name.clone(), None),
-                };
-                Service {
-                    key: e.mapping.key,
-                    backend: e.mapping.backend,
-                    mode: e.mode,
-                    name: e.name.clone(),
-                    service,
-                    environment,
-                    container: e.container.as_ref().map(|c| c.name.clone()),
-                    image: e.container.as_ref().map(|c| c.image.clone()),
-                }
-            })
-            .collect();
-        self.snapshots
-            .send_replace(Arc::new(Snapshot::build(&services, &self.telemetry)));
+    /// Puts the mapping's resources into the snapshot being edited as the
+    /// entry is now (or takes them out if it is gone): O(log n).
+    fn refresh(&mut self, key: &MappingKey) {
+        for (kind, name) in self.published.remove(key).unwrap_or_default() {
+            self.snap.remove(kind, &name);
+        }
+        let Some(e) = self.entries.get(key) else {
+            return;
+        };
+        if e.mapping.key.proto != Proto::Tcp {
+            return;
+        }
+        let svc = service(e);
+        let mut names = Vec::with_capacity(3);
+        for (kind, res) in [
+            (Kind::Cluster, resources::cluster(&svc)),
+            (Kind::Endpoint, resources::endpoints(&svc)),
+            (Kind::Listener, resources::listener(&svc, &self.telemetry)),
+        ] {
+            names.push((kind, res.name.clone()));
+            self.snap.set(kind, Arc::new(res));
+        }
+        self.published.insert(*key, names);
+    }
+
+    /// Sends the edited snapshot to every Envoy stream: a clone in O(1).
+    fn send(&self) {
+        self.snapshots.send_replace(Arc::new(self.snap.clone()));
+    }
+
+    /// Rebuilds every resource (the telemetry changed) and sends.
+    fn publish_all(&mut self) {
+        self.snap = Snapshot::build(std::iter::empty(), &self.telemetry);
+        self.published.clear();
+        let keys: Vec<MappingKey> = self.entries.keys().copied().collect();
+        for key in &keys {
+            self.refresh(key);
+        }
+        self.send();
+    }
+}
+
+/// What the xDS layer needs to know of one mapping.
+fn service(e: &Entry) -> Service {
+    let (service, environment) = match &e.container {
+        Some(c) => {
+            let n = c.naming();
+            (n.service, n.environment)
+        }
+        None => (e.name.clone(), None),
+    };
+    Service {
+        key: e.mapping.key,
+        backend: e.mapping.backend,
+        mode: e.mode,
+        name: e.name.clone(),
+        service,
+        environment,
+        container: e.container.as_ref().map(|c| c.name.clone()),
+        image: e.container.as_ref().map(|c| c.image.clone()),
     }
 }
 
@@ -895,7 +940,7 @@ mod tests {
             envoy,
             Feedback {
                 kind: Kind::Listener,
-                held: BTreeMap::new(),
+                held: Versions::new(),
                 error: Some(error.clone()),
             },
         );

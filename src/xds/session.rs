@@ -57,12 +57,16 @@ pub struct Outgoing {
     pub removed: Vec<String>,
 }
 
+/// Name to version, as Envoy holds it. Persistent, so handing a copy to
+/// the registrar on every ACK costs O(1).
+pub type Versions = imbl::OrdMap<String, String>;
+
 /// What an ACK or NACK (or a first request) tells the registrar.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Feedback {
     pub kind: Kind,
     /// What Envoy now holds, name to version, as far as this stream knows.
-    pub held: BTreeMap<String, String>,
+    pub held: Versions,
     /// Set for a NACK: Envoy's error text.
     pub error: Option<String>,
 }
@@ -85,7 +89,7 @@ struct TypeState {
     last_nonce: Option<String>,
     pending: Option<String>,
     sent: BTreeMap<String, Held>,
-    acked: BTreeMap<String, String>,
+    acked: Versions,
     /// Versions Envoy refused: never counted as held, never resent as such.
     rejected: BTreeMap<String, String>,
     /// Endpoints only: clusters sent anew, which wait for a fresh
@@ -366,7 +370,12 @@ impl Session {
         }
         self.nonces += 1;
         let nonce = self.nonces.to_string();
-        let version = sotw_version(&desired);
+        // SotW versions name the whole set (a hash of it, so a reconnect
+        // can tell); delta's is informative only, so no hash over all.
+        let version = match flavor {
+            Flavor::Sotw => sotw_version(&desired),
+            Flavor::Delta => format!("n{nonce}"),
+        };
         let ts = self.ts(kind);
         ts.must_respond = false;
         ts.pending = Some(nonce.clone());
@@ -416,7 +425,7 @@ impl Session {
                 kind,
                 nonce,
                 version,
-                resources: desired.into_values().collect(),
+                resources: desired.values().cloned().collect(),
                 removed: Vec::new(),
             },
             Flavor::Delta => Outgoing {
@@ -436,11 +445,14 @@ impl Session {
         match kind {
             Kind::Cluster => {
                 let mut out = snap.clone();
-                let listeners = &self.types[Kind::Listener as usize].sent;
+                // The clusters that listeners Envoy holds point at, once.
+                let used: BTreeSet<&str> = self.types[Kind::Listener as usize]
+                    .sent
+                    .values()
+                    .filter_map(|l| l.res.as_ref()?.cluster.as_deref())
+                    .collect();
                 for (name, held) in &ts.sent {
-                    let still_used = listeners
-                        .values()
-                        .any(|l| l.res.as_ref().and_then(|r| r.cluster.as_ref()) == Some(name));
+                    let still_used = used.contains(name.as_str());
                     if let (false, Some(res), true) =
                         (out.contains_key(name), &held.res, still_used)
                     {

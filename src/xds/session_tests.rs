@@ -411,7 +411,7 @@ fn a_reconnect_reports_what_envoy_holds_and_refreshes_rebuilt_clusters() {
     s.on_request(
         Kind::Cluster,
         Incoming {
-            initial_versions: clusters,
+            initial_versions: clusters.into_iter().collect(),
             ..Default::default()
         },
     );
@@ -422,7 +422,7 @@ fn a_reconnect_reports_what_envoy_holds_and_refreshes_rebuilt_clusters() {
             Kind::Endpoint,
             Incoming {
                 subscribe: vec![a.cluster_name()],
-                initial_versions: held(Kind::Endpoint),
+                initial_versions: held(Kind::Endpoint).into_iter().collect(),
                 ..Default::default()
             },
         )
@@ -438,7 +438,7 @@ fn a_reconnect_reports_what_envoy_holds_and_refreshes_rebuilt_clusters() {
         .on_request(
             Kind::Listener,
             Incoming {
-                initial_versions: held(Kind::Listener),
+                initial_versions: held(Kind::Listener).into_iter().collect(),
                 ..Default::default()
             },
         )
@@ -492,7 +492,7 @@ fn a_reconnect_keeps_clusters_envoy_holds_until_its_listeners_move_on() {
             kind,
             Incoming {
                 subscribe,
-                initial_versions: held(kind),
+                initial_versions: held(kind).into_iter().collect(),
                 ..Default::default()
             },
         );

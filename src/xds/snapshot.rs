@@ -1,10 +1,14 @@
 //! One consistent set of xDS resources built from the registrar's state.
 //! The registrar publishes a new snapshot on every change through a watch
 //! channel; each Envoy stream reads the newest one.
+//!
+//! The maps are persistent (`imbl`): a snapshot is cloned in O(1), one
+//! resource is set or removed in O(log n), and two snapshots that share
+//! most of their nodes are compared in time proportional to what differs.
+//! So one change costs about the same whether 10 or 2,000 mappings exist.
 
 use super::resources::{self, Resource, Service, CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE};
 use super::telemetry::{self, Telemetry};
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 /// The three resource types the registrar serves.
@@ -41,7 +45,7 @@ impl Kind {
     }
 }
 
-pub type Resources = BTreeMap<String, Arc<Resource>>;
+pub type Resources = imbl::OrdMap<String, Arc<Resource>>;
 
 #[derive(Debug, Default, Clone)]
 pub struct Snapshot {
@@ -69,5 +73,15 @@ impl Snapshot {
 
     pub fn get(&self, kind: Kind) -> &Resources {
         &self.by_kind[kind as usize]
+    }
+
+    /// Adds or replaces one resource.
+    pub fn set(&mut self, kind: Kind, res: Arc<Resource>) {
+        self.by_kind[kind as usize].insert(res.name.clone(), res);
+    }
+
+    /// Removes one resource, if present.
+    pub fn remove(&mut self, kind: Kind, name: &str) {
+        self.by_kind[kind as usize].remove(name);
     }
 }

