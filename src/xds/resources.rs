@@ -25,7 +25,7 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
     http_connection_manager, http_filter, HttpConnectionManager, HttpFilter,
 };
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{tcp_proxy, TcpProxy};
-use envoy_types::pb::google::protobuf::{Any, Duration};
+use envoy_types::pb::google::protobuf::{Any, BoolValue, Duration};
 use envoy_types::util::pack_any;
 use prost::{Message, Name};
 
@@ -278,11 +278,19 @@ fn http_manager(svc: &Service, t: &Telemetry) -> Any {
         )),
         http_filters: vec![HttpFilter {
             name: "envoy.filters.http.router".into(),
-            config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
-                Router::default(),
-            ))),
+            // No x-envoy-* headers added to requests or answers: less work
+            // per request, and nothing docker-proxy would not pass as is.
+            config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(Router {
+                suppress_envoy_headers: true,
+                ..Default::default()
+            }))),
             ..Default::default()
         }],
+        // A request id is only of use to tracing and to access logs (which
+        // show it); making one costs a random UUID and a header per request.
+        generate_request_id: Some(BoolValue {
+            value: t.tracer.is_some() || t.access_log.is_some(),
+        }),
         upgrade_configs: vec![http_connection_manager::UpgradeConfig {
             upgrade_type: "websocket".into(),
             ..Default::default()
@@ -362,6 +370,18 @@ mod tests {
             panic!()
         };
         let hcm = HttpConnectionManager::decode(any.value.as_slice()).unwrap();
+        // No per-request work that nothing uses: no request id without
+        // tracing or access logs, no x-envoy-* headers.
+        assert_eq!(hcm.generate_request_id, Some(BoolValue { value: false }));
+        let Some(http_filter::ConfigType::TypedConfig(router)) = &hcm.http_filters[0].config_type
+        else {
+            panic!()
+        };
+        assert!(
+            Router::decode(router.value.as_slice())
+                .unwrap()
+                .suppress_envoy_headers
+        );
         let Some(http_connection_manager::RouteSpecifier::RouteConfig(rc)) = hcm.route_specifier
         else {
             panic!()

