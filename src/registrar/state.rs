@@ -183,6 +183,9 @@ pub struct Registry {
     snap: Snapshot,
     /// The resources each mapping put into `snap`, to take out again.
     published: BTreeMap<MappingKey, Vec<(Kind, String)>>,
+    /// Resource name (listener or cluster) to its mapping, so that an ACK
+    /// of a few resources re-judges only their mappings.
+    by_name: BTreeMap<String, MappingKey>,
     /// Deregistrations waiting for every Envoy to drop their listener.
     closing: Vec<(MappingKey, oneshot::Sender<()>)>,
     /// Containers Docker told us about, by id.
@@ -212,6 +215,7 @@ impl Registry {
             snapshots,
             snap: Snapshot::default(),
             published: BTreeMap::new(),
+            by_name: BTreeMap::new(),
             closing: Vec::new(),
             containers: BTreeMap::new(),
             telemetry: Telemetry::default(),
@@ -330,7 +334,7 @@ impl Registry {
             self.refresh(&mapping.key);
             self.send();
         }
-        self.evaluate();
+        self.evaluate_keys([mapping.key]);
         Ok(())
     }
 
@@ -346,7 +350,7 @@ impl Registry {
             tracing::info!("{} handed over to Envoy", e.mapping);
         }
         e.server = server;
-        self.evaluate();
+        self.evaluate_keys([*key]);
     }
 
     /// Removes a mapping. The receiver resolves once no connected Envoy
@@ -357,7 +361,7 @@ impl Registry {
         if self.remove(key, "deregistered", true) {
             self.send();
         }
-        self.evaluate();
+        self.evaluate_keys([]);
         rx
     }
 
@@ -404,7 +408,7 @@ impl Registry {
         }
         if changed {
             self.send();
-            self.evaluate();
+            self.evaluate_keys([]);
         }
     }
 
@@ -557,15 +561,19 @@ impl Registry {
         };
         match fb.kind {
             Kind::Listener => view.listeners = Some(fb.held),
-            Kind::Endpoint => {
-                view.endpoints = fb.held;
-                self.evaluate();
-                return;
-            }
+            Kind::Endpoint => view.endpoints = fb.held,
             Kind::Cluster => return,
         }
-        let Some(error) = fb.error else {
-            self.evaluate();
+        // Only the mappings whose resources this answer was about.
+        let touched: Vec<MappingKey> = match &fb.touched {
+            Some(names) => names
+                .iter()
+                .filter_map(|n| self.by_name.get(n).copied())
+                .collect(),
+            None => self.entries.keys().copied().collect(),
+        };
+        let Some(error) = fb.error.filter(|_| fb.kind == Kind::Listener) else {
+            self.evaluate_keys(touched);
             return;
         };
         let rejected: Vec<MappingKey> = self
@@ -582,67 +590,41 @@ impl Registry {
                 e.state = MappingState::Failed(error.clone());
             }
         }
-        self.evaluate();
+        self.evaluate_keys(touched.into_iter().chain(rejected));
     }
 
-    /// Recomputes each TCP mapping's state from what the Envoys hold, and
-    /// orders proxies to hand over or take back where that changed.
+    /// Recomputes every TCP mapping's state from what the Envoys hold, and
+    /// orders proxies to hand over or take back where that changed. For
+    /// what touches every mapping: an Envoy coming, going or stalling.
     fn evaluate(&mut self) {
-        let snap = self.snapshots.borrow().clone();
+        let keys: Vec<MappingKey> = self.entries.keys().copied().collect();
+        self.evaluate_keys(keys);
+    }
+
+    /// The same for the given mappings only (and the pending closes): a
+    /// change to one mapping, or an ACK of a few resources, costs what it
+    /// touches, not the whole table.
+    fn evaluate_keys(&mut self, keys: impl IntoIterator<Item = MappingKey>) {
         let held =
             |envoys: &BTreeMap<u64, EnvoyView>, name: &str| envoys.values().any(|v| v.holds(name));
-        let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.closing)
-            .into_iter()
-            .partition(|(key, _)| {
-                self.entries.contains_key(key) || !held(&self.envoys, &key.resource_name())
-            });
-        self.closing = waiting;
-        for (_, tx) in done {
-            let _ = tx.send(());
+        if !self.closing.is_empty() {
+            let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.closing)
+                .into_iter()
+                .partition(|(key, _)| {
+                    self.entries.contains_key(key) || !held(&self.envoys, &key.resource_name())
+                });
+            self.closing = waiting;
+            for (_, tx) in done {
+                let _ = tx.send(());
+            }
         }
         let waiting_for_envoys =
             !self.seen_envoy && self.envoys.is_empty() && self.started.elapsed() < self.grace;
-        for e in self.entries.values_mut() {
-            if e.mapping.key.proto != Proto::Tcp {
-                e.state = MappingState::Active;
-                continue;
-            }
-            let name = e.listener();
-            // A stalled Envoy counts neither for nor against readiness.
-            let mut answering = self.envoys.values().filter(|v| v.stalled.is_none());
-            let served = self.envoys.values().any(|v| v.stalled.is_none())
-                && answering.all(|v| v.serves(&snap, &name));
-            if served {
-                if let Some(since) = e.since.take() {
-                    METRICS.ready_after(since.elapsed());
-                }
-                e.state = MappingState::Active;
-            } else if e.state == MappingState::Active {
-                e.state = MappingState::Pending;
-            }
-            let may_hold = waiting_for_envoys || self.envoys.values().any(|v| v.may_hold(&name));
-            let order = match e.server {
-                Server::Relay if served => Server::Envoy,
-                Server::Handover | Server::Envoy if !may_hold => Server::Relay,
-                _ => continue,
-            };
-            // Nobody to tell (a mapping recovered or replayed for a pid):
-            // what the proxy does is unknown until it registers again.
-            let Some(outbox) = e.conn.and_then(|c| self.links.get(&c)) else {
+        for key in keys {
+            let Some(e) = self.entries.get_mut(&key) else {
                 continue;
             };
-            if order == Server::Relay {
-                METRICS.took_back();
-                tracing::info!(
-                    "no Envoy serves {} any more; its proxy takes it back",
-                    e.mapping
-                );
-            }
-            e.server = match order {
-                Server::Envoy => Server::Handover,
-                o => o,
-            };
-            let _ = outbox.send(Reply::Serve(order));
+            judge(e, &self.envoys, &self.links, &self.snap, waiting_for_envoys);
         }
     }
 
@@ -657,6 +639,7 @@ impl Registry {
     fn refresh(&mut self, key: &MappingKey) {
         for (kind, name) in self.published.remove(key).unwrap_or_default() {
             self.snap.remove(kind, &name);
+            self.by_name.remove(&name);
         }
         let Some(e) = self.entries.get(key) else {
             return;
@@ -672,6 +655,7 @@ impl Registry {
             (Kind::Listener, resources::listener(&svc, &self.telemetry)),
         ] {
             names.push((kind, res.name.clone()));
+            self.by_name.insert(res.name.clone(), *key);
             self.snap.set(kind, Arc::new(res));
         }
         self.published.insert(*key, names);
@@ -686,12 +670,64 @@ impl Registry {
     fn publish_all(&mut self) {
         self.snap = Snapshot::build(std::iter::empty(), &self.telemetry);
         self.published.clear();
+        self.by_name.clear();
         let keys: Vec<MappingKey> = self.entries.keys().copied().collect();
         for key in &keys {
             self.refresh(key);
         }
         self.send();
     }
+}
+
+/// Settles one mapping: its state from what the Envoys hold, and an order
+/// to its proxy if who should serve it changed.
+fn judge(
+    e: &mut Entry,
+    envoys: &BTreeMap<u64, EnvoyView>,
+    links: &BTreeMap<u64, Outbox>,
+    snap: &Snapshot,
+    waiting_for_envoys: bool,
+) {
+    if e.mapping.key.proto != Proto::Tcp {
+        e.state = MappingState::Active;
+        return;
+    }
+    let name = e.listener();
+    // A stalled Envoy counts neither for nor against readiness.
+    let mut answering = envoys.values().filter(|v| v.stalled.is_none());
+    let served =
+        envoys.values().any(|v| v.stalled.is_none()) && answering.all(|v| v.serves(snap, &name));
+    if served {
+        if let Some(since) = e.since.take() {
+            METRICS.ready_after(since.elapsed());
+        }
+        e.state = MappingState::Active;
+    } else if e.state == MappingState::Active {
+        e.state = MappingState::Pending;
+    }
+    let may_hold = waiting_for_envoys || envoys.values().any(|v| v.may_hold(&name));
+    let order = match e.server {
+        Server::Relay if served => Server::Envoy,
+        Server::Handover | Server::Envoy if !may_hold => Server::Relay,
+        _ => return,
+    };
+    // Nobody to tell (a mapping recovered or replayed for a pid): what the
+    // proxy does is unknown until it registers again.
+    let Some(outbox) = e.conn.and_then(|c| links.get(&c)) else {
+        return;
+    };
+    if order == Server::Relay {
+        METRICS.took_back();
+        tracing::info!(
+            "no Envoy serves {} any more; its proxy takes it back",
+            e.mapping
+        );
+    }
+    e.server = match order {
+        Server::Envoy => Server::Handover,
+        o => o,
+    };
+    let _ = outbox.send(Reply::Serve(order));
 }
 
 /// What the xDS layer needs to know of one mapping.
@@ -748,22 +784,64 @@ mod tests {
     }
 
     /// An ACK from `envoy` of everything of `kind` in the current snapshot.
+    /// The ACK names what it answered, as the session reports it, so the
+    /// registry re-judges just those mappings.
     fn ack(r: &mut Registry, envoy: u64, kind: Kind) {
-        let held = r
+        let held: Versions = r
             .snapshots()
             .borrow()
             .get(kind)
             .iter()
             .map(|(n, res)| (n.clone(), res.version.clone()))
             .collect();
+        let touched = Some(held.keys().cloned().collect());
         r.envoy_feedback(
             envoy,
             Feedback {
                 kind,
                 held,
                 error: None,
+                touched,
             },
         );
+    }
+
+    #[test]
+    fn an_ack_naming_one_mapping_settles_that_one_only() {
+        let (mut r, mut rx) = with_link(1);
+        let envoy = r.envoy_connected(1);
+        let (a, b) = (mapping(86, "10.0.0.2"), mapping(87, "10.0.0.3"));
+        r.register(a, me(), Some(1), Server::Relay, None).unwrap();
+        r.register(b, me(), Some(1), Server::Relay, None).unwrap();
+        let snap = r.snapshots().borrow().clone();
+        let versions = |kind: Kind| -> Versions {
+            snap.get(kind)
+                .iter()
+                .map(|(n, res)| (n.clone(), res.version.clone()))
+                .collect()
+        };
+        let cluster_of_a = snap.get(Kind::Listener)[&a.key.resource_name()]
+            .cluster
+            .clone()
+            .unwrap();
+        // Envoy holds everything, but the answers name only a's resources.
+        for (kind, name) in [
+            (Kind::Endpoint, cluster_of_a),
+            (Kind::Listener, a.key.resource_name()),
+        ] {
+            r.envoy_feedback(
+                envoy,
+                Feedback {
+                    kind,
+                    held: versions(kind),
+                    error: None,
+                    touched: Some(vec![name]),
+                },
+            );
+        }
+        assert_eq!(orders(&mut rx), [Server::Envoy]);
+        assert_eq!(server_of(&r, 86), Server::Handover);
+        assert_eq!(server_of(&r, 87), Server::Relay);
     }
 
     /// A registry without the reconnect grace, and one proxy connection.
@@ -942,6 +1020,7 @@ mod tests {
                 kind: Kind::Listener,
                 held: Versions::new(),
                 error: Some(error.clone()),
+                touched: None,
             },
         );
         let rows = r.list();

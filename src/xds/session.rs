@@ -69,6 +69,10 @@ pub struct Feedback {
     pub held: Versions,
     /// Set for a NACK: Envoy's error text.
     pub error: Option<String>,
+    /// The names this answer was about (what the answered response added,
+    /// changed or removed); `None` when it may be about anything (a first
+    /// request, which reports all Envoy holds).
+    pub touched: Option<Vec<String>>,
 }
 
 /// A resource Envoy holds or is being sent. `res` is `None` when Envoy had
@@ -88,6 +92,11 @@ struct TypeState {
     must_respond: bool,
     last_nonce: Option<String>,
     pending: Option<String>,
+    /// The names the pending response added, changed or removed.
+    inflight: Vec<String>,
+    /// Something this type's response depends on may have changed since
+    /// it was last worked out; `poll` skips clean types.
+    dirty: bool,
     sent: BTreeMap<String, Held>,
     acked: Versions,
     /// Versions Envoy refused: never counted as held, never resent as such.
@@ -169,7 +178,21 @@ impl Session {
     }
 
     pub fn set_snapshot(&mut self, snap: Arc<Snapshot>) {
+        let changed = Kind::ORDER
+            .iter()
+            .any(|k| !self.snap.get(*k).ptr_eq(snap.get(*k)));
+        if changed {
+            // The types depend on each other (warming, clusters in use):
+            // any change may touch all three.
+            self.mark(&Kind::ORDER);
+        }
         self.snap = snap;
+    }
+
+    fn mark(&mut self, kinds: &[Kind]) {
+        for k in kinds {
+            self.types[*k as usize].dirty = true;
+        }
     }
 
     fn ts(&mut self, kind: Kind) -> &mut TypeState {
@@ -178,6 +201,14 @@ impl Session {
 
     /// Takes one request; returns what an ACK or NACK in it means.
     pub fn on_request(&mut self, kind: Kind, req: Incoming) -> Option<Feedback> {
+        // What a request of this type can unblock or change: its own next
+        // response, listeners waiting for warm clusters, clusters still
+        // kept for listeners Envoy holds, assignments of sent clusters.
+        self.mark(match kind {
+            Kind::Cluster => &Kind::ORDER,
+            Kind::Endpoint => &[Kind::Endpoint, Kind::Listener],
+            Kind::Listener => &[Kind::Listener, Kind::Cluster],
+        });
         let first = !self.types[kind as usize].subscribed;
         match self.flavor {
             Flavor::Sotw => {
@@ -244,9 +275,11 @@ impl Session {
                 kind,
                 held: ts.acked.clone(),
                 error: None,
+                touched: None,
             });
         }
         ts.pending = None;
+        let touched = std::mem::take(&mut ts.inflight);
         let before = std::mem::take(&mut ts.acked);
         let mut failed: Vec<String> = match &req.error {
             None => Vec::new(),
@@ -290,6 +323,7 @@ impl Session {
             kind,
             held: ts.acked.clone(),
             error: req.error.as_deref().map(first_line),
+            touched: Some(touched),
         })
     }
 
@@ -339,12 +373,20 @@ impl Session {
                 Kind::Endpoint => false,
                 Kind::Listener => busy(Kind::Cluster) || busy(Kind::Endpoint),
             };
-            if !ts.subscribed || ts.pending.is_some() || blocked {
+            if !ts.dirty || !ts.subscribed || ts.pending.is_some() || blocked {
                 continue;
             }
             let desired = self.desired(kind, self.trust_listeners);
+            self.ts(kind).dirty = false;
             if let Some(msg) = self.respond(kind, desired) {
                 out.push(msg);
+                // Clusters sent decide which assignments are due; listeners
+                // sent decide which clusters are still in use.
+                match kind {
+                    Kind::Cluster => self.mark(&[Kind::Endpoint]),
+                    Kind::Listener => self.mark(&[Kind::Cluster]),
+                    Kind::Endpoint => {}
+                }
             }
         }
         out
@@ -379,6 +421,11 @@ impl Session {
         let ts = self.ts(kind);
         ts.must_respond = false;
         ts.pending = Some(nonce.clone());
+        ts.inflight = changed
+            .iter()
+            .map(|r| r.name.clone())
+            .chain(removed.iter().cloned())
+            .collect();
         ts.last_nonce = Some(nonce.clone());
         let old_sent = std::mem::take(&mut ts.sent);
         ts.sent = desired
