@@ -64,7 +64,7 @@ impl Service {
 }
 
 /// One resource ready to send: name, content version and packed message.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Resource {
     pub name: String,
     pub version: String,
@@ -72,6 +72,18 @@ pub struct Resource {
     /// For a listener: the cluster it sends traffic to, which must be warm
     /// in Envoy before the listener is sent.
     pub cluster: Option<String>,
+}
+
+/// Two resources are the same when name, version and target agree: the
+/// version is a hash of the content, so the bytes need no comparing. A
+/// placeholder differs from the real resource of the same version.
+impl PartialEq for Resource {
+    fn eq(&self, other: &Resource) -> bool {
+        self.name == other.name
+            && self.version == other.version
+            && self.cluster == other.cluster
+            && self.any.type_url == other.any.type_url
+    }
 }
 
 impl Resource {
@@ -234,7 +246,13 @@ pub fn listener(svc: &Service, t: &Telemetry) -> Resource {
         }],
         ..Default::default()
     };
-    let inputs = format!("{svc:?} {t:?}");
+    // The backend lives in the assignment, not here: a container that
+    // comes back on a new address must not make Envoy rebuild (and drain)
+    // its listener.
+    let mut inputs_of = svc.clone();
+    inputs_of.backend.container_ip = std::net::Ipv4Addr::UNSPECIFIED.into();
+    inputs_of.backend.container_port = 0;
+    let inputs = format!("{inputs_of:?} {t:?}");
     Resource::from_inputs(name, l, Some(cluster), &inputs)
 }
 
@@ -357,6 +375,7 @@ mod tests {
         let mut moved = a.clone();
         moved.backend.container_ip = "172.17.0.9".parse().unwrap();
         assert_eq!(cluster(&a).version, cluster(&moved).version);
+        assert_eq!(listener(&a, &T).version, listener(&moved, &T).version);
         assert_ne!(endpoints(&a).version, endpoints(&moved).version);
     }
 

@@ -20,7 +20,8 @@
 
 use super::resources::{content_hash, Resource};
 use super::snapshot::{Kind, Resources, Snapshot};
-use std::collections::{BTreeMap, BTreeSet};
+use imbl::ordmap::DiffItem;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,19 +76,18 @@ pub struct Feedback {
     pub touched: Option<Vec<String>>,
 }
 
-/// A resource Envoy holds or is being sent. `res` is `None` when Envoy had
-/// it before this stream began, so only its version is known.
-#[derive(Debug, Clone)]
-struct Held {
-    version: String,
-    res: Option<Arc<Resource>>,
-}
-
 #[derive(Debug, Default)]
 struct TypeState {
     subscribed: bool,
     wildcard: bool,
     names: BTreeSet<String>,
+    /// Endpoints: names whose subscription changed since `desired` last
+    /// looked, and whether it must look at every name (first time, or the
+    /// wildcard was switched).
+    names_changed: BTreeSet<String>,
+    full: bool,
+    /// Endpoints: the clusters sent when `desired` last looked.
+    seen_clusters: Resources,
     /// Answer even if nothing differs (Envoy waits for a first response).
     must_respond: bool,
     last_nonce: Option<String>,
@@ -97,13 +97,46 @@ struct TypeState {
     /// Something this type's response depends on may have changed since
     /// it was last worked out; `poll` skips clean types.
     dirty: bool,
-    sent: BTreeMap<String, Held>,
+    /// What Envoy holds or is being sent. A placeholder stands for what
+    /// Envoy had before this stream began (only its version is known).
+    /// Built from the snapshot plus a few exceptions, so it shares nearly
+    /// all of its nodes with the snapshot and the two diff in time
+    /// proportional to what differs.
+    sent: Resources,
+    /// `sent` as it was at the last ACK, and the same as name to version.
+    acked_res: Resources,
     acked: Versions,
     /// Versions Envoy refused: never counted as held, never resent as such.
     rejected: BTreeMap<String, String>,
     /// Endpoints only: clusters sent anew, which wait for a fresh
     /// assignment whatever Envoy says it holds.
     fresh_needed: BTreeSet<String>,
+}
+
+impl TypeState {
+    /// Forgets that Envoy holds `name` (it must be sent again).
+    fn forget(&mut self, name: &str) {
+        self.sent.remove(name);
+        self.acked_res.remove(name);
+        self.acked.remove(name);
+    }
+
+    /// Takes `sent` as acknowledged; O(what changed since the last ACK).
+    fn take_ack(&mut self) {
+        for item in self.acked_res.diff(&self.sent) {
+            match item {
+                DiffItem::Add(n, r) | DiffItem::Update { new: (n, r), .. } => {
+                    self.acked.insert(n.clone(), r.version.clone());
+                }
+                DiffItem::Remove(n, _) => {
+                    self.acked.remove(n);
+                }
+            }
+        }
+        self.acked_res = self.sent.clone();
+        let acked = &self.acked;
+        self.rejected.retain(|n, v| acked.get(n) != Some(v));
+    }
 }
 
 #[derive(Debug)]
@@ -119,6 +152,10 @@ pub struct Session {
     /// said it held on reconnect may still serve listeners whose contents
     /// we do not know, so they are not removed.
     listeners_confirmed: bool,
+    /// How many listeners in `sent` point at each cluster, as of
+    /// `uses_base`; brought up to date by a diff before use.
+    uses: HashMap<String, usize>,
+    uses_base: Resources,
 }
 
 /// Envoy's NACK text, cut to its first line: for a rejected filter, Envoy
@@ -151,6 +188,8 @@ impl Session {
             nonces: 0,
             trust_listeners: false,
             listeners_confirmed: false,
+            uses: HashMap::new(),
+            uses_base: Resources::new(),
         }
     }
 
@@ -163,6 +202,7 @@ impl Session {
     /// current snapshot: a response is out, or listeners are not sent yet
     /// (their clusters are warming, or the peer never asked for them), or
     /// removals are not ACKed. Refused versions count as answered.
+    /// O(what differs), since what was ACKed shares nodes with the snapshot.
     pub fn lagging(&self) -> bool {
         if self.awaiting() {
             return true;
@@ -172,9 +212,13 @@ impl Session {
             return true;
         }
         let want = self.snap.get(Kind::Listener);
-        want.iter().any(|(name, r)| {
-            ts.acked.get(name) != Some(&r.version) && ts.rejected.get(name) != Some(&r.version)
-        }) || ts.acked.keys().any(|n| !want.contains_key(n))
+        let answered = |n: &String, r: &Arc<Resource>| {
+            ts.acked.get(n) == Some(&r.version) || ts.rejected.get(n) == Some(&r.version)
+        };
+        ts.acked_res.diff(want).any(|item| match item {
+            DiffItem::Add(n, r) | DiffItem::Update { new: (n, r), .. } => !answered(n, r),
+            DiffItem::Remove(..) => true,
+        })
     }
 
     pub fn set_snapshot(&mut self, snap: Arc<Snapshot>) {
@@ -220,40 +264,49 @@ impl Session {
                     self.first_sotw(kind, &req);
                 }
                 let ts = self.ts(kind);
-                ts.names = req.names.iter().cloned().collect();
-                ts.wildcard = kind != Kind::Endpoint && ts.names.is_empty();
+                let names: BTreeSet<String> = req.names.iter().cloned().collect();
+                if names != ts.names {
+                    // SotW repeats the whole list; what changed is the
+                    // symmetric difference.
+                    let moved: Vec<String> =
+                        names.symmetric_difference(&ts.names).cloned().collect();
+                    ts.names_changed.extend(moved);
+                    ts.names = names;
+                }
+                let wildcard = kind != Kind::Endpoint && ts.names.is_empty();
+                ts.full |= wildcard != ts.wildcard;
+                ts.wildcard = wildcard;
             }
             Flavor::Delta => {
                 let ts = self.ts(kind);
                 if first {
                     ts.subscribed = true;
+                    ts.full = true;
                     ts.wildcard = kind != Kind::Endpoint && req.subscribe.is_empty();
                     ts.must_respond = req.initial_versions.is_empty();
                     for (name, version) in &req.initial_versions {
                         ts.acked.insert(name.clone(), version.clone());
-                        ts.sent.insert(
-                            name.clone(),
-                            Held {
-                                version: version.clone(),
-                                res: None,
-                            },
-                        );
+                        let held = Arc::new(Resource::placeholder(name, version));
+                        ts.sent.insert(name.clone(), held);
                     }
+                    ts.acked_res = ts.sent.clone();
                 }
                 for name in &req.subscribe {
                     if name == "*" {
+                        ts.full |= !ts.wildcard;
                         ts.wildcard = true;
-                    } else {
-                        ts.names.insert(name.clone());
+                    } else if ts.names.insert(name.clone()) {
+                        ts.names_changed.insert(name.clone());
                     }
                 }
                 for name in &req.unsubscribe {
                     if name == "*" {
+                        ts.full |= ts.wildcard;
                         ts.wildcard = false;
                     }
                     ts.names.remove(name);
-                    ts.sent.remove(name);
-                    ts.acked.remove(name);
+                    ts.forget(name);
+                    ts.names_changed.insert(name.clone());
                 }
             }
         }
@@ -261,10 +314,8 @@ impl Session {
             // Clusters sent anew on this stream need their assignment again,
             // even if Envoy reports holding it.
             let ts = self.ts(kind);
-            for name in std::mem::take(&mut ts.fresh_needed) {
-                ts.sent.remove(&name);
-                ts.acked.remove(&name);
-                ts.fresh_needed.insert(name);
+            for name in ts.fresh_needed.clone() {
+                ts.forget(&name);
             }
         }
         let ts = self.ts(kind);
@@ -280,41 +331,39 @@ impl Session {
         }
         ts.pending = None;
         let touched = std::mem::take(&mut ts.inflight);
-        let before = std::mem::take(&mut ts.acked);
-        let mut failed: Vec<String> = match &req.error {
-            None => Vec::new(),
-            Some(e) => ts.sent.keys().filter(|n| mentions(e, n)).cloned().collect(),
-        };
-        if req.error.is_some() && failed.is_empty() {
-            // The error names nothing: take it that everything this response
-            // changed was refused.
-            failed = ts
+        if let Some(error) = &req.error {
+            let mut failed: Vec<String> = ts
                 .sent
-                .iter()
-                .filter(|(n, h)| before.get(*n) != Some(&h.version))
-                .map(|(n, _)| n.clone())
+                .keys()
+                .filter(|n| mentions(error, n))
+                .cloned()
                 .collect();
-        }
-        for name in &failed {
-            if let Some(h) = ts.sent.remove(name) {
-                ts.rejected.insert(name.clone(), h.version);
+            if failed.is_empty() {
+                // The error names nothing: take it that everything this
+                // response changed was refused.
+                failed = ts
+                    .acked_res
+                    .diff(&ts.sent)
+                    .filter_map(|item| match item {
+                        DiffItem::Add(n, _) => Some(n.clone()),
+                        DiffItem::Update { old, new } if old.1.version != new.1.version => {
+                            Some(new.0.clone())
+                        }
+                        _ => None,
+                    })
+                    .collect();
             }
-            // Envoy keeps what it had before, if anything.
-            if let Some(old) = before.get(name) {
-                let held = Held {
-                    version: old.clone(),
-                    res: None,
-                };
-                ts.sent.insert(name.clone(), held);
+            for name in &failed {
+                if let Some(h) = ts.sent.remove(name) {
+                    ts.rejected.insert(name.clone(), h.version.clone());
+                }
+                // Envoy keeps what it had before, if anything.
+                if let Some(old) = ts.acked_res.get(name).cloned() {
+                    ts.sent.insert(name.clone(), old);
+                }
             }
         }
-        ts.acked = ts
-            .sent
-            .iter()
-            .map(|(n, h)| (n.clone(), h.version.clone()))
-            .collect();
-        let acked = &ts.acked;
-        ts.rejected.retain(|n, v| acked.get(n) != Some(v));
+        ts.take_ack();
         if kind == Kind::Listener && req.error.is_none() {
             self.listeners_confirmed = true;
         }
@@ -328,30 +377,25 @@ impl Session {
     }
 
     fn first_sotw(&mut self, kind: Kind, req: &Incoming) {
-        let names: BTreeSet<String> = req.names.iter().cloned().collect();
         let ts = self.ts(kind);
         ts.subscribed = true;
-        ts.names = names;
-        ts.wildcard = kind != Kind::Endpoint && ts.names.is_empty();
+        ts.full = true;
         if req.version_info.is_empty() {
             ts.must_respond = true;
             return;
         }
         // Envoy is reconnecting. If it holds exactly what we would send,
         // take that as acknowledged; otherwise answer in full.
+        let ts = self.ts(kind);
+        ts.names = req.names.iter().cloned().collect();
+        ts.wildcard = kind != Kind::Endpoint && ts.names.is_empty();
         let desired = self.desired(kind, true);
         if sotw_version(&desired) == req.version_info {
             let ts = self.ts(kind);
-            for (name, res) in desired {
-                ts.acked.insert(name.clone(), res.version.clone());
-                ts.sent.insert(
-                    name,
-                    Held {
-                        version: res.version.clone(),
-                        res: Some(res),
-                    },
-                );
-            }
+            ts.sent = desired;
+            ts.take_ack();
+            ts.names_changed.clear();
+            ts.full = false;
         } else {
             self.ts(kind).must_respond = true;
             if kind == Kind::Listener {
@@ -377,7 +421,14 @@ impl Session {
                 continue;
             }
             let desired = self.desired(kind, self.trust_listeners);
-            self.ts(kind).dirty = false;
+            let clusters = self.types[Kind::Cluster as usize].sent.clone();
+            let ts = self.ts(kind);
+            ts.dirty = false;
+            if kind == Kind::Endpoint {
+                ts.names_changed.clear();
+                ts.full = false;
+                ts.seen_clusters = clusters;
+            }
             if let Some(msg) = self.respond(kind, desired) {
                 out.push(msg);
                 // Clusters sent decide which assignments are due; listeners
@@ -395,18 +446,22 @@ impl Session {
     fn respond(&mut self, kind: Kind, desired: Resources) -> Option<Outgoing> {
         let flavor = self.flavor;
         let ts = &self.types[kind as usize];
-        let changed: Vec<Arc<Resource>> = desired
-            .values()
-            .filter(|r| ts.sent.get(&r.name).map(|h| &h.version) != Some(&r.version))
-            .filter(|r| ts.rejected.get(&r.name) != Some(&r.version))
-            .cloned()
-            .collect();
-        let removed: Vec<String> = ts
-            .sent
-            .keys()
-            .filter(|n| !desired.contains_key(*n))
-            .cloned()
-            .collect();
+        let mut changed: Vec<Arc<Resource>> = Vec::new();
+        let mut removed: Vec<String> = Vec::new();
+        for item in ts.sent.diff(&desired) {
+            let new = match item {
+                DiffItem::Add(_, r) => r,
+                DiffItem::Update { old, new } if old.1.version != new.1.version => new.1,
+                DiffItem::Update { .. } => continue,
+                DiffItem::Remove(n, _) => {
+                    removed.push(n.clone());
+                    continue;
+                }
+            };
+            if ts.rejected.get(&new.name) != Some(&new.version) {
+                changed.push(new.clone());
+            }
+        }
         if changed.is_empty() && removed.is_empty() && !ts.must_respond {
             return None;
         }
@@ -427,16 +482,7 @@ impl Session {
             .chain(removed.iter().cloned())
             .collect();
         ts.last_nonce = Some(nonce.clone());
-        let old_sent = std::mem::take(&mut ts.sent);
-        ts.sent = desired
-            .iter()
-            .map(|(n, r)| {
-                // A placeholder stays what it was: held, contents unknown.
-                let res = (!r.any.type_url.is_empty()).then(|| r.clone());
-                let version = r.version.clone();
-                (n.clone(), Held { version, res })
-            })
-            .collect();
+        let old_sent = std::mem::replace(&mut ts.sent, desired);
         if flavor == Flavor::Delta {
             // A refused version that was not sent again is not Envoy's.
             for (name, version) in &ts.rejected {
@@ -456,115 +502,163 @@ impl Session {
             // an unchanged one: forget that one was ever sent.
             let eds = self.ts(Kind::Endpoint);
             for r in &changed {
-                eds.sent.remove(&r.name);
-                eds.acked.remove(&r.name);
+                eds.forget(&r.name);
                 eds.fresh_needed.insert(r.name.clone());
             }
         }
+        let ts = &mut self.types[kind as usize];
         if kind == Kind::Endpoint {
-            let ts = self.ts(kind);
-            for name in desired.keys() {
-                ts.fresh_needed.remove(name);
-            }
+            let sent = &ts.sent;
+            ts.fresh_needed.retain(|n| !sent.contains_key(n));
         }
-        Some(match flavor {
-            Flavor::Sotw => Outgoing {
-                kind,
-                nonce,
-                version,
-                resources: desired.values().cloned().collect(),
-                removed: Vec::new(),
-            },
-            Flavor::Delta => Outgoing {
-                kind,
-                nonce,
-                version,
-                resources: changed,
-                removed,
+        let resources = match (flavor, kind) {
+            // SotW drops listeners and clusters missing from a response, so
+            // those go out in full. Assignments are not dropped that way:
+            // only the changed ones go, as in delta.
+            (Flavor::Sotw, Kind::Listener | Kind::Cluster) => ts.sent.values().cloned().collect(),
+            _ => changed,
+        };
+        Some(Outgoing {
+            kind,
+            nonce,
+            version,
+            resources,
+            removed: match flavor {
+                Flavor::Sotw => Vec::new(),
+                Flavor::Delta => removed,
             },
         })
     }
 
-    /// What Envoy should hold of `kind` right now.
-    fn desired(&self, kind: Kind, trust_listeners: bool) -> Resources {
+    /// Brings the count of listeners per cluster up to date with the
+    /// listeners sent.
+    fn sync_uses(&mut self) {
+        let sent = &self.types[Kind::Listener as usize].sent;
+        let uses = &mut self.uses;
+        let mut add = |r: &Arc<Resource>, by: isize| {
+            if let Some(c) = &r.cluster {
+                let n = uses.entry(c.clone()).or_default();
+                *n = n.saturating_add_signed(by);
+                if *n == 0 {
+                    uses.remove(c);
+                }
+            }
+        };
+        for item in self.uses_base.diff(sent) {
+            match item {
+                DiffItem::Add(_, r) => add(r, 1),
+                DiffItem::Update { old, new } => {
+                    add(old.1, -1);
+                    add(new.1, 1);
+                }
+                DiffItem::Remove(_, r) => add(r, -1),
+            }
+        }
+        self.uses_base = sent.clone();
+    }
+
+    /// What Envoy should hold of `kind` right now: the snapshot, with the
+    /// few exceptions found by comparing it with what was sent (listeners
+    /// waiting for their clusters, clusters kept for listeners Envoy still
+    /// holds, assignments of clusters Envoy has). Costs O(what differs).
+    fn desired(&mut self, kind: Kind, trust_listeners: bool) -> Resources {
+        if kind == Kind::Cluster {
+            self.sync_uses();
+        }
         let snap = self.snap.get(kind);
         let ts = &self.types[kind as usize];
+        let mut out = snap.clone();
         match kind {
             Kind::Cluster => {
-                let mut out = snap.clone();
-                // The clusters that listeners Envoy holds point at, once.
-                let used: BTreeSet<&str> = self.types[Kind::Listener as usize]
-                    .sent
-                    .values()
-                    .filter_map(|l| l.res.as_ref()?.cluster.as_deref())
-                    .collect();
-                for (name, held) in &ts.sent {
-                    let still_used = used.contains(name.as_str());
-                    if let (false, Some(res), true) =
-                        (out.contains_key(name), &held.res, still_used)
-                    {
-                        out.insert(name.clone(), res.clone());
-                    }
-                    // Held from before this stream, contents unknown: keep it
-                    // (unchanged, so nothing is sent) until Envoy has ACKed
-                    // listeners that no longer need it.
-                    let keep = self.flavor == Flavor::Delta && !self.listeners_confirmed;
-                    if keep && held.res.is_none() && !out.contains_key(name) {
-                        out.insert(
-                            name.clone(),
-                            Arc::new(Resource::placeholder(name, &held.version)),
-                        );
-                    }
-                }
-                out
-            }
-            Kind::Endpoint => {
-                let clusters = &self.types[Kind::Cluster as usize].sent;
-                let wanted = |n: &String| ts.wildcard || ts.names.contains(n);
-                let mut out: Resources = snap
-                    .iter()
-                    .filter(|(n, _)| wanted(n))
-                    .map(|(n, r)| (n.clone(), r.clone()))
-                    .collect();
-                for (name, held) in &ts.sent {
-                    if let (false, Some(res), true) = (
-                        out.contains_key(name),
-                        &held.res,
-                        clusters.contains_key(name),
-                    ) {
-                        if wanted(name) {
-                            out.insert(name.clone(), res.clone());
+                // Held from before this stream, contents unknown: keep it
+                // (unchanged, so nothing is sent) until Envoy has ACKed
+                // listeners that no longer need it.
+                let keep_unknown = self.flavor == Flavor::Delta && !self.listeners_confirmed;
+                for item in ts.sent.diff(snap) {
+                    if let DiffItem::Remove(name, held) = item {
+                        let keep = if is_placeholder(held) {
+                            keep_unknown
+                        } else {
+                            self.uses.contains_key(name)
+                        };
+                        if keep {
+                            out.insert(name.clone(), held.clone());
                         }
                     }
                 }
-                // A cluster Envoy has but we have no endpoints for (its
-                // mapping went away before Envoy asked) gets an empty
-                // assignment, or it would warm until Envoy's 15 s timeout.
-                // Envoy asks for assignments of EDS clusters only.
-                for name in clusters.keys() {
-                    if wanted(name) && !out.contains_key(name) {
-                        let empty = super::resources::no_endpoints(name);
-                        out.insert(name.clone(), Arc::new(empty));
+            }
+            Kind::Endpoint => {
+                let clusters = &self.types[Kind::Cluster as usize].sent;
+                let wanted = |n: &str| ts.wildcard || ts.names.contains(n);
+                let one = |name: &str| -> Option<Arc<Resource>> {
+                    if !wanted(name) {
+                        return None;
+                    }
+                    if let Some(r) = snap.get(name) {
+                        return Some(r.clone());
+                    }
+                    if !clusters.contains_key(name) {
+                        return None;
+                    }
+                    // A cluster Envoy has but we have no endpoints for (its
+                    // mapping went away before Envoy asked) keeps what it
+                    // was sent, or gets an empty assignment, or it would warm
+                    // until Envoy's 15 s timeout.
+                    match ts.sent.get(name) {
+                        Some(h) if !is_placeholder(h) => Some(h.clone()),
+                        _ => Some(Arc::new(super::resources::no_endpoints(name))),
+                    }
+                };
+                let mut names: BTreeSet<&str> = BTreeSet::new();
+                if ts.full {
+                    names.extend(snap.keys().map(String::as_str));
+                    names.extend(ts.sent.keys().map(String::as_str));
+                    names.extend(clusters.keys().map(String::as_str));
+                    names.extend(ts.names.iter().map(String::as_str));
+                } else {
+                    for item in ts.sent.diff(snap) {
+                        names.insert(diff_name(&item));
+                    }
+                    for item in ts.seen_clusters.diff(clusters) {
+                        names.insert(diff_name(&item));
+                    }
+                    names.extend(ts.names_changed.iter().map(String::as_str));
+                }
+                for name in names {
+                    match one(name) {
+                        Some(r) => {
+                            if out.get(name).is_none_or(|o| !Arc::ptr_eq(o, &r)) {
+                                out.insert(name.to_string(), r);
+                            }
+                        }
+                        None => {
+                            out.remove(name);
+                        }
                     }
                 }
-                out
             }
             Kind::Listener => {
-                let mut out = Resources::new();
-                for (name, res) in snap {
-                    let held = ts.sent.get(name);
+                for item in ts.sent.diff(snap) {
+                    let (name, held, res) = match item {
+                        DiffItem::Add(n, r) => (n, None, r),
+                        DiffItem::Update { old, new } => (new.0, Some(old.1), new.1),
+                        DiffItem::Remove(..) => continue,
+                    };
                     let ready = trust_listeners
-                        || held.is_some_and(|h| h.version == res.version || h.res.is_none())
+                        || held.is_some_and(|h| h.version == res.version || is_placeholder(h))
                         || res.cluster.as_ref().is_none_or(|c| self.warm(c));
                     if ready {
-                        out.insert(name.clone(), res.clone());
-                    } else if let Some(old) = held.and_then(|h| h.res.clone()) {
-                        out.insert(name.clone(), old);
+                        continue;
                     }
+                    // Not yet: keep the older version Envoy has, if any.
+                    match held {
+                        Some(old) => out.insert(name.clone(), old.clone()),
+                        None => out.remove(name),
+                    };
                 }
-                out
             }
         }
+        out
     }
 
     /// True once Envoy has ACKed the cluster's current version and then an
@@ -575,6 +669,18 @@ impl Session {
             want.is_some() && self.types[k as usize].acked.get(cluster) == want
         };
         acked(Kind::Cluster) && acked(Kind::Endpoint)
+    }
+}
+
+/// A stand-in for a resource Envoy held before this stream began.
+fn is_placeholder(r: &Resource) -> bool {
+    r.any.type_url.is_empty()
+}
+
+fn diff_name<'a>(item: &DiffItem<'a, 'a, String, Arc<Resource>>) -> &'a str {
+    match item {
+        DiffItem::Add(n, _) | DiffItem::Remove(n, _) => n,
+        DiffItem::Update { new, .. } => new.0,
     }
 }
 

@@ -44,11 +44,8 @@ fn ack(s: &mut Session, out: &Outgoing) -> Option<Feedback> {
         Incoming {
             nonce: out.nonce.clone(),
             version_info: out.version.clone(),
-            names: if out.kind == Kind::Endpoint {
-                names(out)
-            } else {
-                vec![]
-            },
+            // As Envoy does: an ACK repeats the whole subscription.
+            names: s.types[out.kind as usize].names.iter().cloned().collect(),
             ..Default::default()
         },
     )
@@ -83,7 +80,9 @@ fn converge(flavor: Flavor, services: &[Service]) -> Session {
     subscribe(&mut s, Kind::Endpoint, &refs);
     let eds = one(&mut s);
     assert_eq!(eds.kind, Kind::Endpoint);
-    assert_eq!(names(&eds), clusters);
+    let mut sorted = clusters.clone();
+    sorted.sort();
+    assert_eq!(names(&eds), sorted);
     ack(&mut s, &eds);
     assert!(s.poll().is_empty(), "listeners wait for the cluster ACK");
     ack(&mut s, &cds);
@@ -553,4 +552,167 @@ fn a_stream_lags_until_it_holds_every_listener_and_a_refusal_counts_as_an_answer
         },
     );
     assert!(!s.lagging(), "a refused listener is answered");
+}
+
+/// Many services, so that a change has plenty to be compared with.
+fn many(n: u16) -> Vec<Service> {
+    (0..n)
+        .map(|i| svc(10000 + i, &format!("s{i}"), Mode::Tcp))
+        .collect()
+}
+
+/// Drives the stream until nothing more goes out, ACKing everything;
+/// returns every response, in order.
+fn drain(s: &mut Session) -> Vec<Outgoing> {
+    let mut all = Vec::new();
+    loop {
+        let out = s.poll();
+        if out.is_empty() {
+            return all;
+        }
+        for o in &out {
+            ack(s, o);
+        }
+        all.extend(out);
+    }
+}
+
+fn sent_of(all: &[Outgoing], kind: Kind) -> (Vec<String>, Vec<String>) {
+    let of = all.iter().filter(|o| o.kind == kind);
+    let resources = of.clone().flat_map(names).collect();
+    let removed = of.flat_map(|o| o.removed.clone()).collect();
+    (resources, removed)
+}
+
+#[test]
+fn one_change_sends_that_resource_and_its_dependants_only() {
+    for flavor in [Flavor::Delta, Flavor::Sotw] {
+        let mut services = many(200);
+        let mut s = converge(flavor, &services);
+        let all_clusters: Vec<String> = services.iter().map(|x| x.cluster_name()).collect();
+
+        // A new backend for one service: its assignment only.
+        services[7].backend.container_ip = "10.0.0.9".parse().unwrap();
+        s.set_snapshot(snap(&services));
+        let out = drain(&mut s);
+        assert_eq!(
+            sent_of(&out, Kind::Endpoint).0,
+            [services[7].cluster_name()]
+        );
+        assert!(
+            out.iter().all(|o| o.kind == Kind::Endpoint),
+            "{flavor:?} {out:?}"
+        );
+
+        // A new service: its cluster, its assignment, then its listener.
+        let extra = svc(9999, "extra", Mode::Http);
+        services.push(extra.clone());
+        s.set_snapshot(snap(&services));
+        let mut out = drain(&mut s);
+        let mut names_now = all_clusters.clone();
+        names_now.push(extra.cluster_name());
+        let refs: Vec<&str> = names_now.iter().map(String::as_str).collect();
+        subscribe(&mut s, Kind::Endpoint, &refs);
+        out.extend(drain(&mut s));
+        assert_eq!(sent_of(&out, Kind::Endpoint).0, [extra.cluster_name()]);
+        match flavor {
+            Flavor::Delta => {
+                assert_eq!(sent_of(&out, Kind::Cluster).0, [extra.cluster_name()]);
+                assert_eq!(sent_of(&out, Kind::Listener).0, [extra.listener_name()]);
+            }
+            // SotW must repeat every cluster and listener, but each once.
+            Flavor::Sotw => {
+                assert_eq!(sent_of(&out, Kind::Cluster).0.len(), 201);
+                assert_eq!(sent_of(&out, Kind::Listener).0.len(), 201);
+            }
+        }
+
+        // Removal: the listener first, then its cluster, then (with the
+        // cluster gone) its assignment; nothing else is sent.
+        services.pop();
+        s.set_snapshot(snap(&services));
+        let out = drain(&mut s);
+        let kinds: Vec<Kind> = out.iter().map(|o| o.kind).collect();
+        assert_eq!(
+            kinds,
+            [Kind::Listener, Kind::Cluster, Kind::Endpoint],
+            "{flavor:?}"
+        );
+        assert!(out[2].resources.is_empty());
+        if flavor == Flavor::Delta {
+            assert!(out.iter().all(|o| o.resources.is_empty()));
+            assert_eq!(out[0].removed, [extra.listener_name()]);
+            assert_eq!(out[1].removed, [extra.cluster_name()]);
+            assert_eq!(out[2].removed, [extra.cluster_name()]);
+        }
+        assert!(!s.lagging());
+    }
+}
+
+#[test]
+fn versions_do_not_depend_on_order_or_process_state() {
+    let services = many(50);
+    let mut reversed = services.clone();
+    reversed.reverse();
+    let (a, b) = (snap(&services), snap(&reversed));
+    for kind in Kind::ORDER {
+        let versions = |s: &Snapshot| -> Vec<(String, String)> {
+            s.get(kind)
+                .iter()
+                .map(|(n, r)| (n.clone(), r.version.clone()))
+                .collect()
+        };
+        assert_eq!(versions(&a), versions(&b));
+        assert_eq!(sotw_version(a.get(kind)), sotw_version(b.get(kind)));
+    }
+    // Pinned: the same inputs give the same versions in every process, so
+    // a restarted registrar finds Envoy up to date. A builder change that
+    // moves them must do so on purpose (and make every Envoy re-fetch).
+    let web = snap(&[svc(8080, "web", Mode::Tcp)]);
+    let got: Vec<String> = Kind::ORDER
+        .iter()
+        .map(|k| web.get(*k).values().next().unwrap().version.clone())
+        .collect();
+    assert_eq!(got, PINNED, "versions moved");
+}
+
+const PINNED: [&str; 3] = ["d9c2586179a5b78a", "fc0582c1ff8c07dd", "1eae5830db926170"];
+
+#[test]
+fn a_delta_reconnect_gets_only_what_differs_from_what_envoy_holds() {
+    let mut services = many(100);
+    let live = converge(Flavor::Delta, &services);
+    // While the stream was down: one service changed backend, one went,
+    // one came.
+    services[3].backend.container_ip = "10.0.0.7".parse().unwrap();
+    let gone = services.remove(5);
+    let came = svc(9000, "came", Mode::Tcp);
+    services.push(came.clone());
+    let mut s = Session::new(Flavor::Delta, snap(&services));
+    let held = |k: Kind| live.types[k as usize].acked.clone();
+    for kind in Kind::ORDER {
+        let subscribe = if kind == Kind::Endpoint {
+            services.iter().map(|x| x.cluster_name()).collect()
+        } else {
+            vec![]
+        };
+        s.on_request(
+            kind,
+            Incoming {
+                subscribe,
+                initial_versions: held(kind).into_iter().collect(),
+                ..Default::default()
+            },
+        );
+    }
+    let out = drain(&mut s);
+    assert_eq!(sent_of(&out, Kind::Cluster).0, [came.cluster_name()]);
+    assert_eq!(
+        sent_of(&out, Kind::Endpoint).0,
+        [came.cluster_name(), services[3].cluster_name()]
+    );
+    assert_eq!(sent_of(&out, Kind::Listener).0, [came.listener_name()]);
+    assert_eq!(sent_of(&out, Kind::Listener).1, [gone.listener_name()]);
+    assert_eq!(sent_of(&out, Kind::Cluster).1, [gone.cluster_name()]);
+    assert!(!s.lagging());
 }
