@@ -190,3 +190,74 @@ fn two_envoys_sotw_and_delta_get_the_same_resources_and_both_must_ack() {
         assert_eq!(got, (200, "both".into()));
     }
 }
+
+/// Issue 10: a host's worth of mappings in both ADS flavors, every one
+/// served by Envoy, then a fifth of them removed and gone from Envoy.
+#[test]
+fn a_thousand_mappings_are_served_in_delta_and_sotw_and_two_hundred_removals_reach_envoy() {
+    use crate::harness::{admin_get, refused, wait_until};
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    // Envoy (started from here) needs a descriptor per listener, and this
+    // process two per proxy.
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+    let be = backend::http("127.0.0.6", "one of many");
+    for ads in [Ads::Delta, Ads::Sotw] {
+        let stack = Stack::start(ads);
+        let ports: Vec<u16> = (0..1000).map(|_| free_port()).collect();
+        // All at once, as a host booting with restart policies starts them.
+        let proxies: Vec<_> = ports
+            .iter()
+            .map(|p| stack.proxy(ProxySpec::tcp("127.0.0.1", *p, be)))
+            .collect();
+        let mut proxies: Vec<_> = proxies.into_iter().map(|p| p.ready()).collect();
+        assert!(
+            stack.wait_served_by(&ports, "envoy", Duration::from_secs(90)),
+            "{ads:?}: not every mapping reached Envoy"
+        );
+        for port in &ports {
+            let got = http_get(SocketAddr::from(([127, 0, 0, 1], *port)), "/").unwrap();
+            assert_eq!(got, (200, "one of many".to_string()), "{ads:?} port {port}");
+        }
+        // Each request was Envoy's: one 2xx in each listener's stats.
+        let stats = admin_get(stack.admin, "/stats?filter=downstream_rq_2xx$");
+        let served: u64 = stats
+            .lines()
+            .filter(|l| l.starts_with("http.") && !l.starts_with("http.admin"))
+            .filter_map(|l| l.rsplit(": ").next()?.trim().parse::<u64>().ok())
+            .sum();
+        assert_eq!(served, 1000, "{ads:?}");
+
+        // A fifth go away, as containers stop.
+        let (gone, kept) = ports.split_at(200);
+        let mut stopped: Vec<_> = proxies.drain(..200).collect();
+        for p in &stopped {
+            p.signal(nix::sys::signal::Signal::SIGINT);
+        }
+        for p in &mut stopped {
+            assert!(p.wait_exit(Duration::from_secs(10)).is_some());
+        }
+        let all_gone = wait_until(Duration::from_secs(30), || {
+            let listeners = stack.listeners();
+            let held: std::collections::HashSet<&str> = listeners
+                .lines()
+                .filter_map(|l| l.rsplit("::").next())
+                .collect();
+            gone.iter()
+                .all(|p| !held.contains(format!("127.0.0.1:{p}").as_str()))
+        });
+        assert!(all_gone, "{ads:?}: removed listeners are still in Envoy");
+        for port in gone {
+            assert!(
+                refused(SocketAddr::from(([127, 0, 0, 1], *port))),
+                "{ads:?} {port}"
+            );
+        }
+        assert_eq!(stack.status().len(), 800, "{ads:?}");
+        assert!(stack.wait_served_by(kept, "envoy", Duration::from_secs(10)));
+        let port = kept[kept.len() / 2];
+        let got = http_get(SocketAddr::from(([127, 0, 0, 1], port)), "/").unwrap();
+        assert_eq!(got.0, 200);
+        drop(proxies);
+    }
+}
