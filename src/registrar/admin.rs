@@ -119,7 +119,7 @@ fn route(
         "/metrics" => reply(
             StatusCode::OK,
             "text/plain; version=0.0.4",
-            super::metrics::render(&reg),
+            super::metrics::render(&reg.metrics(), &reg.list(), reg.envoy_count()),
         ),
         _ => reply(
             StatusCode::NOT_FOUND,

@@ -3,12 +3,53 @@
 //! pidfd per owner, which turns readable when the process exits. No /proc
 //! rescans, so nothing here fails or costs more as mappings grow.
 
-use super::state::OwnerProcess;
 use crate::mapping::MappingKey;
 use std::os::fd::{FromRawFd, OwnedFd};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::mpsc;
+
+/// The process that keeps a mapping alive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct OwnerProcess {
+    pub pid: u32,
+    /// Start time from /proc/PID/stat, so a reused pid is not mistaken for
+    /// the owner. `None` if /proc could not tell.
+    pub start: Option<u64>,
+}
+
+impl OwnerProcess {
+    pub fn of(pid: u32) -> OwnerProcess {
+        OwnerProcess {
+            pid,
+            start: proc_start(pid),
+        }
+    }
+
+    /// False only when /proc says the process is gone (or a zombie, or
+    /// another process under a reused pid). Any other trouble reading /proc
+    /// (out of descriptors, say) counts as alive: a mapping must never be
+    /// dropped because the registrar itself is short of something.
+    pub fn alive(&self) -> bool {
+        use procfs::ProcError;
+        let stat = match procfs::process::Process::new(self.pid as i32).and_then(|p| p.stat()) {
+            Ok(stat) => stat,
+            Err(ProcError::NotFound(_)) => return false,
+            Err(ProcError::Io(e, _)) if e.raw_os_error() == Some(nix::libc::ESRCH) => return false,
+            Err(_) => return true,
+        };
+        // A killed proxy stays a zombie until its parent reaps it; it serves
+        // nothing any more.
+        stat.state != 'Z' && self.start.is_none_or(|s| s == stat.starttime)
+    }
+}
+
+fn proc_start(pid: u32) -> Option<u64> {
+    procfs::process::Process::new(pid as i32)
+        .and_then(|p| p.stat())
+        .ok()
+        .map(|s| s.starttime)
+}
 
 /// Where exits are reported: the mapping and the owner that held it.
 pub type Exits = mpsc::UnboundedSender<(MappingKey, OwnerProcess)>;

@@ -1,8 +1,8 @@
 //! The registrar's own metrics, as Prometheus text: counters and a
-//! histogram kept in process-wide atomics, and gauges read from the state at
-//! scrape time.
+//! histogram in one `Metrics` value that the registry owns and hands out,
+//! and gauges from the mapping table, given at scrape time.
 
-use super::state::Registry;
+use crate::mapping::MappingStatus;
 use crate::xds::snapshot::Kind;
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -15,12 +15,14 @@ const BUCKETS: [f64; 12] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 ];
 
+#[derive(Debug, Default)]
 struct Histogram {
     counts: [u64; BUCKETS.len()],
     count: u64,
     sum: f64,
 }
 
+#[derive(Debug, Default)]
 pub struct Metrics {
     registrations: AtomicU64,
     deregistrations: AtomicU64,
@@ -33,23 +35,6 @@ pub struct Metrics {
     relayed: AtomicU64,
     ready: Mutex<Histogram>,
 }
-
-pub static METRICS: Metrics = Metrics {
-    registrations: AtomicU64::new(0),
-    deregistrations: AtomicU64::new(0),
-    pushes: [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)],
-    acks: [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)],
-    nacks: [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)],
-    docker_events: AtomicU64::new(0),
-    handovers: AtomicU64::new(0),
-    takebacks: AtomicU64::new(0),
-    relayed: AtomicU64::new(0),
-    ready: Mutex::new(Histogram {
-        counts: [0; BUCKETS.len()],
-        count: 0,
-        sum: 0.0,
-    }),
-};
 
 impl Metrics {
     pub fn registered(&self) {
@@ -99,9 +84,9 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
-/// The whole `/metrics` page.
-pub fn render(registry: &Registry) -> String {
-    let m = &METRICS;
+/// The whole `/metrics` page: the counters, and gauges from the mapping
+/// table (`rows`) and the number of Envoys connected.
+pub fn render(m: &Metrics, rows: &[MappingStatus], envoys: usize) -> String {
     let mut out = String::new();
 
     family(
@@ -110,14 +95,13 @@ pub fn render(registry: &Registry) -> String {
         "gauge",
         "Registered port mappings by protocol and state.",
     );
-    let rows = registry.list();
     let mut by: BTreeMap<(String, String), u64> = BTreeMap::new();
     for proto in ["tcp", "udp"] {
         for state in ["pending", "active", "failed"] {
             by.insert((proto.into(), state.into()), 0);
         }
     }
-    for s in &rows {
+    for s in rows {
         *by.entry((s.mapping.key.proto.to_string(), s.state.label().to_string()))
             .or_default() += 1;
     }
@@ -138,7 +122,7 @@ pub fn render(registry: &Registry) -> String {
         .into_iter()
         .map(|s| (s, 0))
         .collect();
-    for s in &rows {
+    for s in rows {
         *by.entry(s.server.as_str()).or_default() += 1;
     }
     for (server, n) in &by {
@@ -151,11 +135,7 @@ pub fn render(registry: &Registry) -> String {
         "gauge",
         "Envoy ADS streams open now.",
     );
-    let _ = writeln!(
-        out,
-        "envoy_docker_envoys_connected {}",
-        registry.envoy_count()
-    );
+    let _ = writeln!(out, "envoy_docker_envoys_connected {envoys}");
 
     for (name, help, v) in [
         (

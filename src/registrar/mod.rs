@@ -15,6 +15,7 @@
 //! closes, and are never dropped by pid.
 
 pub mod admin;
+pub mod control;
 pub mod docker;
 pub mod envoy;
 pub mod liveness;
@@ -26,7 +27,8 @@ pub mod state;
 use crate::cli::ServeArgs;
 use crate::mapping::Server;
 use crate::xds::server::XdsListener;
-use state::{OwnerProcess, Registry, Shared, RECONNECT_GRACE};
+use liveness::OwnerProcess;
+use state::{Registry, Shared, RECONNECT_GRACE};
 use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -150,10 +152,11 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         let _ = stopped.wait_for(|s| *s).await;
         tokio::time::sleep(Duration::from_secs(1)).await;
     };
+    let snapshots = registry.lock().expect("registry").snapshots();
     admin::XDS_SERVING.store(true, std::sync::atomic::Ordering::Relaxed);
     notify::notify(&format!("READY=1\nSTATUS=serving xDS on {}", args.xds));
     let result = tokio::select! {
-        r = xds.serve(registry, args.node_id, shutdown) => r,
+        r = xds.serve(control::Envoys::new(registry.clone()), snapshots, args.node_id, shutdown) => r,
         _ = grace => Ok(()),
     };
     notify::notify("STOPPING=1");

@@ -7,7 +7,8 @@
 //! connections are not affected.
 
 use super::docker::{self, client::Docker};
-use super::state::{OwnerProcess, Shared};
+use super::liveness::OwnerProcess;
+use super::state::Shared;
 use crate::protocol::{ConnError, Connection, Owner, Reply, Request, PROTOCOL_VERSION};
 use crate::resync::Trust;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};

@@ -19,13 +19,15 @@
 //!   proxies back out while Envoy serves.
 
 use super::docker::meta::ContainerMeta;
-use super::metrics::METRICS;
+use super::liveness::OwnerProcess;
+use super::metrics::Metrics;
 use crate::mapping::{
     ContainerRef, EnvoyStatus, Mapping, MappingKey, MappingState, MappingStatus, Mode, Proto,
     Server,
 };
 use crate::protocol::Reply;
-use crate::xds::resources::{self, Service};
+use crate::xds::resource::Service;
+use crate::xds::resources;
 use crate::xds::session::{mentions, Feedback, Versions};
 use crate::xds::snapshot::{Kind, Snapshot};
 use crate::xds::telemetry::Telemetry;
@@ -40,48 +42,6 @@ pub const RECONNECT_GRACE: Duration = Duration::from_secs(5);
 
 /// Where the registrar sends a proxy's orders: its connection's outbox.
 pub type Outbox = mpsc::UnboundedSender<Reply>;
-
-/// The process that keeps a mapping alive.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct OwnerProcess {
-    pub pid: u32,
-    /// Start time from /proc/PID/stat, so a reused pid is not mistaken for
-    /// the owner. `None` if /proc could not tell.
-    pub start: Option<u64>,
-}
-
-impl OwnerProcess {
-    pub fn of(pid: u32) -> OwnerProcess {
-        OwnerProcess {
-            pid,
-            start: proc_start(pid),
-        }
-    }
-
-    /// False only when /proc says the process is gone (or a zombie, or
-    /// another process under a reused pid). Any other trouble reading /proc
-    /// (out of descriptors, say) counts as alive: a mapping must never be
-    /// dropped because the registrar itself is short of something.
-    pub fn alive(&self) -> bool {
-        use procfs::ProcError;
-        let stat = match procfs::process::Process::new(self.pid as i32).and_then(|p| p.stat()) {
-            Ok(stat) => stat,
-            Err(ProcError::NotFound(_)) => return false,
-            Err(ProcError::Io(e, _)) if e.raw_os_error() == Some(nix::libc::ESRCH) => return false,
-            Err(_) => return true,
-        };
-        // A killed proxy stays a zombie until its parent reaps it; it serves
-        // nothing any more.
-        stat.state != 'Z' && self.start.is_none_or(|s| s == stat.starttime)
-    }
-}
-
-fn proc_start(pid: u32) -> Option<u64> {
-    procfs::process::Process::new(pid as i32)
-        .and_then(|p| p.stat())
-        .ok()
-        .map(|s| s.starttime)
-}
 
 #[derive(Debug)]
 struct Entry {
@@ -200,6 +160,7 @@ pub struct Registry {
     seen_envoy: bool,
     /// Where pidfd watches report owners that exited.
     exits: Option<super::liveness::Exits>,
+    metrics: Arc<Metrics>,
 }
 
 pub type Shared = Arc<Mutex<Registry>>;
@@ -224,7 +185,13 @@ impl Registry {
             grace: RECONNECT_GRACE,
             seen_envoy: false,
             exits: None,
+            metrics: Arc::default(),
         }
+    }
+
+    /// The counters this registry and its xDS server keep.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
     }
 
     /// Watches the owners of mappings held for a pid, reporting exits on
@@ -327,7 +294,7 @@ impl Registry {
             }
         }
         if fresh {
-            METRICS.registered();
+            self.metrics.registered();
             tracing::info!("registered {mapping} (pid {})", owner.pid);
         }
         if fresh || renamed {
@@ -343,10 +310,10 @@ impl Registry {
         let Some(e) = self.entries.get_mut(key).filter(|e| e.conn == Some(conn)) else {
             return;
         };
-        METRICS.relayed(relayed.saturating_sub(e.relayed));
+        self.metrics.relayed(relayed.saturating_sub(e.relayed));
         e.relayed = relayed;
         if server == Server::Envoy && e.server != Server::Envoy {
-            METRICS.handed_over();
+            self.metrics.handed_over();
             tracing::info!("{} handed over to Envoy", e.mapping);
         }
         e.server = server;
@@ -418,7 +385,7 @@ impl Registry {
         let Some(e) = self.entries.remove(key) else {
             return false;
         };
-        METRICS.deregistered();
+        self.metrics.deregistered();
         tracing::info!("removed {} ({why})", e.mapping);
         self.refresh(key);
         if let (false, Some(c)) = (by_owner, e.conn) {
@@ -624,7 +591,14 @@ impl Registry {
             let Some(e) = self.entries.get_mut(&key) else {
                 continue;
             };
-            judge(e, &self.envoys, &self.links, &self.snap, waiting_for_envoys);
+            let world = World {
+                envoys: &self.envoys,
+                links: &self.links,
+                snap: &self.snap,
+                metrics: &self.metrics,
+                waiting_for_envoys,
+            };
+            judge(e, &world);
         }
     }
 
@@ -679,15 +653,26 @@ impl Registry {
     }
 }
 
+/// What a mapping is judged against.
+struct World<'a> {
+    envoys: &'a BTreeMap<u64, EnvoyView>,
+    links: &'a BTreeMap<u64, Outbox>,
+    snap: &'a Snapshot,
+    metrics: &'a Metrics,
+    /// Still in the reconnect grace, with no Envoy seen yet.
+    waiting_for_envoys: bool,
+}
+
 /// Settles one mapping: its state from what the Envoys hold, and an order
 /// to its proxy if who should serve it changed.
-fn judge(
-    e: &mut Entry,
-    envoys: &BTreeMap<u64, EnvoyView>,
-    links: &BTreeMap<u64, Outbox>,
-    snap: &Snapshot,
-    waiting_for_envoys: bool,
-) {
+fn judge(e: &mut Entry, w: &World) {
+    let World {
+        envoys,
+        links,
+        snap,
+        metrics,
+        waiting_for_envoys,
+    } = *w;
     if e.mapping.key.proto != Proto::Tcp {
         e.state = MappingState::Active;
         return;
@@ -699,7 +684,7 @@ fn judge(
         envoys.values().any(|v| v.stalled.is_none()) && answering.all(|v| v.serves(snap, &name));
     if served {
         if let Some(since) = e.since.take() {
-            METRICS.ready_after(since.elapsed());
+            metrics.ready_after(since.elapsed());
         }
         e.state = MappingState::Active;
     } else if e.state == MappingState::Active {
@@ -717,7 +702,7 @@ fn judge(
         return;
     };
     if order == Server::Relay {
-        METRICS.took_back();
+        metrics.took_back();
         tracing::info!(
             "no Envoy serves {} any more; its proxy takes it back",
             e.mapping

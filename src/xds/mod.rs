@@ -1,8 +1,15 @@
-//! The xDS side of the registrar, in layers: `resources` builds Envoy
-//! messages from mappings (pure), `snapshot` holds one consistent set of
-//! them, `session` is the per-stream protocol state machine (no I/O), and
-//! `server` moves messages between tonic's gRPC streams and the sessions.
+//! The xDS side of the registrar, as a library that knows nothing of the
+//! registrar, in layers:
+//! - `resource`: one resource (name, content version, packed message) and
+//!   the `Service` facts resources are built from;
+//! - `resources` and `telemetry`: pure builders of Envoy messages;
+//! - `snapshot`: the cache, one consistent set of resources per type,
+//!   changed one resource at a time and cloned in O(1);
+//! - `session`: the per-stream protocol state machine (no I/O);
+//! - `server`: the ADS service, which moves messages between tonic's gRPC
+//!   streams and the sessions, and reports through its `Control` trait.
 
+pub mod resource;
 pub mod resources;
 pub mod server;
 pub mod session;

@@ -9,12 +9,10 @@
 //! up, so a silent, hung or half-speaking peer cannot hold up hand-overs. HTTP/2 keepalive drops half-open connections,
 //! and at most [`MAX_CONNECTIONS`] connections are served at once.
 
-use super::resources::Resource;
-use super::session::{Flavor, Incoming, Outgoing, Session};
+use super::resource::Resource;
+use super::session::{Feedback, Flavor, Incoming, Outgoing, Session};
 use super::snapshot::{Kind, Snapshot};
 use crate::addr::Addr;
-use crate::registrar::metrics::METRICS;
-use crate::registrar::state::Shared;
 use envoy_types::pb::envoy::service::discovery::v3::{
     aggregated_discovery_service_server::{
         AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
@@ -40,6 +38,25 @@ pub const ANSWER_DEADLINE: Duration = Duration::from_secs(5);
 pub const MAX_CONNECTIONS: usize = 64;
 const KEEPALIVE_EVERY: Duration = Duration::from_secs(10);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the server tells its owner (the registrar) about the Envoys it
+/// serves. The server knows nothing else of the registrar: it reads
+/// snapshots from a watch channel and reports through this.
+pub trait Control: Send + Sync + 'static {
+    /// A stream named the right node and asked for something: it is an
+    /// Envoy from now on. Returns the id the other calls use for it.
+    fn connected(&self, stream: u64) -> u64;
+    /// An ACK or NACK, or what a first request says Envoy holds.
+    fn feedback(&self, envoy: u64, fb: Feedback);
+    /// The Envoy stopped answering in time, or caught up again.
+    fn stalled(&self, envoy: u64, stalled: bool);
+    /// Its stream ended.
+    fn gone(&self, envoy: u64);
+    /// A response of `kind` went out.
+    fn pushed(&self, _kind: Kind) {}
+    /// Envoy answered a response of `kind`.
+    fn answered(&self, _kind: Kind, _nack: bool) {}
+}
 
 /// A bound xDS listener, ready to serve once the registrar has recovered.
 pub enum XdsListener {
@@ -88,13 +105,13 @@ impl XdsListener {
     /// Serves ADS until `shutdown` resolves.
     pub async fn serve(
         self,
-        registry: Shared,
+        control: Arc<dyn Control>,
+        snapshots: watch::Receiver<Arc<Snapshot>>,
         node_id: String,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), String> {
-        let snapshots = registry.lock().expect("registry").snapshots();
         let ads = AggregatedDiscoveryServiceServer::new(Ads {
-            registry,
+            control,
             snapshots,
             node_id,
         });
@@ -138,7 +155,7 @@ impl XdsListener {
 }
 
 struct Ads {
-    registry: Shared,
+    control: Arc<dyn Control>,
     snapshots: watch::Receiver<Arc<Snapshot>>,
     node_id: String,
 }
@@ -184,7 +201,7 @@ impl AggregatedDiscoveryService for Ads {
 }
 
 struct Context {
-    registry: Shared,
+    control: Arc<dyn Control>,
     snapshots: watch::Receiver<Arc<Snapshot>>,
     node_id: String,
 }
@@ -192,7 +209,7 @@ struct Context {
 impl Ads {
     fn context(&self) -> Context {
         Context {
-            registry: self.registry.clone(),
+            control: self.control.clone(),
             snapshots: self.snapshots.clone(),
             node_id: self.node_id.clone(),
         }
@@ -310,7 +327,7 @@ async fn pump<Req, Resp>(
                             let _ = tx.send(Err(Status::permission_denied(msg))).await;
                             break;
                         }
-                        let id = ctx.registry.lock().expect("registry").envoy_connected(stream);
+                        let id = ctx.control.connected(stream);
                         envoy = Some(id);
                         id
                     }
@@ -325,13 +342,13 @@ async fn pump<Req, Resp>(
                 }
                 if let Some(fb) = session.on_request(kind, req.incoming) {
                     if answers {
-                        METRICS.answered(kind, fb.error.is_some());
+                        ctx.control.answered(kind, fb.error.is_some());
                         match &fb.error {
                             Some(e) => tracing::warn!("Envoy stream {stream} rejected {}: {e}", kind.short()),
                             None => tracing::debug!("Envoy stream {stream} acked {}", kind.short()),
                         }
                     }
-                    ctx.registry.lock().expect("registry").envoy_feedback(id, fb);
+                    ctx.control.feedback(id, fb);
                 }
             }
             changed = ctx.snapshots.changed() => {
@@ -346,7 +363,7 @@ async fn pump<Req, Resp>(
                     "Envoy stream {stream} has not caught up or answered for {ANSWER_DEADLINE:?}; it no longer counts towards readiness"
                 );
                 if let Some(id) = envoy {
-                    ctx.registry.lock().expect("registry").envoy_stalled(id, true);
+                    ctx.control.stalled(id, true);
                 }
             }
         }
@@ -358,7 +375,7 @@ async fn pump<Req, Resp>(
                 out.resources.len(),
                 out.removed.len()
             );
-            METRICS.pushed(out.kind);
+            ctx.control.pushed(out.kind);
             if tx.send(Ok(encode(out))).await.is_err() {
                 break 'stream;
             }
@@ -374,16 +391,13 @@ async fn pump<Req, Resp>(
             stalled = false;
             tracing::info!("Envoy stream {stream} has caught up");
             if let Some(id) = envoy {
-                ctx.registry
-                    .lock()
-                    .expect("registry")
-                    .envoy_stalled(id, false);
+                ctx.control.stalled(id, false);
             }
         }
     }
     tracing::info!("Envoy stream {stream} closed");
     if let Some(id) = envoy {
-        ctx.registry.lock().expect("registry").envoy_gone(id);
+        ctx.control.gone(id);
     }
 }
 

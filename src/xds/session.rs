@@ -18,7 +18,7 @@
 //!   `initial_resource_versions`) is taken into account, so a restarted
 //!   registrar with the same state pushes nothing new.
 
-use super::resources::{content_hash, Resource};
+use super::resource::{content_hash, Resource};
 use super::snapshot::{Kind, Resources, Snapshot};
 use imbl::ordmap::DiffItem;
 use std::collections::{BTreeMap, BTreeSet, HashMap};

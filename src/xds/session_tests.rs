@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::mapping::{Backend, MappingKey, Mode, Proto};
-use crate::xds::resources::Service;
+use crate::xds::resource::Service;
 
 fn svc(port: u16, name: &str, mode: Mode) -> Service {
     Service {

@@ -7,7 +7,8 @@
 //! most of their nodes are compared in time proportional to what differs.
 //! So one change costs about the same whether 10 or 2,000 mappings exist.
 
-use super::resources::{self, Resource, Service, CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE};
+use super::resource::{Resource, Service, CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE};
+use super::resources;
 use super::telemetry::{self, Telemetry};
 use std::sync::Arc;
 

@@ -11,7 +11,7 @@
 //! - Every span carries `envoy_docker.service`, `.environment`,
 //!   `.container`, `.image` and `.host_port`.
 
-use super::resources::{Resource, Service};
+use super::resource::{Resource, Service};
 use envoy_types::pb::envoy::config::accesslog::v3::{access_log, AccessLog};
 use envoy_types::pb::envoy::config::cluster::v3::{cluster, Cluster};
 use envoy_types::pb::envoy::config::core::v3::{

@@ -157,7 +157,7 @@ async fn follow(
             continue;
         };
         tracing::debug!("Docker event {action} for {id}");
-        super::metrics::METRICS.docker_event();
+        registry.lock().expect("registry").metrics().docker_event();
         match action {
             "start" | "rename" => match inspect(docker, id).await {
                 Ok(m) => registry.lock().expect("registry").apply_container(m),
