@@ -5,11 +5,8 @@
 //! arguments it would get under its own name, so `docker-proxy -proto tcp`
 //! and `envoy-docker proxy -proto tcp` parse the same list.
 
-use std::ffi::{OsStr, OsString};
-use std::path::Path;
-
-/// Names under which the binary is the proxy role.
-pub const PROXY_NAMES: [&str; 2] = ["docker-proxy", "envoy-docker-shim"];
+use crate::cmdline::is_proxy_name;
+use std::ffi::OsString;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Applet {
@@ -40,14 +37,6 @@ impl Applet {
     }
 }
 
-/// True when argv[0] names the proxy role.
-pub fn is_proxy_name(argv0: &OsStr) -> bool {
-    Path::new(argv0)
-        .file_name()
-        .and_then(OsStr::to_str)
-        .is_some_and(|n| PROXY_NAMES.contains(&n))
-}
-
 /// Splits argv into the role and that role's own arguments.
 pub fn dispatch(argv: &[OsString]) -> Result<(Applet, Vec<OsString>), String> {
     let Some((argv0, rest)) = argv.split_first() else {
@@ -71,6 +60,7 @@ pub fn dispatch(argv: &[OsString]) -> Result<(Applet, Vec<OsString>), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::ffi::OsStr;
 
     fn v(s: &[&str]) -> Vec<OsString> {
         s.iter().map(OsString::from).collect()

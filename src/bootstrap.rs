@@ -1,89 +1,18 @@
-//! `envoy-docker bootstrap`: the Envoy v3 bootstrap (YAML) that takes every
-//! listener and cluster from the registrar over ADS.
-//!
-//! `initial_fetch_timeout: 0s` makes a fresh Envoy wait for the registrar
-//! instead of starting empty after 15 s. A `unix:` xDS address becomes a
-//! static `pipe` cluster; HTTP/2 is switched on explicitly there, since
-//! there is no ALPN to negotiate it.
+//! `envoy-docker bootstrap`: prints (or writes, atomically) the Envoy
+//! bootstrap that `xds::bootstrap` renders.
 
-use crate::addr::Addr;
-use crate::cli::{AdsKind, BootstrapArgs};
+use crate::xds::bootstrap::{render, Bootstrap};
+use std::path::PathBuf;
 
-const XDS_CLUSTER: &str = "envoy_docker_xds";
-
-fn address_yaml(addr: &Addr, indent: &str) -> String {
-    match addr {
-        Addr::Tcp(sa) => format!(
-            "{indent}socket_address:\n{indent}  address: \"{}\"\n{indent}  port_value: {}\n",
-            sa.ip(),
-            sa.port()
-        ),
-        Addr::Unix(path) => format!(
-            "{indent}pipe:\n{indent}  path: {}\n",
-            yaml_string(&path.to_string_lossy())
-        ),
-    }
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub bootstrap: Bootstrap,
+    /// Write here instead of stdout.
+    pub output: Option<PathBuf>,
 }
 
-/// A double-quoted YAML scalar.
-fn yaml_string(s: &str) -> String {
-    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
-}
-
-pub fn render(args: &BootstrapArgs) -> String {
-    let api_type = match args.ads {
-        AdsKind::Sotw => "GRPC",
-        AdsKind::Delta => "DELTA_GRPC",
-    };
-    let node = yaml_string(&args.node_id);
-    let admin = address_yaml(&args.admin, "    ");
-    let xds = address_yaml(&args.xds, "              ");
-    format!(
-        "# Envoy bootstrap made by `envoy-docker bootstrap`: Envoy takes every
-# listener and cluster from the envoy-docker registrar over ADS.
-node:
-  id: {node}
-  cluster: {node}
-admin:
-  address:
-{admin}dynamic_resources:
-  ads_config:
-    api_type: {api_type}
-    transport_api_version: V3
-    set_node_on_first_message_only: true
-    grpc_services:
-    - envoy_grpc:
-        cluster_name: {XDS_CLUSTER}
-  cds_config:
-    ads: {{}}
-    resource_api_version: V3
-    initial_fetch_timeout: 0s
-  lds_config:
-    ads: {{}}
-    resource_api_version: V3
-    initial_fetch_timeout: 0s
-static_resources:
-  clusters:
-  - name: {XDS_CLUSTER}
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config:
-          http2_protocol_options: {{}}
-    load_assignment:
-      cluster_name: {XDS_CLUSTER}
-      endpoints:
-      - lb_endpoints:
-        - endpoint:
-            address:
-{xds}",
-    )
-}
-
-pub fn run(args: BootstrapArgs) -> i32 {
-    let yaml = render(&args);
+pub fn run(args: Config) -> i32 {
+    let yaml = render(&args.bootstrap);
     let Some(path) = &args.output else {
         print!("{yaml}");
         return 0;
@@ -98,30 +27,5 @@ pub fn run(args: BootstrapArgs) -> i32 {
             );
             1
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tcp_and_unix_addresses() {
-        let mut args = BootstrapArgs {
-            xds: Addr::parse("[::1]:18000").unwrap(),
-            admin: Addr::parse("127.0.0.1:9901").unwrap(),
-            node_id: "n\"1".into(),
-            ads: AdsKind::Delta,
-            output: None,
-        };
-        let y = render(&args);
-        assert!(y.contains("api_type: DELTA_GRPC"));
-        assert!(y.contains("address: \"::1\""));
-        assert!(y.contains("id: \"n\\\"1\""));
-        args.xds = Addr::parse("unix:/run/envoy-docker/xds.sock").unwrap();
-        args.ads = AdsKind::Sotw;
-        let y = render(&args);
-        assert!(y.contains("pipe:\n                path: \"/run/envoy-docker/xds.sock\""));
-        assert!(y.contains("api_type: GRPC"));
     }
 }

@@ -1,66 +1,19 @@
 //! Flags of the subcommands other than `proxy`, parsed with lexopt into
-//! plain structs, and the help text of every subcommand.
+//! each role's own `Config`, and the help text of every subcommand.
 
 use crate::addr::{Addr, DEFAULT_ADMIN, DEFAULT_NODE_ID, DEFAULT_REGISTRAR_ADMIN, DEFAULT_XDS};
 use crate::applet::Applet;
+use crate::bootstrap::Config as BootstrapArgs;
 use crate::install::InstallArgs;
 use crate::mapping::Mode;
+use crate::registrar::Config as ServeArgs;
+use crate::resync::Config as ResyncArgs;
+use crate::status::Config as StatusArgs;
+use crate::xds::bootstrap::{AdsKind, Bootstrap};
 use crate::xds::telemetry::{AccessLogTarget, Telemetry, Tracer};
 use lexopt::prelude::*;
 use std::ffi::OsString;
 use std::path::PathBuf;
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct ServeArgs {
-    pub socket: Option<PathBuf>,
-    pub xds: Addr,
-    pub default_mode: Mode,
-    pub node_id: String,
-    /// Skip the /proc scan at start-up (then `resync` restores mappings).
-    pub no_recover: bool,
-    /// Run and supervise this Envoy binary.
-    pub envoy: Option<PathBuf>,
-    /// `--docker URL|none`; `None` means `$DOCKER_HOST` or the default.
-    pub docker: Option<String>,
-    /// Tracing, sampling and access logs for Envoy.
-    pub telemetry: Telemetry,
-    /// The registrar's own HTTP endpoint; `None` with `--admin none`.
-    pub admin: Option<Addr>,
-    /// The supervised Envoy's admin address.
-    pub envoy_admin: Addr,
-    /// Another executable whose processes may own mappings, besides this
-    /// binary (`--proxy-exe`).
-    pub proxy_exe: Option<PathBuf>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AdsKind {
-    Sotw,
-    Delta,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BootstrapArgs {
-    pub xds: Addr,
-    pub admin: Addr,
-    pub node_id: String,
-    pub ads: AdsKind,
-    /// Write here instead of stdout.
-    pub output: Option<PathBuf>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StatusArgs {
-    pub socket: Option<PathBuf>,
-    pub json: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ResyncArgs {
-    pub socket: Option<PathBuf>,
-    /// As `serve --proxy-exe`.
-    pub proxy_exe: Option<PathBuf>,
-}
 
 /// Either the parsed flags or a request for help.
 #[derive(Debug)]
@@ -163,21 +116,21 @@ pub fn serve(args: Vec<OsString>) -> Result<Parsed<ServeArgs>, String> {
 }
 
 pub fn bootstrap(args: Vec<OsString>) -> Result<Parsed<BootstrapArgs>, String> {
-    let mut out = BootstrapArgs {
+    let mut b = Bootstrap {
         xds: Addr::parse(DEFAULT_XDS).expect("default"),
         admin: Addr::parse(DEFAULT_ADMIN).expect("default"),
         node_id: DEFAULT_NODE_ID.into(),
         ads: AdsKind::Delta,
-        output: None,
     };
+    let mut output = None;
     let run = parse_flags(args, |name, p| {
         match name {
-            "--xds" => out.xds = addr(value(p)?)?,
-            "--admin" => out.admin = addr(value(p)?)?,
-            "--output" | "-o" => out.output = Some(value(p)?.into()),
-            "--node-id" => out.node_id = text(value(p)?)?,
+            "--xds" => b.xds = addr(value(p)?)?,
+            "--admin" => b.admin = addr(value(p)?)?,
+            "--output" | "-o" => output = Some(value(p)?.into()),
+            "--node-id" => b.node_id = text(value(p)?)?,
             "--ads" => {
-                out.ads = match text(value(p)?)?.as_str() {
+                b.ads = match text(value(p)?)?.as_str() {
                     "sotw" => AdsKind::Sotw,
                     "delta" => AdsKind::Delta,
                     other => return Err(format!("want sotw or delta, not {other:?}")),
@@ -187,6 +140,10 @@ pub fn bootstrap(args: Vec<OsString>) -> Result<Parsed<BootstrapArgs>, String> {
         }
         Ok(true)
     })?;
+    let out = BootstrapArgs {
+        bootstrap: b,
+        output,
+    };
     Ok(if run { Parsed::Run(out) } else { Parsed::Help })
 }
 
@@ -406,7 +363,7 @@ Example:
 
 pub fn help_for(applet: Applet) -> &'static str {
     match applet {
-        Applet::Proxy => crate::proxy::flags::USAGE,
+        Applet::Proxy => crate::cmdline::USAGE,
         Applet::Serve => SERVE_HELP,
         Applet::Resync => RESYNC_HELP,
         Applet::Bootstrap => BOOTSTRAP_HELP,
@@ -477,8 +434,8 @@ mod tests {
         else {
             panic!()
         };
-        assert_eq!(a.ads, AdsKind::Delta);
-        assert_eq!(a.admin.to_string(), "[::1]:9000");
+        assert_eq!(a.bootstrap.ads, AdsKind::Delta);
+        assert_eq!(a.bootstrap.admin.to_string(), "[::1]:9000");
         assert!(bootstrap(v(&["--ads", "rest"])).is_err());
         assert!(bootstrap(v(&["--xds", "nowhere"])).is_err());
     }

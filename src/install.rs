@@ -81,7 +81,7 @@ pub fn plan(args: &InstallArgs, exe: &Path) -> Vec<Step> {
             to: target,
         });
     }
-    for name in crate::applet::PROXY_NAMES {
+    for name in crate::cmdline::PROXY_NAMES {
         steps.push(Step::Symlink {
             link: bin.join(name),
             target: "envoy-docker".into(),

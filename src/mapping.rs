@@ -234,6 +234,44 @@ pub fn sanitize(s: &str) -> String {
     }
 }
 
+/// One mapping as `status --json` and the registrar's `/mappings` show it.
+#[derive(Debug, serde::Serialize)]
+pub struct Row {
+    pub proto: String,
+    pub host: String,
+    pub container: String,
+    pub mode: String,
+    pub name: String,
+    pub state: String,
+    /// Who accepts the port's connections now: envoy, relay or handover.
+    pub served_by: String,
+    pub error: Option<String>,
+    pub owner_pid: u32,
+    pub container_name: Option<String>,
+    pub container_id: Option<String>,
+}
+
+impl From<&MappingStatus> for Row {
+    fn from(s: &MappingStatus) -> Row {
+        Row {
+            proto: s.mapping.key.proto.to_string(),
+            host: s.mapping.key.host_addr().to_string(),
+            container: s.mapping.backend.addr().to_string(),
+            mode: s.mode.as_str().into(),
+            name: s.name.clone(),
+            state: s.state.label().into(),
+            served_by: s.server.as_str().into(),
+            error: match &s.state {
+                MappingState::Failed(e) => Some(e.clone()),
+                _ => None,
+            },
+            owner_pid: s.owner_pid,
+            container_name: s.container.as_ref().map(|c| c.name.clone()),
+            container_id: s.container.as_ref().map(|c| c.id.clone()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

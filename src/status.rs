@@ -1,47 +1,16 @@
 //! `envoy-docker status`: asks the registrar for every mapping and prints
 //! one row each, or the same data as JSON.
 
-use crate::cli::StatusArgs;
-use crate::mapping::{EnvoyStatus, MappingState, MappingStatus};
+use crate::mapping::{EnvoyStatus, MappingStatus, Row};
 use crate::protocol::{Reply, Request};
+use std::path::PathBuf;
 use std::time::Duration;
 
-/// One mapping as `status --json` prints it.
-#[derive(Debug, serde::Serialize)]
-pub struct Row {
-    pub proto: String,
-    pub host: String,
-    pub container: String,
-    pub mode: String,
-    pub name: String,
-    pub state: String,
-    /// Who accepts the port's connections now: envoy, relay or handover.
-    pub served_by: String,
-    pub error: Option<String>,
-    pub owner_pid: u32,
-    pub container_name: Option<String>,
-    pub container_id: Option<String>,
-}
-
-impl From<&MappingStatus> for Row {
-    fn from(s: &MappingStatus) -> Row {
-        Row {
-            proto: s.mapping.key.proto.to_string(),
-            host: s.mapping.key.host_addr().to_string(),
-            container: s.mapping.backend.addr().to_string(),
-            mode: s.mode.as_str().into(),
-            name: s.name.clone(),
-            state: s.state.label().into(),
-            served_by: s.server.as_str().into(),
-            error: match &s.state {
-                MappingState::Failed(e) => Some(e.clone()),
-                _ => None,
-            },
-            owner_pid: s.owner_pid,
-            container_name: s.container.as_ref().map(|c| c.name.clone()),
-            container_id: s.container.as_ref().map(|c| c.id.clone()),
-        }
-    }
+/// What `status` needs: the registrar's socket and the output form.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub socket: Option<PathBuf>,
+    pub json: bool,
 }
 
 pub fn render_table(rows: &[Row]) -> String {
@@ -109,7 +78,7 @@ pub fn render_table(rows: &[Row]) -> String {
 pub async fn fetch(
     path: &std::path::Path,
 ) -> Result<(Vec<MappingStatus>, Vec<EnvoyStatus>), String> {
-    let mut conn = crate::proxy::link::connect(path, Duration::from_secs(2)).await?;
+    let mut conn = crate::protocol::client::connect(path, Duration::from_secs(2)).await?;
     let envoys = match conn.call(&Request::Envoys).await? {
         Reply::Envoys(e) => e,
         Reply::Error(e) => return Err(e),
@@ -136,7 +105,7 @@ pub async fn fetch(
     }
 }
 
-pub fn run(args: StatusArgs) -> i32 {
+pub fn run(args: Config) -> i32 {
     let path = crate::addr::socket_path(args.socket);
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -7,7 +7,7 @@ use envoy_docker::mapping::Mode;
 use envoy_docker::protocol::{decode_frame, Reply, Request};
 use envoy_docker::registrar::socket::serve_connection;
 use envoy_docker::registrar::state::Registry;
-use envoy_docker::resync::Trust;
+use envoy_docker::procscan::Trust;
 use libfuzzer_sys::fuzz_target;
 use std::sync::OnceLock;
 use tokio::io::AsyncWriteExt;

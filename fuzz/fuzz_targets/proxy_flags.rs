@@ -11,7 +11,7 @@ fuzz_target!(|data: &[u8]| {
         .split(|b| *b == 0)
         .map(|a| OsString::from_vec(a.to_vec()))
         .collect();
-    let _ = envoy_docker::proxy::flags::parse(&args);
-    let _ = envoy_docker::resync::proxy_mapping(&args, true);
-    let _ = envoy_docker::resync::proxy_mapping(&args, false);
+    let _ = envoy_docker::cmdline::parse(&args);
+    let _ = envoy_docker::procscan::proxy_mapping(&args, true);
+    let _ = envoy_docker::procscan::proxy_mapping(&args, false);
 });

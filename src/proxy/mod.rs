@@ -23,7 +23,6 @@
 //! The proxy runs once per published port, so it stays small: one thread,
 //! and no log subscriber (its few messages go straight to stderr).
 
-pub mod flags;
 pub mod handover;
 pub mod link;
 pub mod listen;
@@ -32,9 +31,9 @@ pub mod status;
 pub mod tcp;
 pub mod udp;
 
+use crate::cmdline::{self as flags, Command, ProxyFlags};
 use crate::mapping::{Mapping, Proto, Server};
 use crate::proxy::say::say;
-use flags::{Command, ProxyFlags};
 use handover::{Action, Event, Handover, Phase};
 use link::{Failure, Link};
 use status::StatusPipe;

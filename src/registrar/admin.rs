@@ -106,7 +106,7 @@ fn route(
             reply(code, "application/json", format!("{body}\n"))
         }
         "/mappings" => {
-            let rows: Vec<crate::status::Row> = reg.list().iter().map(Into::into).collect();
+            let rows: Vec<crate::mapping::Row> = reg.list().iter().map(Into::into).collect();
             match serde_json::to_string_pretty(&rows) {
                 Ok(s) => reply(StatusCode::OK, "application/json", s + "\n"),
                 Err(e) => reply(

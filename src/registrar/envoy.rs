@@ -4,7 +4,7 @@
 //! run the whole host side.
 
 use crate::addr::Addr;
-use crate::cli::{AdsKind, BootstrapArgs};
+use crate::xds::bootstrap::{AdsKind, Bootstrap};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
@@ -13,7 +13,7 @@ use tokio::sync::watch;
 
 pub struct Supervisor {
     pub envoy: PathBuf,
-    pub bootstrap: BootstrapArgs,
+    pub bootstrap: Bootstrap,
     /// Where the generated bootstrap is written.
     pub config: PathBuf,
 }
@@ -21,7 +21,7 @@ pub struct Supervisor {
 impl Supervisor {
     /// Runs until `stop` turns true; then stops Envoy and returns.
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
-        let yaml = crate::bootstrap::render(&self.bootstrap);
+        let yaml = crate::xds::bootstrap::render(&self.bootstrap);
         if let Err(e) = std::fs::write(&self.config, yaml) {
             tracing::error!(
                 "cannot write {}: {e}; not starting Envoy",
@@ -101,8 +101,8 @@ async fn terminate(child: &mut Child) {
 }
 
 /// The bootstrap a supervised Envoy gets: this registrar's xDS address.
-pub fn bootstrap_for(xds: &Addr, node_id: &str, admin: Addr) -> BootstrapArgs {
-    BootstrapArgs {
+pub fn bootstrap_for(xds: &Addr, node_id: &str, admin: Addr) -> Bootstrap {
+    Bootstrap {
         xds: match xds {
             // Envoy cannot connect to a wildcard address.
             Addr::Tcp(sa) if sa.ip().is_unspecified() => {
@@ -118,7 +118,6 @@ pub fn bootstrap_for(xds: &Addr, node_id: &str, admin: Addr) -> BootstrapArgs {
         admin,
         node_id: node_id.into(),
         ads: AdsKind::Delta,
-        output: None,
     }
 }
 

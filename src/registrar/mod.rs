@@ -24,20 +24,47 @@ pub mod notify;
 pub mod socket;
 pub mod state;
 
-use crate::cli::ServeArgs;
+use crate::addr::Addr;
+use crate::mapping::Mode;
 use crate::mapping::Server;
 use crate::xds::server::XdsListener;
+use crate::xds::telemetry::Telemetry;
 use liveness::OwnerProcess;
 use state::{Registry, Shared, RECONNECT_GRACE};
+use std::path::PathBuf;
 use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
+
+#[derive(Debug, Clone, PartialEq)]
+/// What `serve` runs with; `cli` fills it from the flags.
+pub struct Config {
+    pub socket: Option<PathBuf>,
+    pub xds: Addr,
+    pub default_mode: Mode,
+    pub node_id: String,
+    /// Skip the /proc scan at start-up (then `resync` restores mappings).
+    pub no_recover: bool,
+    /// Run and supervise this Envoy binary.
+    pub envoy: Option<PathBuf>,
+    /// `--docker URL|none`; `None` means `$DOCKER_HOST` or the default.
+    pub docker: Option<String>,
+    /// Tracing, sampling and access logs for Envoy.
+    pub telemetry: Telemetry,
+    /// The registrar's own HTTP endpoint; `None` with `--admin none`.
+    pub admin: Option<Addr>,
+    /// The supervised Envoy's admin address.
+    pub envoy_admin: Addr,
+    /// Another executable whose processes may own mappings, besides this
+    /// binary (`--proxy-exe`).
+    pub proxy_exe: Option<PathBuf>,
+}
 
 /// The slow safety net behind the pidfd watches (see `liveness`).
 const REAP_EVERY: Duration = Duration::from_secs(5);
 /// How long start-up waits for Docker's container list.
 const DOCKER_SYNC_BUDGET: Duration = Duration::from_secs(5);
 
-pub fn run(args: ServeArgs) -> i32 {
+pub fn run(args: Config) -> i32 {
     crate::logging::init();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -59,7 +86,7 @@ pub fn run(args: ServeArgs) -> i32 {
     }
 }
 
-async fn serve(args: ServeArgs) -> Result<(), String> {
+async fn serve(args: Config) -> Result<(), String> {
     let path = crate::addr::socket_path(args.socket.clone());
     crate::fdlimit::raise();
     let (exits_tx, mut exits) = tokio::sync::mpsc::unbounded_channel();
@@ -81,7 +108,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         None => None,
     };
 
-    let trust = std::sync::Arc::new(crate::resync::Trust::new(args.proxy_exe.as_deref()));
+    let trust = std::sync::Arc::new(crate::procscan::Trust::new(args.proxy_exe.as_deref()));
     if args.no_recover {
         tracing::info!("not recovering mappings (--no-recover)");
     } else {
@@ -194,8 +221,8 @@ fn migrate_queued_connections() {
 }
 
 /// Takes the mappings of live proxies from /proc.
-fn recover(registry: &Shared, socket: &std::path::Path, trust: &crate::resync::Trust) {
-    let found = crate::resync::scan(socket, trust);
+fn recover(registry: &Shared, socket: &std::path::Path, trust: &crate::procscan::Trust) {
+    let found = crate::procscan::scan(socket, trust);
     let mut reg = registry.lock().expect("registry");
     for p in &found {
         if let Err(e) = reg.register(

@@ -9,8 +9,8 @@
 use super::docker::{self, client::Docker};
 use super::liveness::OwnerProcess;
 use super::state::Shared;
+use crate::procscan::Trust;
 use crate::protocol::{ConnError, Connection, Owner, Reply, Request, PROTOCOL_VERSION};
-use crate::resync::Trust;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -3,12 +3,14 @@
 //! - `resource`: one resource (name, content version, packed message) and
 //!   the `Service` facts resources are built from;
 //! - `resources` and `telemetry`: pure builders of Envoy messages;
+//! - `bootstrap`: the Envoy bootstrap that points Envoy at the server;
 //! - `snapshot`: the cache, one consistent set of resources per type,
 //!   changed one resource at a time and cloned in O(1);
 //! - `session`: the per-stream protocol state machine (no I/O);
 //! - `server`: the ADS service, which moves messages between tonic's gRPC
 //!   streams and the sessions, and reports through its `Control` trait.
 
+pub mod bootstrap;
 pub mod resource;
 pub mod resources;
 pub mod server;

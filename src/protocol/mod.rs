@@ -11,6 +11,8 @@
 //! buffered I/O on any `AsyncRead + AsyncWrite` stream, so the registrar, the
 //! proxy, resync, status and the tests all share it.
 
+pub mod client;
+
 use crate::mapping::{EnvoyStatus, Mapping, MappingKey, MappingStatus, Server};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::fmt;

@@ -1,4 +1,6 @@
-//! docker-proxy's command line, parsed the way Go's `flag` package does it.
+//! docker-proxy's command line, parsed the way Go's `flag` package does it,
+//! and the names the proxy role answers to. The proxy parses its own; the
+//! /proc scan parses other proxies'.
 //!
 //! dockerd runs the proxy as `-proto tcp -host-ip 0.0.0.0 -host-port 8080
 //! -container-ip 172.17.0.2 -container-port 80 [-use-listen-fd]`. Go accepts
@@ -7,8 +9,20 @@
 //! short options, so this small parser stands on its own.
 
 use crate::mapping::{Backend, Mapping, MappingKey, Proto};
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::net::IpAddr;
+use std::path::Path;
+
+/// Names under which the binary is the proxy role.
+pub const PROXY_NAMES: [&str; 2] = ["docker-proxy", "envoy-docker-shim"];
+
+/// True when argv[0] names the proxy role.
+pub fn is_proxy_name(argv0: &OsStr) -> bool {
+    Path::new(argv0)
+        .file_name()
+        .and_then(OsStr::to_str)
+        .is_some_and(|n| PROXY_NAMES.contains(&n))
+}
 
 /// The proxy's flags as typed, before any socket is touched.
 #[derive(Debug, Clone, PartialEq, Eq)]
