@@ -68,7 +68,7 @@ pub fn run(argv: Vec<OsString>) -> i32 {
     }
     match applet {
         Applet::Proxy => proxy::run(&args),
-        Applet::Serve => sub!(cli::serve, Applet::Serve, registrar::run),
+        Applet::Serve => sub!(cli::serve, Applet::Serve, registrar::main),
         Applet::Resync => sub!(cli::resync, Applet::Resync, resync::run),
         Applet::Bootstrap => sub!(cli::bootstrap, Applet::Bootstrap, bootstrap::run),
         Applet::Status => sub!(cli::status, Applet::Status, status::run),

@@ -1,5 +1,6 @@
 //! The proxy's connection to the registrar: register, hear who should serve
-//! the port, report what the proxy did, and deregister on the way out.
+//! the port, and report what the proxy did. The open connection is the
+//! mapping's life: it ends when the connection does.
 //!
 //! Nothing here may hold up the data path: every step has a deadline, one
 //! attempt is made per call, and the caller (`proxy::serve`) decides when to
@@ -9,14 +10,9 @@ use crate::mapping::{Mapping, MappingKey, Server};
 use crate::protocol::client::connect_once;
 pub use crate::protocol::client::{Failure, STEP_BUDGET};
 use crate::protocol::{Connection, Owner, Registration, Reply, Request};
-use crate::proxy::say::say;
 use std::path::Path;
-use std::time::Duration;
 use tokio::net::UnixStream;
 use tokio::time::timeout;
-
-/// How long deregistration may take when the proxy is told to stop.
-pub const DEREGISTER_BUDGET: Duration = Duration::from_secs(1);
 
 pub struct Link {
     conn: Connection<UnixStream>,
@@ -70,18 +66,5 @@ impl Link {
             relayed,
         };
         let _ = timeout(STEP_BUDGET, self.conn.write_frame(&req)).await;
-    }
-
-    /// Removes the mapping, waiting at most [`DEREGISTER_BUDGET`].
-    pub async fn deregister(mut self) {
-        let req = Request::Deregister(self.key);
-        match timeout(DEREGISTER_BUDGET, self.conn.call(&req)).await {
-            Ok(Ok(Reply::Done)) => {}
-            Ok(Ok(other)) => say(&format!("deregistering: unexpected reply {other:?}")),
-            Ok(Err(e)) => say(&format!("deregistering: {e}")),
-            Err(_) => say(&format!(
-                "deregistering: no answer within {DEREGISTER_BUDGET:?}"
-            )),
-        }
     }
 }

@@ -17,8 +17,8 @@
 //!    UDP: write `0\n` at once and relay; registering is only for `status`.
 //! 5. live as long as the mapping: follow the registrar's orders (hand over,
 //!    take back; see `handover`), register again whenever the registrar
-//!    comes back, and on SIGINT or SIGTERM close the port, deregister and
-//!    exit 0.
+//!    comes back, and on SIGINT or SIGTERM close the port and exit 0 at
+//!    once (the registrar removes the mapping when the connection closes).
 //!
 //! The proxy runs once per published port, so it stays small: one thread,
 //! and no log subscriber (its few messages go straight to stderr).
@@ -162,14 +162,14 @@ async fn serve(flags: ProxyFlags, listen_fd: Option<OwnedFd>, mut status: Status
         }
     };
     let path = crate::addr::socket_path(None);
-    let link = tokio::select! {
-        link = port.live(&path, mapping, &mut status) => link,
-        _ = stop(&mut sigint, &mut sigterm) => None,
+    // On a signal the port closes and the process exits at once, as
+    // docker-proxy does; the registrar sees the connection close and
+    // removes the mapping, so `docker stop` never waits on it.
+    tokio::select! {
+        _ = port.live(&path, mapping, &mut status) => {}
+        _ = stop(&mut sigint, &mut sigterm) => {}
     };
     port.close();
-    if let Some(link) = link {
-        link.deregister().await;
-    }
     0
 }
 
@@ -223,14 +223,8 @@ impl Port {
         }
     }
 
-    /// Serves until the caller stops it; returns the registrar link, if any,
-    /// for deregistration. Never returns by itself.
-    async fn live(
-        &mut self,
-        path: &std::path::Path,
-        mapping: Mapping,
-        status: &mut StatusPipe,
-    ) -> Option<Link> {
+    /// Serves until the caller stops it. Never returns by itself.
+    async fn live(&mut self, path: &std::path::Path, mapping: Mapping, status: &mut StatusPipe) {
         let path: PathBuf = path.to_path_buf();
         let attempt_after = |pause: Duration, server: Server| -> Attempt {
             let path = path.clone();

@@ -9,11 +9,7 @@ use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-
-/// Set once the xDS server is up.
-pub static XDS_SERVING: AtomicBool = AtomicBool::new(false);
 
 pub async fn bind(addr: &crate::addr::Addr) -> Result<tokio::net::TcpListener, String> {
     match addr {
@@ -86,7 +82,7 @@ fn route(
     let reg = registry.lock().expect("registry");
     match req.uri().path() {
         "/healthz" => {
-            let serving = XDS_SERVING.load(Ordering::Relaxed);
+            let serving = reg.serving_envoys();
             let stalled = reg
                 .envoys()
                 .iter()

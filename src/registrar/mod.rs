@@ -31,12 +31,14 @@ use crate::xds::server::XdsListener;
 use crate::xds::telemetry::Telemetry;
 use liveness::OwnerProcess;
 use state::{Registry, Shared, RECONNECT_GRACE};
+use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
+use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 
-#[derive(Debug, Clone, PartialEq)]
 /// What `serve` runs with; `cli` fills it from the flags.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub socket: Option<PathBuf>,
     pub xds: Addr,
@@ -64,20 +66,39 @@ const REAP_EVERY: Duration = Duration::from_secs(5);
 /// How long start-up waits for Docker's container list.
 const DOCKER_SYNC_BUDGET: Duration = Duration::from_secs(5);
 
-pub fn run(args: Config) -> i32 {
+/// Why the registrar could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Bind(String),
+    #[error("{0}")]
+    Docker(String),
+    #[error("cannot start: {0}")]
+    Runtime(std::io::Error),
+    #[error("xDS server: {0}")]
+    Xds(String),
+}
+
+/// The role's entry: what belongs to the process (logging, the runtime, the
+/// open-file limit, the kernel switch, signals), then [`run`]. Errors end
+/// here, as one message and exit status 1.
+pub fn main(config: Config) -> i32 {
     crate::logging::init();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
+    let result = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("envoy-docker serve: cannot start: {e}");
-            return 1;
-        }
-    };
-    match rt.block_on(serve(args)) {
+        .map_err(Error::Runtime)
+        .and_then(|rt| {
+            rt.block_on(async {
+                crate::fdlimit::raise();
+                let listeners = Listeners::bind(&config).await?;
+                migrate_queued_connections();
+                let stop = signals().map_err(Error::Runtime)?;
+                run(config, listeners, stop).await
+            })
+        });
+    match result {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("envoy-docker serve: {e}");
@@ -86,9 +107,64 @@ pub fn run(args: Config) -> i32 {
     }
 }
 
-async fn serve(args: Config) -> Result<(), String> {
-    let path = crate::addr::socket_path(args.socket.clone());
-    crate::fdlimit::raise();
+/// Resolves on SIGINT or SIGTERM.
+fn signals() -> std::io::Result<impl Future<Output = ()>> {
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = sigint.recv() => {}
+            _ = sigterm.recv() => {}
+        }
+    })
+}
+
+/// Everything the registrar listens on, bound before anything else so that
+/// a taken address fails start-up at once.
+pub struct Listeners {
+    socket: UnixListener,
+    socket_path: PathBuf,
+    xds: XdsListener,
+    admin: Option<tokio::net::TcpListener>,
+}
+
+impl Listeners {
+    pub async fn bind(config: &Config) -> Result<Listeners, Error> {
+        let socket_path = crate::addr::socket_path(config.socket.clone());
+        let socket = socket::bind(&socket_path).map_err(Error::Bind)?;
+        let xds = XdsListener::bind(&config.xds).await.map_err(Error::Bind)?;
+        let admin = match &config.admin {
+            Some(a) => Some(admin::bind(a).await.map_err(Error::Bind)?),
+            None => None,
+        };
+        Ok(Listeners {
+            socket,
+            socket_path,
+            xds,
+            admin,
+        })
+    }
+
+    /// Where the admin endpoint listens (port 0 in `--admin` picks one).
+    pub fn admin_addr(&self) -> Option<std::net::SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
+    }
+}
+
+/// Serves until `shutdown` resolves. Runs inside any tokio runtime, so a
+/// test can run a registrar in its own process.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let Listeners {
+        socket: unix,
+        socket_path: path,
+        xds,
+        admin,
+    } = listeners;
+    let args = config;
     let (exits_tx, mut exits) = tokio::sync::mpsc::unbounded_channel();
     let registry: Shared = Registry::new(args.default_mode)
         .with_telemetry(args.telemetry.clone())
@@ -100,13 +176,6 @@ async fn serve(args: Config) -> Result<(), String> {
             on_exit.lock().expect("registry").owner_exited(&key, owner);
         }
     });
-    let unix = socket::bind(&path)?;
-    migrate_queued_connections();
-    let xds = XdsListener::bind(&args.xds).await?;
-    let admin = match &args.admin {
-        Some(a) => Some(admin::bind(a).await?),
-        None => None,
-    };
 
     let trust = std::sync::Arc::new(crate::procscan::Trust::new(args.proxy_exe.as_deref()));
     if args.no_recover {
@@ -117,29 +186,31 @@ async fn serve(args: Config) -> Result<(), String> {
 
     // Docker metadata: names and modes must be in place before any Envoy
     // hears about the recovered mappings, or they would change under it.
-    let docker =
-        docker::client::Docker::from_setting(args.docker.as_deref())?.map(std::sync::Arc::new);
+    let docker = docker::client::Docker::from_setting(args.docker.as_deref())
+        .map_err(Error::Docker)?
+        .map(std::sync::Arc::new);
     // Proxies are taken at once, before Docker has answered: their names
     // arrive later, as they do for any new container. No Envoy hears of
     // anything before the sync below.
-    tokio::spawn(socket::serve(unix, registry.clone(), docker.clone(), trust));
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(socket::serve(unix, registry.clone(), docker.clone(), trust));
     match &docker {
         Some(d) => {
             let (synced_tx, mut synced) = tokio::sync::watch::channel(false);
-            tokio::spawn(docker::watch(d.clone(), registry.clone(), synced_tx));
+            tasks.spawn(docker::watch(d.clone(), registry.clone(), synced_tx));
             let _ = tokio::time::timeout(DOCKER_SYNC_BUDGET, synced.wait_for(|s| *s)).await;
         }
         None => tracing::info!("not following Docker (--docker none)"),
     }
 
-    tokio::spawn(reap(registry.clone()));
+    tasks.spawn(reap(registry.clone()));
     let after_grace = registry.clone();
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         tokio::time::sleep(RECONNECT_GRACE).await;
         after_grace.lock().expect("registry").tick();
     });
     if let Some(l) = admin {
-        tokio::spawn(admin::serve(l, registry.clone()));
+        tasks.spawn(admin::serve(l, registry.clone()));
     }
     tracing::info!(
         "serving proxies on {} and xDS on {} (node id {:?})",
@@ -158,18 +229,13 @@ async fn serve(args: Config) -> Result<(), String> {
         tokio::spawn(sup.run(stop.clone()))
     });
 
-    let mut sigint = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
-    let mut sigterm = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     tokio::spawn(async move {
-        tokio::select! {
-            _ = sigint.recv() => {}
-            _ = sigterm.recv() => {}
-        }
+        shutdown.await;
         tracing::info!("shutting down");
         let _ = stop_tx.send(true);
     });
     let mut stopped = stop.clone();
-    let shutdown = async move {
+    let xds_shutdown = async move {
         let _ = stopped.wait_for(|s| *s).await;
     };
     // Envoy's ADS streams never end by themselves: give them a moment to
@@ -179,19 +245,25 @@ async fn serve(args: Config) -> Result<(), String> {
         let _ = stopped.wait_for(|s| *s).await;
         tokio::time::sleep(Duration::from_secs(1)).await;
     };
-    let snapshots = registry.lock().expect("registry").snapshots();
-    admin::XDS_SERVING.store(true, std::sync::atomic::Ordering::Relaxed);
+    let snapshots = {
+        let mut reg = registry.lock().expect("registry");
+        reg.set_serving_envoys();
+        reg.snapshots()
+    };
     notify::notify(&format!("READY=1\nSTATUS=serving xDS on {}", args.xds));
+    let control = control::Envoys::new(registry.clone());
     let result = tokio::select! {
-        r = xds.serve(control::Envoys::new(registry.clone()), snapshots, args.node_id, shutdown) => r,
+        r = xds.serve(control, snapshots, args.node_id, xds_shutdown) => r,
         _ = grace => Ok(()),
     };
     notify::notify("STOPPING=1");
     if let Some(sup) = supervisor {
         let _ = sup.await;
     }
+    // The proxy socket, Docker watch, admin and timers end with the run.
+    drop(tasks);
     let _ = std::fs::remove_file(&path);
-    result
+    result.map_err(Error::Xds)
 }
 
 /// Where the kernel's switch for moving queued connections lives.

@@ -161,6 +161,8 @@ pub struct Registry {
     /// Where pidfd watches report owners that exited.
     exits: Option<super::liveness::Exits>,
     metrics: Arc<Metrics>,
+    /// Set once start-up is over and Envoys are served.
+    serving_envoys: bool,
 }
 
 pub type Shared = Arc<Mutex<Registry>>;
@@ -186,7 +188,17 @@ impl Registry {
             seen_envoy: false,
             exits: None,
             metrics: Arc::default(),
+            serving_envoys: false,
         }
+    }
+
+    /// Start-up is over: Envoys are served from now on.
+    pub fn set_serving_envoys(&mut self) {
+        self.serving_envoys = true;
+    }
+
+    pub fn serving_envoys(&self) -> bool {
+        self.serving_envoys
     }
 
     /// The counters this registry and its xDS server keep.

@@ -22,6 +22,11 @@ use std::time::{Duration, Instant};
 pub use proc::{Proxy, ProxySpec};
 
 pub fn bin() -> &'static str {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the end-to-end tier (--features e2e) runs dockerd, Envoy and proxies as root: \
+         run it as root, or leave the feature off for the unit and in-process tiers"
+    );
     env!("CARGO_BIN_EXE_envoy-docker")
 }
 
