@@ -1,0 +1,50 @@
+//! The containers Docker told us about, by id: what names a mapping and
+//! sets its mode. An address belongs to the newest container that has it.
+
+use super::super::docker::meta::ContainerMeta;
+use crate::mapping::{Mapping, Mode};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+#[derive(Debug, Default)]
+pub(super) struct Containers {
+    by_id: BTreeMap<String, Arc<ContainerMeta>>,
+}
+
+impl Containers {
+    /// Keeps `meta`, dropping older containers that had its addresses.
+    pub fn remember(&mut self, meta: ContainerMeta, default_mode: Mode) -> Arc<ContainerMeta> {
+        if let Some(bad) = meta.bad_mode() {
+            tracing::warn!(
+                "container {}: label ProxyMode={bad:?} is neither http nor tcp; using {}",
+                meta.name,
+                default_mode.as_str()
+            );
+        }
+        // A reused address belongs to the new container now.
+        self.by_id
+            .retain(|id, c| id == &meta.id || !c.ips.iter().any(|ip| meta.ips.contains(ip)));
+        let meta = Arc::new(meta);
+        self.by_id.insert(meta.id.clone(), meta.clone());
+        meta
+    }
+
+    /// The container that serves the mapping's backend, if known.
+    pub fn serving(&self, m: &Mapping) -> Option<Arc<ContainerMeta>> {
+        self.by_id
+            .values()
+            .find(|c| {
+                c.serves(
+                    m.backend.container_ip,
+                    m.backend.container_port,
+                    m.key.proto,
+                )
+            })
+            .cloned()
+    }
+
+    /// The container is gone: its address may be reused by the next one.
+    pub fn forget(&mut self, id: &str) {
+        self.by_id.remove(id);
+    }
+}

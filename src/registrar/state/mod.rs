@@ -1,0 +1,491 @@
+//! The registrar's state: every live mapping, who owns it, what each
+//! connected Envoy has accepted, and so who should serve each port. Every
+//! change publishes a new xDS snapshot and sends the proxies their orders.
+//!
+//! A mapping is keyed by (proto, host ip, host port). It dies when its
+//! proxy deregisters, when the proxy's connection closes, or (for mappings
+//! taken from /proc or replayed by resync) when the owning process exits.
+//! An Envoy's NACK marks it failed and keeps it: its proxy relays on.
+//!
+//! Who serves a TCP port (see `proxy::handover` for the proxy's side):
+//! - hand over (order `Serve(Envoy)`) once at least one Envoy is connected
+//!   and every connected Envoy serves the mapping's current listener and
+//!   endpoints;
+//! - take back (order `Serve(Relay)`) once no connected Envoy may still
+//!   hold the listener. An Envoy whose holdings are not known yet (it has
+//!   just connected) may hold it; so may an Envoy that has not reconnected
+//!   yet within [`RECONNECT_GRACE`] of the registrar's start (until the
+//!   first Envoy connects), because a restarted registrar must not chase
+//!   proxies back out while Envoy serves.
+//!
+//! The registry ties together, each in its own module:
+//! - `entry`: one row of the mapping table;
+//! - `envoys`: what each Envoy holds, and the judgement per mapping;
+//! - `containers`: the container cache that names mappings;
+//! - `publish`: the snapshot being edited, and sending it;
+//! - owner liveness is `registrar::liveness` (pidfds).
+
+mod containers;
+mod entry;
+mod envoys;
+mod publish;
+#[cfg(test)]
+mod tests;
+
+use super::docker::meta::ContainerMeta;
+use super::liveness::OwnerProcess;
+use super::metrics::Metrics;
+use crate::mapping::{
+    EnvoyStatus, Mapping, MappingKey, MappingState, MappingStatus, Mode, Proto, Server,
+};
+use crate::protocol::Reply;
+use crate::xds::session::{mentions, Feedback};
+use crate::xds::snapshot::{Kind, Snapshot};
+use crate::xds::telemetry::Telemetry;
+use containers::Containers;
+use entry::Entry;
+use envoys::{judge, EnvoyView, World};
+use publish::Publisher;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// How long after its start the registrar waits for Envoys to reconnect
+/// before it takes ports back from Envoys it has not heard from.
+pub const RECONNECT_GRACE: Duration = Duration::from_secs(5);
+
+/// Where the registrar sends a proxy's orders: its connection's outbox.
+pub type Outbox = mpsc::UnboundedSender<Reply>;
+
+#[derive(Debug)]
+pub struct Registry {
+    entries: BTreeMap<MappingKey, Entry>,
+    default_mode: Mode,
+    envoys: BTreeMap<u64, EnvoyView>,
+    next_envoy: u64,
+    publisher: Publisher,
+    /// Deregistrations waiting for every Envoy to drop their listener.
+    closing: Vec<(MappingKey, oneshot::Sender<()>)>,
+    containers: Containers,
+    /// Open proxy connections, by id, for their orders.
+    links: BTreeMap<u64, Outbox>,
+    started: Instant,
+    grace: Duration,
+    /// Set once any Envoy has connected: the grace is only for the first.
+    seen_envoy: bool,
+    /// Where pidfd watches report owners that exited.
+    exits: Option<super::liveness::Exits>,
+    metrics: Arc<Metrics>,
+    /// Set once start-up is over and Envoys are served.
+    serving_envoys: bool,
+}
+
+pub type Shared = Arc<Mutex<Registry>>;
+
+impl Registry {
+    pub fn new(default_mode: Mode) -> Registry {
+        Registry {
+            entries: BTreeMap::new(),
+            default_mode,
+            envoys: BTreeMap::new(),
+            next_envoy: 0,
+            publisher: Publisher::new(),
+            closing: Vec::new(),
+            containers: Containers::default(),
+            links: BTreeMap::new(),
+            started: Instant::now(),
+            grace: RECONNECT_GRACE,
+            seen_envoy: false,
+            exits: None,
+            metrics: Arc::default(),
+            serving_envoys: false,
+        }
+    }
+
+    /// Start-up is over: Envoys are served from now on.
+    pub fn set_serving_envoys(&mut self) {
+        self.serving_envoys = true;
+    }
+
+    pub fn serving_envoys(&self) -> bool {
+        self.serving_envoys
+    }
+
+    /// The counters this registry and its xDS server keep.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// Watches the owners of mappings held for a pid, reporting exits on
+    /// `exits` (see [`Registry::owner_exited`]).
+    pub fn with_exit_watch(mut self, exits: super::liveness::Exits) -> Registry {
+        self.exits = Some(exits);
+        self
+    }
+
+    /// Sets how long Envoys get to reconnect after start (tests use zero).
+    pub fn with_grace(mut self, grace: Duration) -> Registry {
+        self.grace = grace;
+        self
+    }
+
+    pub fn with_telemetry(mut self, telemetry: Telemetry) -> Registry {
+        self.publisher.rebuild(telemetry, &self.entries);
+        self
+    }
+
+    pub fn shared(self) -> Shared {
+        Arc::new(Mutex::new(self))
+    }
+
+    pub fn snapshots(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.publisher.subscribe()
+    }
+
+    /// A proxy connection opened: its orders go to `outbox`.
+    pub fn link_opened(&mut self, conn: u64, outbox: Outbox) {
+        self.links.insert(conn, outbox);
+    }
+
+    /// Adds a mapping or confirms an identical one. `meta` is the container
+    /// found for it at registration, if any; `server` is who serves the
+    /// port as the registrant says.
+    pub fn register(
+        &mut self,
+        mapping: Mapping,
+        owner: OwnerProcess,
+        conn: Option<u64>,
+        server: Server,
+        meta: Option<ContainerMeta>,
+    ) -> Result<(), String> {
+        if mapping.key.proto == Proto::Sctp {
+            return Err("SCTP is not supported".into());
+        }
+        if let Some(e) = self.entries.get(&mapping.key) {
+            if e.mapping.backend != mapping.backend {
+                if e.owner.pid != owner.pid && e.owner.alive() {
+                    return Err(format!(
+                        "{} is already registered by pid {} for {}",
+                        mapping.key,
+                        e.owner.pid,
+                        e.mapping.backend.addr()
+                    ));
+                }
+                // The old owner is gone and has not been reaped yet.
+                self.remove(&mapping.key, "replaced by a new registration", false);
+            }
+        }
+        let container = match meta {
+            Some(m) => Some(self.containers.remember(m, self.default_mode)),
+            None => self.containers.serving(&mapping),
+        };
+        let fresh = !self.entries.contains_key(&mapping.key);
+        let default_mode = self.default_mode;
+        let entry = self
+            .entries
+            .entry(mapping.key)
+            .or_insert_with(|| Entry::new(mapping, owner, conn, server, default_mode));
+        let mut renamed = false;
+        if container.is_some() && entry.container != container {
+            entry.container = container;
+            renamed = entry.describe(default_mode) && !fresh;
+        }
+        let entry = self.entries.get_mut(&mapping.key).expect("just inserted");
+        // Idempotent: the newest registrant owns the mapping from now on.
+        let watch = conn.is_none() && (fresh || entry.owner != owner || entry.conn.is_some());
+        entry.owner = owner;
+        entry.conn = conn;
+        if let (true, Some(exits)) = (watch, &self.exits) {
+            super::liveness::watch(mapping.key, owner, exits);
+        }
+        entry.server = server;
+        // With no Envoy to wait for, a relaying (or starting) proxy hears
+        // at once that it is to go on relaying.
+        if server == Server::Relay && self.envoys.is_empty() {
+            if let Some(tx) = conn.and_then(|c| self.links.get(&c)) {
+                let _ = tx.send(Reply::Serve(Server::Relay));
+            }
+        }
+        if fresh {
+            self.metrics.registered();
+            tracing::info!("registered {mapping} (pid {})", owner.pid);
+        }
+        if fresh || renamed {
+            self.refresh(&mapping.key);
+            self.send();
+        }
+        self.evaluate_keys([mapping.key]);
+        Ok(())
+    }
+
+    /// A proxy's report of who serves its mapping now.
+    pub fn serving(&mut self, conn: u64, key: &MappingKey, server: Server, relayed: u64) {
+        let Some(e) = self.entries.get_mut(key).filter(|e| e.conn == Some(conn)) else {
+            return;
+        };
+        self.metrics.relayed(relayed.saturating_sub(e.relayed));
+        e.relayed = relayed;
+        if server == Server::Envoy && e.server != Server::Envoy {
+            self.metrics.handed_over();
+            tracing::info!("{} handed over to Envoy", e.mapping);
+        }
+        e.server = server;
+        self.evaluate_keys([*key]);
+    }
+
+    /// Removes a mapping. The receiver resolves once no connected Envoy
+    /// holds its listener any more, so the port is closed.
+    pub fn deregister(&mut self, key: &MappingKey) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        self.closing.push((*key, tx));
+        if self.remove(key, "deregistered", true) {
+            self.send();
+        }
+        self.evaluate_keys([]);
+        rx
+    }
+
+    /// A registrar connection closed: its mappings go with it.
+    pub fn connection_closed(&mut self, conn: u64) {
+        self.links.remove(&conn);
+        let gone: Vec<MappingKey> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.conn == Some(conn))
+            .map(|(k, _)| *k)
+            .collect();
+        self.remove_all(&gone, "its proxy went away", true);
+    }
+
+    /// Drops mappings held for a pid (recovered or replayed, so without a
+    /// connection) whose process has exited. A proxy whose connection is
+    /// open is alive, whatever /proc says.
+    pub fn reap(&mut self) {
+        let gone: Vec<MappingKey> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.conn.is_none() && !e.owner.alive())
+            .map(|(k, _)| *k)
+            .collect();
+        self.remove_all(&gone, "its proxy exited", true);
+    }
+
+    /// A watched owner process exited (its pidfd became readable).
+    pub fn owner_exited(&mut self, key: &MappingKey, owner: OwnerProcess) {
+        let gone = self
+            .entries
+            .get(key)
+            .is_some_and(|e| e.conn.is_none() && e.owner == owner);
+        if gone {
+            self.remove_all(&[*key], "its proxy exited", true);
+        }
+    }
+
+    fn remove_all(&mut self, keys: &[MappingKey], why: &str, by_owner: bool) {
+        let mut changed = false;
+        for k in keys {
+            changed |= self.remove(k, why, by_owner);
+        }
+        if changed {
+            self.send();
+            self.evaluate_keys([]);
+        }
+    }
+
+    /// Drops a mapping. Unless its own proxy asked (`by_owner`), the
+    /// proxy's connection is closed, so that it registers again.
+    fn remove(&mut self, key: &MappingKey, why: &str, by_owner: bool) -> bool {
+        let Some(e) = self.entries.remove(key) else {
+            return false;
+        };
+        self.metrics.deregistered();
+        tracing::info!("removed {} ({why})", e.mapping);
+        self.refresh(key);
+        if let (false, Some(c)) = (by_owner, e.conn) {
+            self.links.remove(&c);
+        }
+        true
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn list(&self) -> Vec<MappingStatus> {
+        self.entries.values().map(Entry::status).collect()
+    }
+
+    /// Docker told us about a container (after its start, or a rename):
+    /// name its mappings after it and apply its mode.
+    pub fn apply_container(&mut self, meta: ContainerMeta) {
+        let meta = self.containers.remember(meta, self.default_mode);
+        let default_mode = self.default_mode;
+        let mut changed = Vec::new();
+        for e in self.entries.values_mut() {
+            let b = e.mapping.backend;
+            if !meta.serves(b.container_ip, b.container_port, e.mapping.key.proto) {
+                continue;
+            }
+            e.container = Some(meta.clone());
+            if e.describe(default_mode) {
+                tracing::info!("{} is now {} ({})", e.mapping, e.name, e.mode.as_str());
+                changed.push(e.mapping.key);
+            }
+        }
+        if !changed.is_empty() {
+            for key in &changed {
+                self.refresh(key);
+            }
+            self.send();
+        }
+    }
+
+    /// The container is gone: its address may be reused by the next one.
+    pub fn forget_container(&mut self, id: &str) {
+        self.containers.forget(id);
+    }
+
+    /// An xDS stream named the right node in its first request: from now
+    /// on it counts as an Envoy.
+    pub fn envoy_connected(&mut self, stream: u64) -> u64 {
+        self.next_envoy += 1;
+        let view = EnvoyView {
+            stream,
+            ..Default::default()
+        };
+        self.envoys.insert(self.next_envoy, view);
+        self.seen_envoy = true;
+        self.evaluate();
+        self.next_envoy
+    }
+
+    pub fn envoy_gone(&mut self, id: u64) {
+        self.envoys.remove(&id);
+        self.evaluate();
+    }
+
+    pub fn envoy_count(&self) -> usize {
+        self.envoys.len()
+    }
+
+    /// An Envoy stopped answering (`true`) or answers again.
+    pub fn envoy_stalled(&mut self, id: u64, stalled: bool) {
+        if let Some(v) = self.envoys.get_mut(&id) {
+            v.stalled = stalled.then(Instant::now);
+        }
+        self.evaluate();
+    }
+
+    /// The Envoy streams, for `status` and `/healthz`.
+    pub fn envoys(&self) -> Vec<EnvoyStatus> {
+        self.envoys
+            .values()
+            .map(|v| EnvoyStatus {
+                stream: v.stream,
+                stalled_secs: v.stalled.map(|t| t.elapsed().as_secs()),
+            })
+            .collect()
+    }
+
+    /// An ACK or NACK from one Envoy, or what its first request said it holds.
+    pub fn envoy_feedback(&mut self, id: u64, fb: Feedback) {
+        let Some(view) = self.envoys.get_mut(&id) else {
+            return;
+        };
+        match fb.kind {
+            Kind::Listener => view.listeners = Some(fb.held),
+            Kind::Endpoint => view.endpoints = fb.held,
+            Kind::Cluster => return,
+        }
+        // Only the mappings whose resources this answer was about.
+        let touched: Vec<MappingKey> = match &fb.touched {
+            Some(names) => names
+                .iter()
+                .filter_map(|n| self.publisher.mapping_of(n))
+                .collect(),
+            None => self.entries.keys().copied().collect(),
+        };
+        let Some(error) = fb.error.filter(|_| fb.kind == Kind::Listener) else {
+            self.evaluate_keys(touched);
+            return;
+        };
+        let rejected: Vec<MappingKey> = self
+            .entries
+            .values()
+            .filter(|e| mentions(&error, &e.listener()))
+            .map(|e| e.mapping.key)
+            .collect();
+        // The proxy owns the port and relays while Envoy cannot serve it, so
+        // the mapping is kept, marked failed, until Envoy accepts it.
+        for key in &rejected {
+            if let Some(e) = self.entries.get_mut(key) {
+                tracing::warn!("Envoy rejected the listener of {key}; its proxy relays: {error}");
+                e.state = MappingState::Failed(error.clone());
+            }
+        }
+        self.evaluate_keys(touched.into_iter().chain(rejected));
+    }
+
+    /// Recomputes every TCP mapping's state from what the Envoys hold, and
+    /// orders proxies to hand over or take back where that changed. For
+    /// what touches every mapping: an Envoy coming, going or stalling.
+    fn evaluate(&mut self) {
+        let keys: Vec<MappingKey> = self.entries.keys().copied().collect();
+        self.evaluate_keys(keys);
+    }
+
+    /// The same for the given mappings only (and the pending closes): a
+    /// change to one mapping, or an ACK of a few resources, costs what it
+    /// touches, not the whole table.
+    fn evaluate_keys(&mut self, keys: impl IntoIterator<Item = MappingKey>) {
+        let held =
+            |envoys: &BTreeMap<u64, EnvoyView>, name: &str| envoys.values().any(|v| v.holds(name));
+        if !self.closing.is_empty() {
+            let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.closing)
+                .into_iter()
+                .partition(|(key, _)| {
+                    self.entries.contains_key(key) || !held(&self.envoys, &key.resource_name())
+                });
+            self.closing = waiting;
+            for (_, tx) in done {
+                let _ = tx.send(());
+            }
+        }
+        let waiting_for_envoys =
+            !self.seen_envoy && self.envoys.is_empty() && self.started.elapsed() < self.grace;
+        for key in keys {
+            let Some(e) = self.entries.get_mut(&key) else {
+                continue;
+            };
+            let world = World {
+                envoys: &self.envoys,
+                links: &self.links,
+                snap: self.publisher.snap(),
+                metrics: &self.metrics,
+                waiting_for_envoys,
+            };
+            judge(e, &world);
+        }
+    }
+
+    /// Re-evaluates after time alone changed the picture (the reconnect
+    /// grace running out).
+    pub fn tick(&mut self) {
+        self.evaluate();
+    }
+
+    /// Puts the mapping's resources into the snapshot being edited as the
+    /// entry is now (or takes them out if it is gone): O(log n).
+    fn refresh(&mut self, key: &MappingKey) {
+        self.publisher.set(key, self.entries.get(key));
+    }
+
+    fn send(&self) {
+        self.publisher.send();
+    }
+}

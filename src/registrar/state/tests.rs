@@ -1,0 +1,339 @@
+//! Unit tests of the registry: registrations, hand-over and take-back
+//! orders, Envoy feedback, container labels, reaping.
+
+use super::*;
+use crate::mapping::Backend;
+use crate::xds::session::Versions;
+
+fn mapping(port: u16, backend: &str) -> Mapping {
+    Mapping {
+        key: MappingKey {
+            proto: Proto::Tcp,
+            host_ip: "0.0.0.0".parse().unwrap(),
+            host_port: port,
+        },
+        backend: Backend {
+            container_ip: backend.parse().unwrap(),
+            container_port: 80,
+        },
+    }
+}
+
+fn me() -> OwnerProcess {
+    OwnerProcess::of(std::process::id())
+}
+
+/// An ACK from `envoy` of everything of `kind` in the current snapshot.
+/// The ACK names what it answered, as the session reports it, so the
+/// registry re-judges just those mappings.
+fn ack(r: &mut Registry, envoy: u64, kind: Kind) {
+    let held: Versions = r
+        .snapshots()
+        .borrow()
+        .get(kind)
+        .iter()
+        .map(|(n, res)| (n.clone(), res.version.clone()))
+        .collect();
+    let touched = Some(held.keys().cloned().collect());
+    r.envoy_feedback(
+        envoy,
+        Feedback {
+            kind,
+            held,
+            error: None,
+            touched,
+        },
+    );
+}
+
+#[test]
+fn an_ack_naming_one_mapping_settles_that_one_only() {
+    let (mut r, mut rx) = with_link(1);
+    let envoy = r.envoy_connected(1);
+    let (a, b) = (mapping(86, "10.0.0.2"), mapping(87, "10.0.0.3"));
+    r.register(a, me(), Some(1), Server::Relay, None).unwrap();
+    r.register(b, me(), Some(1), Server::Relay, None).unwrap();
+    let snap = r.snapshots().borrow().clone();
+    let versions = |kind: Kind| -> Versions {
+        snap.get(kind)
+            .iter()
+            .map(|(n, res)| (n.clone(), res.version.clone()))
+            .collect()
+    };
+    let cluster_of_a = snap.get(Kind::Listener)[&a.key.resource_name()]
+        .cluster
+        .clone()
+        .unwrap();
+    // Envoy holds everything, but the answers name only a's resources.
+    for (kind, name) in [
+        (Kind::Endpoint, cluster_of_a),
+        (Kind::Listener, a.key.resource_name()),
+    ] {
+        r.envoy_feedback(
+            envoy,
+            Feedback {
+                kind,
+                held: versions(kind),
+                error: None,
+                touched: Some(vec![name]),
+            },
+        );
+    }
+    assert_eq!(orders(&mut rx), [Server::Envoy]);
+    assert_eq!(server_of(&r, 86), Server::Handover);
+    assert_eq!(server_of(&r, 87), Server::Relay);
+}
+
+/// A registry without the reconnect grace, and one proxy connection.
+fn with_link(conn: u64) -> (Registry, mpsc::UnboundedReceiver<Reply>) {
+    let mut r = Registry::new(Mode::Http).with_grace(Duration::ZERO);
+    let (tx, rx) = mpsc::unbounded_channel();
+    r.link_opened(conn, tx);
+    (r, rx)
+}
+
+fn orders(rx: &mut mpsc::UnboundedReceiver<Reply>) -> Vec<Server> {
+    let mut out = Vec::new();
+    while let Ok(r) = rx.try_recv() {
+        match r {
+            Reply::Serve(s) => out.push(s),
+            other => panic!("not an order: {other:?}"),
+        }
+    }
+    out
+}
+
+fn server_of(r: &Registry, port: u16) -> Server {
+    r.list()
+        .iter()
+        .find(|s| s.mapping.key.host_port == port)
+        .unwrap()
+        .server
+}
+
+#[test]
+fn same_backend_is_a_no_op_and_another_is_a_conflict() {
+    let mut r = Registry::new(Mode::Http);
+    let rx = r.snapshots();
+    r.register(mapping(80, "10.0.0.2"), me(), Some(1), Server::Relay, None)
+        .unwrap();
+    let v1 = rx.borrow().get(Kind::Listener).len();
+    r.register(mapping(80, "10.0.0.2"), me(), Some(2), Server::Relay, None)
+        .unwrap();
+    assert_eq!(r.list().len(), 1);
+    assert_eq!(v1, 1);
+    let other = OwnerProcess::of(1);
+    let err = r
+        .register(mapping(80, "10.0.0.3"), other, None, Server::Relay, None)
+        .unwrap_err();
+    assert!(err.contains("already registered"), "{err}");
+    // The connection that registered last owns it now.
+    r.connection_closed(1);
+    assert_eq!(r.list().len(), 1);
+    r.connection_closed(2);
+    assert!(r.list().is_empty());
+}
+
+#[test]
+fn with_no_envoy_a_starting_proxy_is_told_to_relay_at_once() {
+    let (mut r, mut rx) = with_link(1);
+    r.register(mapping(80, "10.0.0.2"), me(), Some(1), Server::Relay, None)
+        .unwrap();
+    assert_eq!(orders(&mut rx), [Server::Relay]);
+    assert_eq!(server_of(&r, 80), Server::Relay);
+}
+
+#[test]
+fn hand_over_needs_listener_and_endpoints_then_take_back_when_envoy_goes() {
+    let (mut r, mut rx) = with_link(1);
+    let envoy = r.envoy_connected(1);
+    r.register(mapping(81, "10.0.0.2"), me(), Some(1), Server::Relay, None)
+        .unwrap();
+    assert_eq!(orders(&mut rx), []);
+    // The listener alone is not enough: its endpoints must be there too.
+    ack(&mut r, envoy, Kind::Listener);
+    assert_eq!(orders(&mut rx), []);
+    ack(&mut r, envoy, Kind::Endpoint);
+    assert_eq!(orders(&mut rx), [Server::Envoy]);
+    assert_eq!(server_of(&r, 81), Server::Handover);
+    r.serving(1, &mapping(81, "10.0.0.2").key, Server::Envoy, 0);
+    assert_eq!(server_of(&r, 81), Server::Envoy);
+    assert_eq!(r.list()[0].state, MappingState::Active);
+    // The Envoy's stream ends: nobody holds the port, take it back.
+    r.envoy_gone(envoy);
+    assert_eq!(orders(&mut rx), [Server::Relay]);
+    assert_eq!(server_of(&r, 81), Server::Relay);
+    // A new Envoy that holds nothing yet keeps the proxy relaying; its
+    // ACKs hand the port over again.
+    let again = r.envoy_connected(2);
+    assert_eq!(orders(&mut rx), []);
+    ack(&mut r, again, Kind::Listener);
+    ack(&mut r, again, Kind::Endpoint);
+    assert_eq!(orders(&mut rx), [Server::Envoy]);
+}
+
+#[test]
+fn every_envoy_must_serve_before_hand_over_and_one_left_is_enough_to_stay() {
+    let (mut r, mut rx) = with_link(1);
+    let a = r.envoy_connected(1);
+    let b = r.envoy_connected(2);
+    r.register(mapping(82, "10.0.0.2"), me(), Some(1), Server::Relay, None)
+        .unwrap();
+    ack(&mut r, a, Kind::Listener);
+    ack(&mut r, a, Kind::Endpoint);
+    assert_eq!(orders(&mut rx), [], "b has not ACKed yet");
+    ack(&mut r, b, Kind::Listener);
+    ack(&mut r, b, Kind::Endpoint);
+    assert_eq!(orders(&mut rx), [Server::Envoy]);
+    r.envoy_gone(a);
+    assert_eq!(orders(&mut rx), [], "b still listens on the port");
+    r.envoy_gone(b);
+    assert_eq!(orders(&mut rx), [Server::Relay]);
+}
+
+#[test]
+fn a_stalled_envoy_counts_neither_for_nor_against_a_hand_over() {
+    let (mut r, mut rx) = with_link(1);
+    let real = r.envoy_connected(1);
+    let rogue = r.envoy_connected(2);
+    r.register(mapping(85, "10.0.0.2"), me(), Some(1), Server::Relay, None)
+        .unwrap();
+    ack(&mut r, real, Kind::Listener);
+    ack(&mut r, real, Kind::Endpoint);
+    assert_eq!(orders(&mut rx), [], "the rogue has not ACKed");
+    r.envoy_stalled(rogue, true);
+    assert_eq!(orders(&mut rx), [Server::Envoy]);
+    assert_eq!(
+        r.envoys()
+            .iter()
+            .filter(|e| e.stalled_secs.is_some())
+            .count(),
+        1
+    );
+    // The real one goes: a stalled peer that never said what it holds
+    // does not keep the proxy from taking its port back.
+    r.envoy_gone(real);
+    assert_eq!(orders(&mut rx), [Server::Relay]);
+}
+
+#[test]
+fn a_restarted_registrar_leaves_handed_over_proxies_alone_during_the_grace() {
+    let mut r = Registry::new(Mode::Http).with_grace(Duration::from_secs(3600));
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    r.link_opened(1, tx);
+    // The proxy registers again, saying Envoy serves its port.
+    r.register(mapping(83, "10.0.0.2"), me(), Some(1), Server::Envoy, None)
+        .unwrap();
+    assert_eq!(orders(&mut rx), []);
+    // An Envoy reconnects; until it says what it holds, it may hold it.
+    let envoy = r.envoy_connected(1);
+    assert_eq!(orders(&mut rx), []);
+    // It reports holding the listener (delta's initial versions).
+    ack(&mut r, envoy, Kind::Listener);
+    assert_eq!(orders(&mut rx), []);
+    assert_eq!(server_of(&r, 83), Server::Envoy);
+}
+
+#[test]
+fn after_the_grace_a_proxy_with_no_envoy_takes_its_port_back() {
+    let mut r = Registry::new(Mode::Http).with_grace(Duration::ZERO);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    r.link_opened(1, tx);
+    r.register(mapping(84, "10.0.0.2"), me(), Some(1), Server::Envoy, None)
+        .unwrap();
+    assert_eq!(orders(&mut rx), [Server::Relay]);
+}
+
+#[test]
+fn a_nack_marks_the_mapping_failed_and_keeps_it_relayed() {
+    let (mut r, mut rx) = with_link(1);
+    let envoy = r.envoy_connected(1);
+    let m = mapping(80, "10.0.0.2");
+    r.register(m, me(), Some(1), Server::Relay, None).unwrap();
+    let error = format!(
+        "Error adding/updating listener(s) {}: cannot bind '0.0.0.0:80': Address already in use",
+        m.key.resource_name()
+    );
+    r.envoy_feedback(
+        envoy,
+        Feedback {
+            kind: Kind::Listener,
+            held: Versions::new(),
+            error: Some(error.clone()),
+            touched: None,
+        },
+    );
+    let rows = r.list();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].state, MappingState::Failed(error));
+    assert_eq!(rows[0].server, Server::Relay);
+    assert_eq!(orders(&mut rx), []);
+}
+
+#[test]
+fn container_labels_name_mappings_and_set_their_mode() {
+    let mut r = Registry::new(Mode::Http);
+    let rx = r.snapshots();
+    let m = mapping(8080, "172.17.0.2");
+    r.register(m, me(), Some(1), Server::Relay, None).unwrap();
+    assert_eq!(r.list()[0].name, "172-17-0-2-80");
+    let meta = ContainerMeta {
+        id: "c1".into(),
+        name: "web1".into(),
+        image: "busybox".into(),
+        labels: [
+            ("ServiceName".to_string(), "web".to_string()),
+            ("EnvironmentName".to_string(), "prod".to_string()),
+            ("ProxyMode".to_string(), "tcp".to_string()),
+        ]
+        .into(),
+        ips: vec!["172.17.0.2".parse().unwrap()],
+        ports: vec![(80, Proto::Tcp)],
+    };
+    r.apply_container(meta.clone());
+    let s = &r.list()[0];
+    assert_eq!((s.name.as_str(), s.mode), ("web-prod", Mode::Tcp));
+    assert_eq!(s.container.as_ref().unwrap().name, "web1");
+    assert!(rx
+        .borrow()
+        .get(Kind::Cluster)
+        .contains_key("web-prod_tcp_0-0-0-0_8080"));
+    // A second mapping of the same container is named at once.
+    r.register(
+        mapping(8081, "172.17.0.2"),
+        me(),
+        Some(1),
+        Server::Relay,
+        None,
+    )
+    .unwrap();
+    assert!(r.list().iter().all(|s| s.name == "web-prod"));
+    // Another container reusing the address takes over.
+    let mut next = meta;
+    next.id = "c2".into();
+    next.name = "other".into();
+    next.labels.clear();
+    r.apply_container(next);
+    assert!(r
+        .list()
+        .iter()
+        .all(|s| s.name == "other" && s.mode == Mode::Http));
+}
+
+#[test]
+fn dead_owners_are_reaped_and_sctp_is_refused() {
+    let mut r = Registry::new(Mode::Http);
+    let dead = OwnerProcess {
+        pid: u32::MAX - 1,
+        start: None,
+    };
+    r.register(mapping(80, "10.0.0.2"), dead, None, Server::Relay, None)
+        .unwrap();
+    r.register(mapping(81, "10.0.0.2"), me(), None, Server::Relay, None)
+        .unwrap();
+    r.reap();
+    assert_eq!(r.list().len(), 1);
+    let mut m = mapping(82, "10.0.0.2");
+    m.key.proto = Proto::Sctp;
+    assert!(r.register(m, me(), None, Server::Relay, None).is_err());
+}
