@@ -12,12 +12,14 @@ use tokio::time::{sleep, timeout, Instant};
 pub const STEP_BUDGET: Duration = Duration::from_secs(2);
 
 /// Why an attempt failed.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Failure {
     /// Nobody listens on the socket (missing or refused): the registrar is
     /// not running, and waiting would not help a starting proxy.
+    #[error("{0}")]
     Unreachable(String),
     /// Anything else: a timeout, a refusal, a protocol error.
+    #[error("{0}")]
     Other(String),
 }
 

@@ -15,7 +15,6 @@ pub mod client;
 
 use crate::mapping::{EnvoyStatus, Mapping, MappingKey, MappingStatus, Server};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
-use std::fmt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Bumped whenever a message changes shape.
@@ -99,26 +98,15 @@ pub enum Reply {
 }
 
 /// Why bytes did not make a frame.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FrameError {
     /// The length prefix is over [`MAX_FRAME`].
+    #[error("frame of {0} bytes is over the {MAX_FRAME}-byte limit")]
     TooLarge(usize),
     /// The body is not a valid message.
+    #[error("malformed frame: {0}")]
     Malformed(String),
 }
-
-impl fmt::Display for FrameError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            FrameError::TooLarge(n) => {
-                write!(f, "frame of {n} bytes is over the {MAX_FRAME}-byte limit")
-            }
-            FrameError::Malformed(e) => write!(f, "malformed frame: {e}"),
-        }
-    }
-}
-
-impl std::error::Error for FrameError {}
 
 /// Encodes one message as a frame. Fails only if the message is too big.
 pub fn encode_frame<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
@@ -158,36 +146,15 @@ pub fn decode_frame<T: DeserializeOwned>(buf: &[u8]) -> Result<Option<(T, usize)
 }
 
 /// Errors of a [`Connection`].
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum ConnError {
-    Io(std::io::Error),
-    Frame(FrameError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Frame(#[from] FrameError),
     /// The peer closed the stream in the middle of a frame.
+    #[error("connection closed in the middle of a frame")]
     Truncated,
-}
-
-impl fmt::Display for ConnError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ConnError::Io(e) => write!(f, "{e}"),
-            ConnError::Frame(e) => write!(f, "{e}"),
-            ConnError::Truncated => f.write_str("connection closed in the middle of a frame"),
-        }
-    }
-}
-
-impl std::error::Error for ConnError {}
-
-impl From<std::io::Error> for ConnError {
-    fn from(e: std::io::Error) -> Self {
-        ConnError::Io(e)
-    }
-}
-
-impl From<FrameError> for ConnError {
-    fn from(e: FrameError) -> Self {
-        ConnError::Frame(e)
-    }
 }
 
 /// A framed, buffered stream. `read_frame` is cancel-safe: bytes read before
