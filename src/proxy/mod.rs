@@ -20,8 +20,9 @@
 //!    comes back, and on SIGINT or SIGTERM close the port and exit 0 at
 //!    once (the registrar removes the mapping when the connection closes).
 //!
-//! The proxy runs once per published port, so it stays small: one thread,
-//! and no log subscriber (its few messages go straight to stderr).
+//! The proxy runs once per published port, so it stays small: one thread
+//! for TCP (plus two relay threads for UDP, see `udp`), and no log
+//! subscriber (its few messages go straight to stderr).
 
 pub mod handover;
 pub mod link;
@@ -148,9 +149,8 @@ async fn serve(flags: ProxyFlags, listen_fd: Option<OwnedFd>, mut status: Status
                 Some(fd) => udp::adopt(fd),
                 None => udp::bind_host(addr),
             };
-            match sock.and_then(|s| udp::Relay::new(s, mapping.backend.addr())) {
-                Ok(r) => {
-                    tokio::spawn(r.run());
+            match sock.and_then(|s| udp::start(s, mapping.backend.addr())) {
+                Ok(()) => {
                     status.ready();
                     Port::Udp
                 }
