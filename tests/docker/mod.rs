@@ -340,6 +340,15 @@ fn docker_10_dockerd_restart_converges() {
             .all(|p| matches!(http_get(local(*p), "/"), Ok((200, _))))
     });
     assert!(served, "containers not served after dockerd restart");
+    // Names come from Docker, whose watcher reconnects on its own schedule
+    // after the restart: wait for them to converge.
+    wait_until(Duration::from_secs(15), || {
+        env.stack
+            .status()
+            .iter()
+            .filter(|r| r["proto"] == "tcp")
+            .all(|r| ["keep-a", "keep-b"].contains(&r["name"].as_str().unwrap_or("")))
+    });
     // Exactly the live mappings: two ports, two families each, nothing stale.
     let rows = env.stack.status();
     let tcp: Vec<_> = rows.iter().filter(|r| r["proto"] == "tcp").collect();
