@@ -154,7 +154,7 @@ impl Listeners {
 /// Serves until `shutdown` resolves. Runs inside any tokio runtime, so a
 /// test can run a registrar in its own process.
 pub async fn run(
-    config: Config,
+    args: Config,
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
@@ -164,7 +164,6 @@ pub async fn run(
         xds,
         admin,
     } = listeners;
-    let args = config;
     let (exits_tx, mut exits) = tokio::sync::mpsc::unbounded_channel();
     let registry: Shared = Registry::new(args.default_mode)
         .with_telemetry(args.telemetry.clone())

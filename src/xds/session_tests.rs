@@ -479,23 +479,8 @@ fn a_reconnect_keeps_clusters_envoy_holds_until_its_listeners_move_on() {
     let old = svc(8080, "old", Mode::Http);
     let new = svc(8080, "new", Mode::Http);
     let live = converge(Flavor::Delta, std::slice::from_ref(&old));
-    let held = |k: Kind| live.types[k as usize].acked.clone();
     let mut s = Session::new(Flavor::Delta, snap(std::slice::from_ref(&new)));
-    for kind in Kind::ORDER {
-        let subscribe = if kind == Kind::Endpoint {
-            vec![old.cluster_name(), new.cluster_name()]
-        } else {
-            vec![]
-        };
-        s.on_request(
-            kind,
-            Incoming {
-                subscribe,
-                initial_versions: held(kind).into_iter().collect(),
-                ..Default::default()
-            },
-        );
-    }
+    reconnect_delta(&mut s, &live, &[old.cluster_name(), new.cluster_name()]);
     let out = s.poll();
     let cds = out.iter().find(|o| o.kind == Kind::Cluster).unwrap();
     assert_eq!(names(cds), vec![new.cluster_name()]);
@@ -552,6 +537,27 @@ fn a_stream_lags_until_it_holds_every_listener_and_a_refusal_counts_as_an_answer
         },
     );
     assert!(!s.lagging(), "a refused listener is answered");
+}
+
+/// A delta Envoy reconnecting to `s`: its first request of each type
+/// reports what it held on `live`, and it asks for `clusters`' endpoints.
+fn reconnect_delta(s: &mut Session, live: &Session, clusters: &[String]) {
+    for kind in Kind::ORDER {
+        let subscribe = if kind == Kind::Endpoint {
+            clusters.to_vec()
+        } else {
+            vec![]
+        };
+        let initial_versions = live.types[kind as usize].acked.clone();
+        s.on_request(
+            kind,
+            Incoming {
+                subscribe,
+                initial_versions: initial_versions.into_iter().collect(),
+                ..Default::default()
+            },
+        );
+    }
 }
 
 /// Many services, so that a change has plenty to be compared with.
@@ -689,22 +695,8 @@ fn a_delta_reconnect_gets_only_what_differs_from_what_envoy_holds() {
     let came = svc(9000, "came", Mode::Tcp);
     services.push(came.clone());
     let mut s = Session::new(Flavor::Delta, snap(&services));
-    let held = |k: Kind| live.types[k as usize].acked.clone();
-    for kind in Kind::ORDER {
-        let subscribe = if kind == Kind::Endpoint {
-            services.iter().map(|x| x.cluster_name()).collect()
-        } else {
-            vec![]
-        };
-        s.on_request(
-            kind,
-            Incoming {
-                subscribe,
-                initial_versions: held(kind).into_iter().collect(),
-                ..Default::default()
-            },
-        );
-    }
+    let clusters: Vec<String> = services.iter().map(|x| x.cluster_name()).collect();
+    reconnect_delta(&mut s, &live, &clusters);
     let out = drain(&mut s);
     assert_eq!(sent_of(&out, Kind::Cluster).0, [came.cluster_name()]);
     assert_eq!(
