@@ -10,6 +10,7 @@ use crate::registrar::Config as ServeArgs;
 use crate::resync::Config as ResyncArgs;
 use crate::status::Config as StatusArgs;
 use crate::xds::bootstrap::{AdsKind, Bootstrap};
+use crate::xds::serving::{parse_duration, Serving, MAX_REQUEST_HEADERS_KB};
 use crate::xds::telemetry::{AccessLogTarget, Telemetry, Tracer};
 use lexopt::prelude::*;
 use std::ffi::OsString;
@@ -58,16 +59,21 @@ fn value(p: &mut lexopt::Parser) -> Result<OsString, String> {
     p.value().map_err(|e| e.to_string())
 }
 
+fn duration(v: OsString) -> Result<Option<std::time::Duration>, String> {
+    parse_duration(&text(v)?)
+}
+
 pub fn serve(args: Vec<OsString>) -> Result<Parsed<ServeArgs>, String> {
     let mut out = ServeArgs {
         socket: None,
         xds: Addr::parse(DEFAULT_XDS).expect("default"),
-        default_mode: Mode::Http,
+        default_mode: Mode::Auto,
         node_id: DEFAULT_NODE_ID.into(),
         no_recover: false,
         envoy: None,
         docker: None,
         telemetry: Telemetry::default(),
+        serving: Serving::default(),
         admin: Some(Addr::parse(DEFAULT_REGISTRAR_ADMIN).expect("default")),
         envoy_admin: Addr::parse(DEFAULT_ADMIN).expect("default"),
         proxy_exe: None,
@@ -79,7 +85,31 @@ pub fn serve(args: Vec<OsString>) -> Result<Parsed<ServeArgs>, String> {
             "--default-mode" => {
                 let v = text(value(p)?)?;
                 out.default_mode =
-                    Mode::parse(&v).ok_or_else(|| format!("want http or tcp, not {v:?}"))?
+                    Mode::parse(&v).ok_or_else(|| format!("want auto, http or tcp, not {v:?}"))?
+            }
+            "--sniff-timeout" => {
+                out.serving.sniff_timeout = duration(value(p)?)?
+                    .ok_or("a sniff timeout of zero would send everything to tcp_proxy")?
+            }
+            "--idle-timeout" => out.serving.idle_timeout = duration(value(p)?)?,
+            "--stream-idle-timeout" => out.serving.stream_idle_timeout = duration(value(p)?)?,
+            "--request-timeout" => out.serving.request_timeout = duration(value(p)?)?,
+            "--max-connections" => {
+                let v = text(value(p)?)?;
+                out.serving.max_connections = Some(
+                    v.parse::<u32>()
+                        .ok()
+                        .filter(|n| *n > 0)
+                        .ok_or_else(|| format!("want a positive number, not {v:?}"))?,
+                )
+            }
+            "--max-request-headers-kb" => {
+                let v = text(value(p)?)?;
+                out.serving.max_request_headers_kb = v
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|n| (1..=MAX_REQUEST_HEADERS_KB).contains(n))
+                    .ok_or_else(|| format!("want 1 to {MAX_REQUEST_HEADERS_KB} (KiB), not {v:?}"))?
             }
             "--node-id" => out.node_id = text(value(p)?)?,
             "--no-recover" => out.no_recover = true,
@@ -247,11 +277,14 @@ Example:
   docker run -d -p 8080:80 nginx && curl http://127.0.0.1:8080/";
 
 pub const SERVE_HELP: &str = "\
-Usage: envoy-docker serve [--socket PATH] [--xds ADDR] [--default-mode http|tcp]
+Usage: envoy-docker serve [--socket PATH] [--xds ADDR] [--default-mode auto|http|tcp]
                           [--node-id ID] [--no-recover] [--docker URL|none]
                           [--admin ADDR|none] [--tracing otlp|zipkin=HOST:PORT]
                           [--trace-sampling PERCENT] [--access-log stdout|PATH]
-                          [--envoy PATH [--envoy-admin ADDR]]
+                          [--envoy PATH [--envoy-admin ADDR]] [--sniff-timeout DUR]
+                          [--idle-timeout DUR] [--stream-idle-timeout DUR]
+                          [--request-timeout DUR] [--max-connections N]
+                          [--max-request-headers-kb N]
 
 Runs the registrar. Needs no flags and no config file.
   --socket PATH          registrar socket (default $ENVOY_DOCKER_SOCKET, else
@@ -259,8 +292,14 @@ Runs the registrar. Needs no flags and no config file.
   --xds ADDR             where Envoy connects for ADS: unix:PATH (made 0600,
                          root only), or IP:PORT / [IPV6]:PORT, which any local
                          user can reach (default unix:/run/envoy-docker/xds.sock)
-  --default-mode MODE    http or tcp, for containers without a ProxyMode label
-                         (default http)
+  --default-mode MODE    auto, http or tcp, for ports without a ProxyMode or
+                         ProxyMode_<port> label (default auto: HTTP/1.x and
+                         h2c get HTTP stats and tracing, anything else is
+                         proxied as bytes)
+  --sniff-timeout DUR    how long auto mode waits for a client's first bytes
+                         before it treats the connection as plain TCP: the
+                         delay a server-first protocol (SMTP, MySQL) sees
+                         (default 200ms)
   --node-id ID           only Envoys with this node id are served
                          (default envoy-docker)
   --no-recover           don't take the mappings of running proxies from /proc
@@ -284,6 +323,16 @@ Runs the registrar. Needs no flags and no config file.
   --envoy PATH           also run this Envoy binary with a generated bootstrap,
                          restart it if it dies, stop it on shutdown
   --envoy-admin ADDR     admin address of that Envoy (default 127.0.0.1:9901)
+
+Limits, none of which docker-proxy has; all are off unless set. DUR is like
+250ms, 30s, 5m or 1h; 0 means no limit.
+  --idle-timeout DUR     close connections idle this long (TCP and HTTP)
+  --stream-idle-timeout DUR  reset HTTP requests idle this long
+  --request-timeout DUR  end HTTP requests that take longer than this
+  --max-connections N    connections (and HTTP requests) per published port
+                         at once
+  --max-request-headers-kb N  largest HTTP request header block (default and
+                         most 8192)
 
 Examples:
   envoy-docker serve --envoy /usr/local/bin/envoy
@@ -388,7 +437,8 @@ mod tests {
             panic!()
         };
         assert_eq!(a.xds.to_string(), "unix:/run/envoy-docker/xds.sock");
-        assert_eq!(a.default_mode, Mode::Http);
+        assert_eq!(a.default_mode, Mode::Auto);
+        assert_eq!(a.serving, Serving::default());
         assert_eq!(a.node_id, "envoy-docker");
         let Parsed::Run(a) = serve(v(&[
             "--xds=unix:/tmp/x",
@@ -403,6 +453,35 @@ mod tests {
         assert_eq!(a.default_mode, Mode::Tcp);
         assert!(a.no_recover);
         assert!(serve(v(&["--default-mode", "udp"])).is_err());
+        let Parsed::Run(a) = serve(v(&[
+            "--sniff-timeout=50ms",
+            "--idle-timeout",
+            "1h",
+            "--stream-idle-timeout=5m",
+            "--request-timeout=0",
+            "--max-connections=1024",
+            "--max-request-headers-kb=60",
+        ]))
+        .unwrap() else {
+            panic!()
+        };
+        let s = a.serving;
+        assert_eq!(s.sniff_timeout, std::time::Duration::from_millis(50));
+        assert_eq!(s.idle_timeout, Some(std::time::Duration::from_secs(3600)));
+        assert_eq!(
+            s.stream_idle_timeout,
+            Some(std::time::Duration::from_secs(300))
+        );
+        assert_eq!((s.request_timeout, s.max_connections), (None, Some(1024)));
+        assert_eq!(s.max_request_headers_kb, 60);
+        for bad in [
+            &["--sniff-timeout", "0"][..],
+            &["--idle-timeout", "soon"],
+            &["--max-connections", "0"],
+            &["--max-request-headers-kb", "9000"],
+        ] {
+            assert!(serve(v(bad)).unwrap_err().contains(bad[0]), "{bad:?}");
+        }
         assert!(serve(v(&["--bogus"])).unwrap_err().contains("--bogus"));
         assert!(matches!(serve(v(&["--help"])).unwrap(), Parsed::Help));
     }

@@ -41,13 +41,17 @@ impl fmt::Display for Proto {
     }
 }
 
-/// How Envoy proxies a TCP mapping: as HTTP (with HTTP stats and tracing) or
-/// as plain bytes.
+/// How Envoy proxies a TCP mapping: as HTTP (with HTTP stats and tracing),
+/// as plain bytes, or, by default, whichever the first bytes of each
+/// connection show it to be.
+///
+/// `Auto` comes last so that the wire encoding of the first two stays put.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 pub enum Mode {
-    #[default]
     Http,
     Tcp,
+    #[default]
+    Auto,
 }
 
 impl Mode {
@@ -55,6 +59,7 @@ impl Mode {
         match self {
             Mode::Http => "http",
             Mode::Tcp => "tcp",
+            Mode::Auto => "auto",
         }
     }
 
@@ -62,6 +67,7 @@ impl Mode {
         match s.trim().to_ascii_lowercase().as_str() {
             "http" => Some(Mode::Http),
             "tcp" => Some(Mode::Tcp),
+            "auto" => Some(Mode::Auto),
             _ => None,
         }
     }
@@ -309,6 +315,7 @@ mod tests {
     fn mode_parse_is_forgiving_about_case_only() {
         assert_eq!(Mode::parse("TCP"), Some(Mode::Tcp));
         assert_eq!(Mode::parse(" http "), Some(Mode::Http));
+        assert_eq!(Mode::parse("Auto"), Some(Mode::Auto));
         assert_eq!(Mode::parse("grpc"), None);
     }
 }

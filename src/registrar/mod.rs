@@ -28,6 +28,7 @@ use crate::addr::Addr;
 use crate::mapping::Mode;
 use crate::mapping::Server;
 use crate::xds::server::XdsListener;
+use crate::xds::serving::Serving;
 use crate::xds::telemetry::Telemetry;
 use liveness::OwnerProcess;
 use state::{Registry, Shared, RECONNECT_GRACE};
@@ -52,6 +53,8 @@ pub struct Config {
     pub docker: Option<String>,
     /// Tracing, sampling and access logs for Envoy.
     pub telemetry: Telemetry,
+    /// Auto mode's sniff timeout and the operator's limits.
+    pub serving: Serving,
     /// The registrar's own HTTP endpoint; `None` with `--admin none`.
     pub admin: Option<Addr>,
     /// The supervised Envoy's admin address.
@@ -166,7 +169,7 @@ pub async fn run(
     } = listeners;
     let (exits_tx, mut exits) = tokio::sync::mpsc::unbounded_channel();
     let registry: Shared = Registry::new(args.default_mode)
-        .with_telemetry(args.telemetry.clone())
+        .with_options(args.telemetry.clone(), args.serving.clone())
         .with_exit_watch(exits_tx)
         .shared();
     let on_exit = registry.clone();

@@ -2,7 +2,8 @@
 //! registrar, in layers:
 //! - `resource`: one resource (name, content version, packed message) and
 //!   the `Service` facts resources are built from;
-//! - `resources` and `telemetry`: pure builders of Envoy messages;
+//! - `resources` and `telemetry`: pure builders of Envoy messages, shaped
+//!   by `serving` (sniff timeout and operator limits);
 //! - `bootstrap`: the Envoy bootstrap that points Envoy at the server;
 //! - `snapshot`: the cache, one consistent set of resources per type,
 //!   changed one resource at a time and cloned in O(1);
@@ -14,6 +15,7 @@ pub mod bootstrap;
 pub mod resource;
 pub mod resources;
 pub mod server;
+pub mod serving;
 pub mod session;
 pub mod snapshot;
 pub mod telemetry;

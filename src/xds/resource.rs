@@ -27,6 +27,25 @@ pub struct Service {
     pub environment: Option<String>,
     pub container: Option<String>,
     pub image: Option<String>,
+    /// A PROXY protocol header that Envoy sends upstream first (tcp mode).
+    pub proxy_protocol: Option<ProxyProtocol>,
+}
+
+/// The PROXY protocol version of the header sent to a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ProxyProtocol {
+    V1,
+    V2,
+}
+
+impl ProxyProtocol {
+    pub fn parse(s: &str) -> Option<ProxyProtocol> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "v1" | "1" => Some(ProxyProtocol::V1),
+            "v2" | "2" => Some(ProxyProtocol::V2),
+            _ => None,
+        }
+    }
 }
 
 impl Service {
@@ -111,7 +130,7 @@ impl Resource {
 
 /// Bumped whenever the builders in `resources` change what they make from the same
 /// inputs, so that versions change with them.
-const BUILD_SCHEMA: &[u8] = b"listener-v1";
+const BUILD_SCHEMA: &[u8] = b"listener-v3";
 
 /// FNV-1a, 64 bit, as 16 hex digits: stable across builds and restarts.
 pub fn content_hash(parts: &[&[u8]]) -> String {

@@ -9,6 +9,7 @@
 
 use super::resource::{Resource, Service, CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE};
 use super::resources;
+use super::serving::Serving;
 use super::telemetry::{self, Telemetry};
 use std::sync::Arc;
 
@@ -54,13 +55,17 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    pub fn build<'a>(services: impl IntoIterator<Item = &'a Service>, t: &Telemetry) -> Snapshot {
+    pub fn build<'a>(
+        services: impl IntoIterator<Item = &'a Service>,
+        t: &Telemetry,
+        s: &Serving,
+    ) -> Snapshot {
         let mut snap = Snapshot::default();
         for svc in services {
             for (kind, res) in [
-                (Kind::Cluster, resources::cluster(svc)),
+                (Kind::Cluster, resources::cluster(svc, s)),
                 (Kind::Endpoint, resources::endpoints(svc)),
-                (Kind::Listener, resources::listener(svc, t)),
+                (Kind::Listener, resources::listener(svc, t, s)),
             ] {
                 snap.by_kind[kind as usize].insert(res.name.clone(), Arc::new(res));
             }

@@ -53,6 +53,7 @@ impl InProcess {
             envoy: None,
             docker: Some("none".into()),
             telemetry: Default::default(),
+            serving: Default::default(),
             admin: Some(Addr::parse("127.0.0.1:0").unwrap()),
             envoy_admin: Addr::parse("127.0.0.1:9901").unwrap(),
             proxy_exe: None,

@@ -8,9 +8,17 @@
 //!   in stats and traces is `<ServiceName>-<EnvironmentName>`, leaving out
 //!   missing parts. Without `ServiceName`, the compose service label
 //!   (`com.docker.compose.service`) is used, then the container name.
-//! - `ProxyMode` is `http` or `tcp`.
+//! - `ProxyMode` is `auto`, `http` or `tcp`, for every port of the
+//!   container; `ProxyMode_<containerport>` overrides it for one port.
+//! - `ProxyProtocol` is `v1` or `v2`: Envoy then starts each upstream
+//!   connection of the container's tcp-mode ports with a PROXY protocol
+//!   header. Off by default: a backend that does not expect it breaks.
+//!
+//! A label whose value is not understood is reported by `label_problems`
+//! and otherwise ignored, so the default applies.
 
 use crate::mapping::{sanitize, Mode, Proto};
+use crate::xds::resource::ProxyProtocol;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -18,6 +26,7 @@ use std::net::IpAddr;
 pub const SERVICE_LABEL: &str = "ServiceName";
 pub const ENVIRONMENT_LABEL: &str = "EnvironmentName";
 pub const MODE_LABEL: &str = "ProxyMode";
+pub const PROXY_PROTOCOL_LABEL: &str = "ProxyProtocol";
 pub const COMPOSE_SERVICE_LABEL: &str = "com.docker.compose.service";
 
 /// One container as far as the registrar cares.
@@ -34,15 +43,13 @@ pub struct ContainerMeta {
     pub ports: Vec<(u16, Proto)>,
 }
 
-/// Names and mode for a container's mappings.
+/// Names for a container's mappings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Naming {
     /// `<service>-<environment>`, sanitized; starts stat prefixes.
     pub name: String,
     pub service: String,
     pub environment: Option<String>,
-    /// `None` when the label is absent or not understood.
-    pub mode: Option<Mode>,
 }
 
 fn label<'a>(labels: &'a BTreeMap<String, String>, key: &str) -> Option<&'a str> {
@@ -64,13 +71,48 @@ impl ContainerMeta {
             name,
             service,
             environment,
-            mode: label(&self.labels, MODE_LABEL).and_then(Mode::parse),
         }
     }
 
-    /// A `ProxyMode` label that is neither http nor tcp, for a warning.
-    pub fn bad_mode(&self) -> Option<&str> {
-        label(&self.labels, MODE_LABEL).filter(|v| Mode::parse(v).is_none())
+    /// The mode its labels give container port `port`: `ProxyMode_<port>`,
+    /// else `ProxyMode`. `None` when neither is set or understood.
+    pub fn mode_for(&self, port: u16) -> Option<Mode> {
+        label(&self.labels, &format!("{MODE_LABEL}_{port}"))
+            .and_then(Mode::parse)
+            .or_else(|| label(&self.labels, MODE_LABEL).and_then(Mode::parse))
+    }
+
+    /// The PROXY protocol version its tcp-mode ports send upstream, if any.
+    pub fn proxy_protocol(&self) -> Option<ProxyProtocol> {
+        label(&self.labels, PROXY_PROTOCOL_LABEL).and_then(ProxyProtocol::parse)
+    }
+
+    /// Labels of ours whose value (or port) is not understood, as warnings.
+    pub fn label_problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (key, value) in &self.labels {
+            let value = value.trim();
+            if let Some(rest) = key.strip_prefix(MODE_LABEL) {
+                let port_ok = match rest.strip_prefix('_') {
+                    None => rest.is_empty(),
+                    Some(port) => port.parse::<u16>().is_ok_and(|p| p > 0),
+                };
+                if !port_ok {
+                    out.push(format!(
+                        "label {key}: want {MODE_LABEL} or {MODE_LABEL}_<container port>"
+                    ));
+                } else if Mode::parse(value).is_none() {
+                    out.push(format!(
+                        "label {key}={value:?} is not auto, http or tcp; the default applies"
+                    ));
+                }
+            } else if key == PROXY_PROTOCOL_LABEL && ProxyProtocol::parse(value).is_none() {
+                out.push(format!(
+                    "label {key}={value:?} is not v1 or v2; no PROXY header is sent"
+                ));
+            }
+        }
+        out
     }
 
     /// True if this container is the backend of a mapping to `ip:port`.
@@ -214,7 +256,6 @@ mod tests {
         ])
         .naming();
         assert_eq!(n.name, "web-prod");
-        assert_eq!(n.mode, Some(Mode::Tcp));
         let n = meta(&[
             ("com.docker.compose.service", "api"),
             ("EnvironmentName", "dev"),
@@ -222,14 +263,49 @@ mod tests {
         .naming();
         assert_eq!(n.name, "api-dev");
         let n = meta(&[]).naming();
-        assert_eq!((n.name.as_str(), n.mode), ("quirky_euler", None));
+        assert_eq!(n.name, "quirky_euler");
         let n = meta(&[("ServiceName", "my.svc:1"), ("ServiceName2", "x")]).naming();
         assert_eq!(n.name, "my-svc-1");
-        let m = meta(&[("ProxyMode", "udp")]);
-        assert_eq!(m.naming().mode, None);
-        assert_eq!(m.bad_mode(), Some("udp"));
         let n = meta(&[("ServiceName", "  "), ("EnvironmentName", "")]).naming();
         assert_eq!(n.name, "quirky_euler");
+    }
+
+    #[test]
+    fn modes_per_port_override_the_container_mode() {
+        let m = meta(&[("ProxyMode", "http"), ("ProxyMode_5432", " TCP ")]);
+        assert_eq!(m.mode_for(80), Some(Mode::Http));
+        assert_eq!(m.mode_for(5432), Some(Mode::Tcp));
+        assert!(m.label_problems().is_empty());
+        let m = meta(&[("ProxyMode_3306", "tcp")]);
+        assert_eq!((m.mode_for(80), m.mode_for(3306)), (None, Some(Mode::Tcp)));
+        assert_eq!(meta(&[("ProxyMode", "auto")]).mode_for(1), Some(Mode::Auto));
+        // Values not understood fall back to the next rule, with a warning.
+        let m = meta(&[
+            ("ProxyMode", "udp"),
+            ("ProxyMode_80", "grpc"),
+            ("ProxyMode_x", "tcp"),
+            ("ProxyMode_0", "tcp"),
+            ("ProxyModeX", "tcp"),
+            ("ProxyProtocol", "v3"),
+        ]);
+        assert_eq!((m.mode_for(80), m.mode_for(81)), (None, None));
+        assert_eq!(m.proxy_protocol(), None);
+        let problems = m.label_problems();
+        assert_eq!(problems.len(), 6, "{problems:#?}");
+        assert!(problems.iter().any(|p| p.contains("ProxyMode_80=\"grpc\"")));
+    }
+
+    #[test]
+    fn proxy_protocol_label() {
+        assert_eq!(meta(&[]).proxy_protocol(), None);
+        assert_eq!(
+            meta(&[("ProxyProtocol", "v2")]).proxy_protocol(),
+            Some(ProxyProtocol::V2)
+        );
+        assert_eq!(
+            meta(&[("ProxyProtocol", "V1")]).proxy_protocol(),
+            Some(ProxyProtocol::V1)
+        );
     }
 
     #[test]
@@ -260,7 +336,7 @@ mod tests {
     fn list_items_and_network_members() {
         let item = json!({"Id": "abcdef0123456789", "Names": ["/db"], "Image": "pg", "Labels": {"ProxyMode": "tcp"}});
         let m = from_list_item(&item).unwrap();
-        assert_eq!((m.name.as_str(), m.naming().mode), ("db", Some(Mode::Tcp)));
+        assert_eq!((m.name.as_str(), m.mode_for(80)), ("db", Some(Mode::Tcp)));
         let nameless = from_list_item(&json!({"Id": "abcdef0123456789"})).unwrap();
         assert_eq!(nameless.name, "abcdef012345");
         let net = json!({"Containers": {

@@ -14,9 +14,9 @@ pub(super) struct Containers {
 impl Containers {
     /// Keeps `meta`, dropping older containers that had its addresses.
     pub fn remember(&mut self, meta: ContainerMeta, default_mode: Mode) -> Arc<ContainerMeta> {
-        if let Some(bad) = meta.bad_mode() {
+        for problem in meta.label_problems() {
             tracing::warn!(
-                "container {}: label ProxyMode={bad:?} is neither http nor tcp; using {}",
+                "container {}: {problem} (default mode {})",
                 meta.name,
                 default_mode.as_str()
             );

@@ -36,10 +36,11 @@ impl Entry {
     /// Sets name and mode from the container's labels; true if they changed.
     pub fn describe(&mut self, default_mode: Mode) -> bool {
         let (name, mode) = match &self.container {
-            Some(c) => {
-                let n = c.naming();
-                (n.name, n.mode.unwrap_or(default_mode))
-            }
+            Some(c) => (
+                c.naming().name,
+                c.mode_for(self.mapping.backend.container_port)
+                    .unwrap_or(default_mode),
+            ),
             None => (default_name(&self.mapping), default_mode),
         };
         let changed = name != self.name || mode != self.mode;
@@ -107,6 +108,11 @@ pub fn service(e: &Entry) -> Service {
         environment,
         container: e.container.as_ref().map(|c| c.name.clone()),
         image: e.container.as_ref().map(|c| c.image.clone()),
+        // Only a byte stream can carry the header: HTTP has X-Forwarded-For.
+        proxy_protocol: match e.mode {
+            Mode::Tcp => e.container.as_ref().and_then(|c| c.proxy_protocol()),
+            Mode::Http | Mode::Auto => None,
+        },
     }
 }
 

@@ -39,6 +39,7 @@ use crate::mapping::{
     EnvoyStatus, Mapping, MappingKey, MappingState, MappingStatus, Mode, Proto, Server,
 };
 use crate::protocol::Reply;
+use crate::xds::serving::Serving;
 use crate::xds::session::{mentions, Feedback};
 use crate::xds::snapshot::{Kind, Snapshot};
 use crate::xds::telemetry::Telemetry;
@@ -130,8 +131,9 @@ impl Registry {
         self
     }
 
-    pub fn with_telemetry(mut self, telemetry: Telemetry) -> Registry {
-        self.publisher.rebuild(telemetry, &self.entries);
+    /// How every resource is built: telemetry, sniff timeout and limits.
+    pub fn with_options(mut self, telemetry: Telemetry, serving: Serving) -> Registry {
+        self.publisher.rebuild(telemetry, serving, &self.entries);
         self
     }
 

@@ -6,6 +6,7 @@
 use super::entry::{service, Entry};
 use crate::mapping::{MappingKey, Proto};
 use crate::xds::resources;
+use crate::xds::serving::Serving;
 use crate::xds::snapshot::{Kind, Snapshot};
 use crate::xds::telemetry::Telemetry;
 use std::collections::BTreeMap;
@@ -24,6 +25,8 @@ pub(super) struct Publisher {
     by_name: BTreeMap<String, MappingKey>,
     /// Tracing and access logs, as Envoy gets them with every listener.
     telemetry: Telemetry,
+    /// Sniff timeout and limits, likewise.
+    serving: Serving,
 }
 
 impl Publisher {
@@ -35,6 +38,7 @@ impl Publisher {
             published: BTreeMap::new(),
             by_name: BTreeMap::new(),
             telemetry: Telemetry::default(),
+            serving: Serving::default(),
         }
     }
 
@@ -65,9 +69,12 @@ impl Publisher {
         let svc = service(e);
         let mut names = Vec::with_capacity(3);
         for (kind, res) in [
-            (Kind::Cluster, resources::cluster(&svc)),
+            (Kind::Cluster, resources::cluster(&svc, &self.serving)),
             (Kind::Endpoint, resources::endpoints(&svc)),
-            (Kind::Listener, resources::listener(&svc, &self.telemetry)),
+            (
+                Kind::Listener,
+                resources::listener(&svc, &self.telemetry, &self.serving),
+            ),
         ] {
             names.push((kind, res.name.clone()));
             self.by_name.insert(res.name.clone(), *key);
@@ -81,14 +88,17 @@ impl Publisher {
         self.snapshots.send_replace(Arc::new(self.snap.clone()));
     }
 
-    /// New telemetry: every resource is built again, and sent.
+    /// New telemetry or serving options: every resource is built again,
+    /// and sent.
     pub fn rebuild<'a>(
         &mut self,
         telemetry: Telemetry,
+        serving: Serving,
         entries: impl IntoIterator<Item = (&'a MappingKey, &'a Entry)>,
     ) {
         self.telemetry = telemetry;
-        self.snap = Snapshot::build(std::iter::empty(), &self.telemetry);
+        self.serving = serving;
+        self.snap = Snapshot::build(std::iter::empty(), &self.telemetry, &self.serving);
         self.published.clear();
         self.by_name.clear();
         for (key, e) in entries {

@@ -337,3 +337,46 @@ fn dead_owners_are_reaped_and_sctp_is_refused() {
     m.key.proto = Proto::Sctp;
     assert!(r.register(m, me(), None, Server::Relay, None).is_err());
 }
+
+#[test]
+fn a_port_label_sets_that_ports_mode_and_proxy_protocol_only_applies_to_tcp() {
+    use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+    use prost::Message;
+    let mut r = Registry::new(Mode::Auto);
+    let rx = r.snapshots();
+    let mut db = mapping(5433, "172.17.0.3");
+    db.backend.container_port = 5432;
+    for m in [mapping(8080, "172.17.0.3"), db] {
+        r.register(m, me(), Some(1), Server::Relay, None).unwrap();
+    }
+    assert!(r.list().iter().all(|s| s.mode == Mode::Auto));
+    let labels = [
+        ("ProxyMode", "http"),
+        ("ProxyMode_5432", "tcp"),
+        ("ProxyProtocol", "v2"),
+    ];
+    r.apply_container(ContainerMeta {
+        id: "c3".into(),
+        name: "both".into(),
+        image: "busybox".into(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ips: vec!["172.17.0.3".parse().unwrap()],
+        ports: vec![(80, Proto::Tcp), (5432, Proto::Tcp)],
+    });
+    let mode_of = |port: u16| {
+        r.list()
+            .into_iter()
+            .find(|s| s.mapping.key.host_port == port)
+            .unwrap()
+            .mode
+    };
+    assert_eq!((mode_of(8080), mode_of(5433)), (Mode::Http, Mode::Tcp));
+    let snap = rx.borrow().clone();
+    let cluster =
+        |name: &str| Cluster::decode(snap.get(Kind::Cluster)[name].any.value.as_slice()).unwrap();
+    assert!(cluster("both_tcp_0-0-0-0_5433").transport_socket.is_some());
+    assert!(cluster("both_tcp_0-0-0-0_8080").transport_socket.is_none());
+}
