@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
-"""HTTP throughput through each path, in one run: direct, docker-proxy,
-envoy-docker in http mode, and envoy-docker in tcp mode.
+"""HTTP throughput through each path, in one run: direct, docker-proxy, and
+envoy-docker in auto (the default), http and tcp mode.
 
 Backend: nginx on 127.0.0.2 answering a small fixed body. Load: wrk with
 keep-alive (default 2 threads, 50 connections, 10 s per path). The
 registrar runs with --docker none, so --default-mode picks the mode; it is
-restarted between the two envoy-docker modes and the proxy registers again
+restarted between the envoy-docker modes and the proxy registers again
 by itself. Envoy runs with its default concurrency (one worker per core),
 as `serve --envoy` and the systemd unit run it.
 
@@ -104,7 +104,7 @@ def main():
                                    check=True, capture_output=True, text=True).stdout)
         port = free_port()
         proxy = None
-        for mode in ["http", "tcp"]:
+        for mode in ["auto", "http", "tcp"]:
             serve = subprocess.Popen([a.binary, "serve", "--socket", sock_path, "--xds", xds, "--admin", "none",
                                       "--docker", "none", "--default-mode", mode],
                                      stderr=open(os.path.join(tmp, f"serve-{mode}.log"), "w"))

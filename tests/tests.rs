@@ -20,3 +20,5 @@ mod harness;
 mod observability;
 #[cfg(feature = "e2e")]
 mod packaging;
+#[cfg(feature = "e2e")]
+mod transparency;

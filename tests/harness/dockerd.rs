@@ -17,6 +17,8 @@ use std::time::Duration;
 pub const IMAGE: &str = "envoy-docker-test:busybox";
 const BRIDGE: &str = "edtest0";
 const BRIDGE_CIDR: &str = "172.29.7.1/24";
+/// The host's address on that bridge.
+pub const GATEWAY: &str = "172.29.7.1";
 
 pub struct DockerEnv {
     pub root: PathBuf,
@@ -220,6 +222,23 @@ impl DockerEnv {
             std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
         }
         std::fs::write(rootfs.join("www/index.html"), "hello from container\n").unwrap();
+        // The host's /usr, mounted by `peers::container_args`, brings Python
+        // and PostgreSQL; their libraries are found through these links, and
+        // PostgreSQL needs its user to have a name.
+        std::os::unix::fs::symlink("usr/lib", rootfs.join("lib")).unwrap();
+        std::os::unix::fs::symlink("usr/lib64", rootfs.join("lib64")).unwrap();
+        std::fs::write(
+            rootfs.join("etc/passwd"),
+            "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/tmp:/bin/sh\n",
+        )
+        .unwrap();
+        std::fs::write(rootfs.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n").unwrap();
+        // A /tmp anyone may write, as on any host.
+        std::fs::set_permissions(
+            rootfs.join("tmp"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o1777),
+        )
+        .unwrap();
         let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/udp_echo.c");
         let out = sh(Command::new("gcc")
             .args(["-static", "-O2", "-o"])

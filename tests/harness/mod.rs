@@ -9,6 +9,7 @@ pub mod collectors;
 pub mod dockerd;
 pub mod load;
 pub mod peer;
+pub mod peers;
 pub mod proc;
 pub mod watch;
 
