@@ -52,8 +52,10 @@ def _can_connect(host, port):
         return False
 
 
-def wrk(port, seconds, threads, conns):
-    out = subprocess.run(["wrk", f"-t{threads}", f"-c{conns}", f"-d{seconds}s", f"http://127.0.0.1:{port}/"],
+def wrk(port, seconds, threads, conns, close=False, host="127.0.0.1"):
+    extra = ["-H", "Connection: close"] if close else []
+    out = subprocess.run(["wrk", f"-t{threads}", f"-c{conns}", f"-d{seconds}s", *extra,
+                          f"http://{host}:{port}/"],
                          capture_output=True, text=True).stdout
     m = re.search(r"Requests/sec:\s+([\d.]+)", out)
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
@@ -85,11 +87,13 @@ def main():
     try:
         nginx, bport = start_nginx(tmp)
         procs.append(nginx)
-        run = lambda port: wrk(port, a.seconds, a.threads, a.connections)
-        # Direct: wrk straight at nginx.
-        out = subprocess.run(["wrk", f"-t{a.threads}", f"-c{a.connections}", f"-d{a.seconds}s",
-                              f"http://127.0.0.2:{bport}/"], capture_output=True, text=True).stdout
-        results["direct"] = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+        # Each path twice: keep-alive, then a new connection per request
+        # (which is where auto mode's sniffing would cost, if anywhere).
+        def run(port, host="127.0.0.1"):
+            ka, e1 = wrk(port, a.seconds, a.threads, a.connections, host=host)
+            cl, e2 = wrk(port, a.seconds, a.threads, a.connections, close=True, host=host)
+            return (ka, cl), e1 + e2
+        results["direct"], _ = run(bport, "127.0.0.2")
 
         dport = free_port()
         dp, _ = spawn_proxy(a.docker_proxy, dport, bport, sock_path)
@@ -124,9 +128,11 @@ def main():
             serve.kill()
             serve.wait()
         base = results["docker-proxy"]
-        for k, v in results.items():
-            ratio = f"{v / base:.2f}x docker-proxy" if k != "docker-proxy" else ""
-            print(f"{k:28} {v:10.0f} req/s  {ratio}")
+        print(f"{'path':28} {'keep-alive req/s':>26} {'connection per request':>30}")
+        for k, (ka, cl) in results.items():
+            r1 = f"({ka / base[0]:.2f}x)" if k != "docker-proxy" else ""
+            r2 = f"({cl / base[1]:.2f}x)" if k != "docker-proxy" else ""
+            print(f"{k:28} {ka:16.0f} {r1:9} {cl:20.0f} {r2:9}")
     finally:
         for p in reversed(procs):
             if p.poll() is None:

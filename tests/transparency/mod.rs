@@ -69,6 +69,34 @@ fn auto_1_http11_goes_to_the_http_connection_manager_and_is_counted() {
     );
     assert_eq!(counts(&stack, &p).0, 0, "nothing went to tcp_proxy");
     assert_eq!(stack.stat("http_inspector.http11_found"), Some(3));
+
+    // A websocket upgrade goes through, and then the bytes flow both ways.
+    let s = TcpStream::connect(local(port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    (&s).write_all(
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .unwrap();
+    let mut reader = BufReader::new(s.try_clone().unwrap());
+    let mut status = String::new();
+    reader.read_line(&mut status).unwrap();
+    assert!(status.starts_with("HTTP/1.1 101"), "{status}");
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        if line == "\r\n" {
+            break;
+        }
+    }
+    (&s).write_all(b"frames are just bytes here\n").unwrap();
+    let mut echoed = String::new();
+    reader.read_line(&mut echoed).unwrap();
+    assert_eq!(echoed, "frames are just bytes here\n");
+    assert_eq!(
+        stack.stat(&format!("http.{p}.downstream_cx_upgrades_total")),
+        Some(1)
+    );
 }
 
 #[test]
