@@ -10,10 +10,14 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) {
         if let Ok(m) = meta::from_list_item(&v) {
             let _ = m.naming();
-            let _ = m.bad_mode();
+            let _ = m.label_problems();
+            let port = u16::from_le_bytes([data[0], data[data.len() - 1]]);
+            let _ = m.mode_for(port);
+            let _ = m.proxy_protocol();
         }
         if let Ok(m) = meta::from_inspect(&v) {
             let _ = m.naming();
+            let _ = m.label_problems();
         }
         let _ = meta::container_with_ip(&v, "172.17.0.2".parse().unwrap());
     }
