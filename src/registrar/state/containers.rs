@@ -21,6 +21,19 @@ impl Containers {
                 default_mode.as_str()
             );
         }
+        if meta.proxy_protocol().is_some()
+            && default_mode != Mode::Tcp
+            && !meta.labels.iter().any(|(k, v)| {
+                k.starts_with(super::super::docker::meta::MODE_LABEL)
+                    && Mode::parse(v) == Some(Mode::Tcp)
+            })
+        {
+            tracing::warn!(
+                "container {}: ProxyProtocol applies to tcp-mode ports only, and none of its \
+                 ports is in tcp mode; label it ProxyMode=tcp or ProxyMode_<port>=tcp",
+                meta.name
+            );
+        }
         // A reused address belongs to the new container now.
         self.by_id
             .retain(|id, c| id == &meta.id || !c.ips.iter().any(|ip| meta.ips.contains(ip)));
