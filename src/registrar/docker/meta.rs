@@ -95,7 +95,10 @@ impl ContainerMeta {
             if let Some(rest) = key.strip_prefix(MODE_LABEL) {
                 let port_ok = match rest.strip_prefix('_') {
                     None => rest.is_empty(),
-                    Some(port) => port.parse::<u16>().is_ok_and(|p| p > 0),
+                    // As written by `mode_for`: no sign, no leading zero.
+                    Some(port) => port
+                        .parse::<u16>()
+                        .is_ok_and(|p| p > 0 && p.to_string() == port),
                 };
                 if !port_ok {
                     out.push(format!(
@@ -285,13 +288,14 @@ mod tests {
             ("ProxyMode_80", "grpc"),
             ("ProxyMode_x", "tcp"),
             ("ProxyMode_0", "tcp"),
+            ("ProxyMode_080", "tcp"),
             ("ProxyModeX", "tcp"),
             ("ProxyProtocol", "v3"),
         ]);
         assert_eq!((m.mode_for(80), m.mode_for(81)), (None, None));
         assert_eq!(m.proxy_protocol(), None);
         let problems = m.label_problems();
-        assert_eq!(problems.len(), 6, "{problems:#?}");
+        assert_eq!(problems.len(), 7, "{problems:#?}");
         assert!(problems.iter().any(|p| p.contains("ProxyMode_80=\"grpc\"")));
     }
 
