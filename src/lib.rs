@@ -8,6 +8,7 @@
 pub mod addr;
 pub mod applet;
 pub mod bootstrap;
+pub mod catalog;
 pub mod cli;
 pub mod cmdline;
 pub mod fdlimit;

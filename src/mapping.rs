@@ -47,6 +47,7 @@ impl fmt::Display for Proto {
 ///
 /// `Auto` comes last so that the wire encoding of the first two stays put.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
 pub enum Mode {
     Http,
     Tcp,
