@@ -11,6 +11,7 @@ pub mod bootstrap;
 pub mod catalog;
 pub mod cli;
 pub mod cmdline;
+pub mod etcd;
 pub mod fdlimit;
 pub mod install;
 pub mod logging;
