@@ -1,6 +1,6 @@
 //! A minimal etcd v3 client over etcd's HTTP/JSON gateway (issue 12,
 //! second slice, not wired in yet): leases (grant, keep-alive, revoke),
-//! put under a lease, delete, and read a prefix.
+//! put under a lease, delete, read a prefix, and watch it from a revision.
 //!
 //! Why the gateway: etcd serves it on the client port of every member (3.4
 //! and later), it needs nothing beyond the hyper client already in the
@@ -34,6 +34,96 @@ pub enum Error {
     Refused { call: &'static str, detail: String },
     #[error("etcd's answer to {call} is not understood: {detail}")]
     BadAnswer { call: &'static str, detail: String },
+    #[error("etcd has compacted the history before revision {0}; read the prefix again")]
+    Compacted(i64),
+    #[error("the watch ended: {0}")]
+    WatchEnded(String),
+}
+
+/// One change seen by a watch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Put(Kv),
+    Delete(String),
+}
+
+/// A watch on a prefix: `next` gives the changes one etcd revision at a
+/// time, in order.
+pub struct Watch {
+    body: hyper::body::Incoming,
+    buf: Vec<u8>,
+}
+
+impl Watch {
+    /// The next batch of changes and its revision. An error ends the
+    /// watch; the caller reads the prefix again and watches anew.
+    pub async fn next(&mut self) -> Result<(i64, Vec<Event>), Error> {
+        loop {
+            while let Some(nl) = self.buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=nl).collect();
+                let v: Value = serde_json::from_slice(&line).map_err(|e| Error::BadAnswer {
+                    call: "watch",
+                    detail: e.to_string(),
+                })?;
+                if let Some(batch) = watch_batch(&v)? {
+                    return Ok(batch);
+                }
+            }
+            if self.buf.len() > MAX_BODY {
+                return Err(Error::WatchEnded("an answer line is too long".into()));
+            }
+            match self.body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.buf.extend_from_slice(&data);
+                    }
+                }
+                Some(Err(e)) => return Err(Error::WatchEnded(e.to_string())),
+                None => return Err(Error::WatchEnded("etcd closed the stream".into())),
+            }
+        }
+    }
+}
+
+/// One line of the watch stream: a batch of events, or `None` for the
+/// lines that carry none (created, progress).
+fn watch_batch(v: &Value) -> Result<Option<(i64, Vec<Event>)>, Error> {
+    let r = &v["result"];
+    if let Some(rev) = int(&r["compact_revision"]).filter(|r| *r > 0) {
+        return Err(Error::Compacted(rev));
+    }
+    if r["canceled"].as_bool() == Some(true) {
+        let why = r["cancel_reason"].as_str().unwrap_or("canceled by etcd");
+        return Err(Error::WatchEnded(why.into()));
+    }
+    if !v["error"].is_null() {
+        return Err(Error::WatchEnded(v["error"].to_string()));
+    }
+    let Some(events) = r["events"].as_array() else {
+        return Ok(None);
+    };
+    let revision = int(&r["header"]["revision"]).ok_or_else(|| bad("watch", v))?;
+    let mut out = Vec::new();
+    for e in events {
+        let kv = kv_of(&e["kv"]).ok_or_else(|| bad("watch", e))?;
+        out.push(match e["type"].as_str() {
+            Some("DELETE") => Event::Delete(kv.key),
+            // PUT is the default, so etcd leaves the type out.
+            None | Some("PUT") => Event::Put(kv),
+            Some(_) => return Err(bad("watch", e)),
+        });
+    }
+    Ok(Some((revision, out)))
+}
+
+/// A key-value from etcd's JSON, base64 decoded.
+fn kv_of(kv: &Value) -> Option<Kv> {
+    let text = |field: &str| B64.decode(kv[field].as_str().unwrap_or("")).ok();
+    Some(Kv {
+        key: String::from_utf8(text("key")?).ok()?,
+        value: text("value")?,
+        lease: int(&kv["lease"]).unwrap_or(0),
+    })
 }
 
 #[derive(Debug, Clone)]
@@ -153,17 +243,34 @@ impl Etcd {
         let revision = int(&v["header"]["revision"]).ok_or_else(|| bad("range", &v))?;
         let mut out = Vec::new();
         for kv in v["kvs"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
-            let text = |field: &str| B64.decode(kv[field].as_str().unwrap_or("")).ok();
-            let (Some(key), Some(value)) = (text("key"), text("value")) else {
-                return Err(bad("range", kv));
-            };
-            out.push(Kv {
-                key: String::from_utf8(key).map_err(|_| bad("range", kv))?,
-                value,
-                lease: int(&kv["lease"]).unwrap_or(0),
-            });
+            out.push(kv_of(kv).ok_or_else(|| bad("range", kv))?);
         }
         Ok((revision, out))
+    }
+
+    /// Watches everything under `prefix` from `revision` on (the one after
+    /// a `get_prefix`), on the first member that takes the request.
+    pub async fn watch_prefix(&self, prefix: &str, revision: i64) -> Result<Watch, Error> {
+        let body = json!({ "create_request": {
+            "key": B64.encode(prefix),
+            "range_end": B64.encode(prefix_end(prefix)),
+            "start_revision": revision.to_string(),
+        }});
+        let mut failures = Vec::new();
+        for m in &self.members {
+            match tokio::time::timeout(PER_MEMBER, open(m, "/v3/watch", &body)).await {
+                Ok(Ok(resp)) if resp.status() == 200 => {
+                    return Ok(Watch {
+                        body: resp.into_body(),
+                        buf: Vec::new(),
+                    })
+                }
+                Ok(Ok(resp)) => failures.push(format!("{m}: HTTP {}", resp.status())),
+                Ok(Err(e)) => failures.push(format!("{m}: {e}")),
+                Err(_) => failures.push(format!("{m}: no answer in {PER_MEMBER:?}")),
+            }
+        }
+        Err(Error::Unreachable(failures.join("; ")))
     }
 }
 
@@ -194,6 +301,23 @@ fn bad(call: &'static str, v: &Value) -> Error {
 }
 
 async fn post(member: &str, path: &str, body: &Value) -> Result<(u16, Value), String> {
+    let resp = open(member, path, body).await?;
+    let code = resp.status().as_u16();
+    let bytes = http_body_util::Limited::new(resp.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    let v = serde_json::from_slice(&bytes).map_err(|e| format!("not JSON: {e}"))?;
+    Ok((code, v))
+}
+
+/// Sends one POST; the answer's head, with its body still to read.
+async fn open(
+    member: &str,
+    path: &str,
+    body: &Value,
+) -> Result<hyper::Response<hyper::body::Incoming>, String> {
     let stream = tokio::net::TcpStream::connect(member)
         .await
         .map_err(|e| e.to_string())?;
@@ -207,15 +331,7 @@ async fn post(member: &str, path: &str, body: &Value) -> Result<(u16, Value), St
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(body.to_string())))
         .map_err(|e| e.to_string())?;
-    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
-    let code = resp.status().as_u16();
-    let bytes = http_body_util::Limited::new(resp.into_body(), MAX_BODY)
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
-    let v = serde_json::from_slice(&bytes).map_err(|e| format!("not JSON: {e}"))?;
-    Ok((code, v))
+    sender.send_request(req).await.map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -239,6 +355,40 @@ mod tests {
         assert_eq!(int(&json!("42")), Some(42));
         assert_eq!(int(&json!(7)), Some(7));
         assert_eq!(int(&json!("x")), None);
+    }
+
+    #[test]
+    fn watch_lines_become_events_or_errors() {
+        let created = json!({"result": {"header": {"revision": "2"}, "created": true}});
+        assert_eq!(watch_batch(&created), Ok(None));
+        let put = json!({"result": {"header": {"revision": "3"}, "events": [
+            {"kv": {"key": "L3AvYQ==", "value": "MQ==", "lease": "7"}},
+            {"type": "DELETE", "kv": {"key": "L3AvYg=="}}
+        ]}});
+        assert_eq!(
+            watch_batch(&put),
+            Ok(Some((
+                3,
+                vec![
+                    Event::Put(Kv {
+                        key: "/p/a".into(),
+                        value: b"1".to_vec(),
+                        lease: 7
+                    }),
+                    Event::Delete("/p/b".into())
+                ]
+            )))
+        );
+        let compacted = json!({"result": {"compact_revision": "9", "canceled": true}});
+        assert_eq!(watch_batch(&compacted), Err(Error::Compacted(9)));
+        let odd = json!({"result": {"header": {"revision": "3"}, "events": [
+            {"type": "MOVE", "kv": {"key": "L3AvYQ=="}}
+        ]}});
+        assert!(matches!(watch_batch(&odd), Err(Error::BadAnswer { .. })));
+        let bad_key = json!({"result": {"header": {"revision": "3"}, "events": [
+            {"kv": {"key": "!!!"}}
+        ]}});
+        assert!(watch_batch(&bad_key).is_err());
     }
 
     #[tokio::test]

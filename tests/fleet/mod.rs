@@ -4,7 +4,7 @@
 
 use crate::harness::{free_port, wait_until, TempDir};
 use envoy_docker::catalog::{self, ContainerInfo, Health, Instance};
-use envoy_docker::etcd::Etcd;
+use envoy_docker::etcd::{Etcd, Event};
 use envoy_docker::mapping::Mode;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -148,6 +148,42 @@ async fn etcd_client_leases_and_catalog_records_on_a_real_etcd() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(gone, "the key outlived its lease");
+
+    // A watch from the revision after a read sees every change, in order.
+    let (rev, _) = etcd.get_prefix(catalog::PREFIX).await.unwrap();
+    let mut watch = etcd.watch_prefix(catalog::PREFIX, rev + 1).await.unwrap();
+    etcd.put(&key_a, &catalog::encode(&a), 0).await.unwrap();
+    etcd.put("/elsewhere", b"not watched", 0).await.unwrap();
+    etcd.delete(&key_a).await.unwrap();
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let (_, events) = tokio::time::timeout(Duration::from_secs(10), watch.next())
+            .await
+            .expect("no watch event in 10 s")
+            .unwrap();
+        seen.extend(events);
+    }
+    match &seen[0] {
+        Event::Put(kv) => {
+            assert_eq!(kv.key, key_a);
+            assert_eq!(catalog::decode(&kv.value).unwrap(), a);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(seen[1], Event::Delete(key_a.clone()));
+    // History etcd has compacted away is an error that says so.
+    let (now, _) = etcd.get_prefix(catalog::PREFIX).await.unwrap();
+    let out = Command::new("etcdctl")
+        .args(["--endpoints", &server.url, "compact", &now.to_string()])
+        .env("ETCDCTL_API", "3")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let mut old = etcd.watch_prefix(catalog::PREFIX, rev).await.unwrap();
+    assert!(matches!(
+        old.next().await,
+        Err(envoy_docker::etcd::Error::Compacted(_))
+    ));
 
     // etcd's own refusals are errors, not panics.
     assert!(etcd.put(&key_a, b"x", 12345).await.is_err());
