@@ -20,7 +20,7 @@ fn v6(port: u16) -> SocketAddr {
     format!("[::1]:{port}").parse().unwrap()
 }
 
-/// The HTTP connection manager's 2xx count for the mapping on `host`.
+/// Requests Envoy served for the mapping on `host` (see `Stack::served`).
 fn rq_2xx(stack: &Stack, host: &str, port: u16) -> u64 {
     let rows = stack.status();
     let row = rows
@@ -33,11 +33,7 @@ fn rq_2xx(stack: &Stack, host: &str, port: u16) -> u64 {
     } else {
         "0-0-0-0"
     };
-    stack
-        .stat(&format!(
-            "http.{listener}_tcp_{ip}_{port}.downstream_rq_2xx"
-        ))
-        .unwrap_or(0)
+    stack.served(&format!("{listener}_tcp_{ip}_{port}"))
 }
 
 #[test]

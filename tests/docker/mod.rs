@@ -31,8 +31,8 @@ fn docker_1_ready_on_return_and_counted_under_the_container_name() {
     assert_eq!(got, (200, BODY.to_string()));
     let prefix = format!("ready1_tcp_0-0-0-0_{h}");
     assert_eq!(
-        env.stack.stat(&format!("http.{prefix}.downstream_rq_2xx")),
-        Some(1),
+        env.stack.served(&prefix),
+        1,
         "{}",
         admin_get(env.stack.admin, "/stats?filter=ready1")
     );

@@ -420,6 +420,16 @@ impl Stack {
             .and_then(|v| v.trim().parse().ok())
     }
 
+    /// What Envoy served under one stat prefix: HTTP answers with 2xx plus
+    /// tcp_proxy connections. In auto mode a request can land in either:
+    /// on a starved machine the sniff timeout may run out before Envoy
+    /// reads the request, and it goes on as TCP.
+    pub fn served(&self, prefix: &str) -> u64 {
+        let http = self.stat(&format!("http.{prefix}.downstream_rq_2xx"));
+        let tcp = self.stat(&format!("tcp.{prefix}.downstream_cx_total"));
+        http.unwrap_or(0) + tcp.unwrap_or(0)
+    }
+
     pub fn proxy(&self, spec: ProxySpec) -> Proxy {
         Proxy::spawn(&self.socket, spec)
     }

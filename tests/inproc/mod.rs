@@ -64,13 +64,22 @@ impl InProcess {
         let task = tokio::spawn(registrar::run(config, listeners, async {
             let _ = rx.await;
         }));
-        InProcess {
+        let r = InProcess {
             _dir: Dir(dir),
             socket,
             admin,
             stop: Some(tx),
             task: Some(task),
+        };
+        // The admin endpoint is bound before `run` starts; it says 503
+        // until xDS is served, which takes a moment on a busy machine.
+        for _ in 0..1000 {
+            if r.get("/healthz").await.0 == 200 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        r
     }
 
     async fn connect(&self) -> Connection<UnixStream> {
