@@ -1,7 +1,7 @@
-//! The fleet catalog's records (issue 12, first slice): how one published
+//! The fleet catalog's records: how one published
 //! instance of a service is written to etcd, and how what the catalog holds
 //! merges with this host's own state into the egress services Envoy gets.
-//! Pure code; the etcd client and the registrar wiring come later.
+//! Pure code: `registrar::fleet` moves these through etcd.
 //!
 //! - Key: `/envoy-docker/v1/instances/<service>/<host-id>/<listener>`, one
 //!   per published TCP mapping of a named service. Each part is one path
@@ -38,6 +38,19 @@ impl Health {
     }
 }
 
+/// An active health check that Envoys run against an instance (from the
+/// container's `HealthCheck` labels).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Check {
+    /// `GET` this path and want a 2xx; `None` checks that a TCP connection
+    /// opens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_path: Option<String>,
+    /// The port checked, at the instance's advertised address.
+    pub port: u16,
+    pub interval_ms: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContainerInfo {
     pub name: String,
@@ -61,6 +74,8 @@ pub struct Instance {
     /// The fleet-wide port (`ServicePort_<containerport>`), if offered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_port: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<Check>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -115,6 +130,33 @@ pub fn decode(value: &[u8]) -> Result<Instance, Error> {
     serde_json::from_slice(value).map_err(|e| Error::BadValue(e.to_string()))
 }
 
+/// One instance as `status --fleet` shows it (and as the registrar's
+/// socket carries it: plain fields only, for postcard).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Row {
+    pub service: String,
+    pub host_id: String,
+    pub address: String,
+    pub health: String,
+    pub mode: String,
+    pub service_port: Option<u16>,
+    pub container: String,
+}
+
+impl From<&Instance> for Row {
+    fn from(i: &Instance) -> Row {
+        Row {
+            service: i.service.clone(),
+            host_id: i.host_id.clone(),
+            address: i.address.to_string(),
+            health: format!("{:?}", i.health).to_lowercase(),
+            mode: i.mode.as_str().into(),
+            service_port: i.service_port,
+            container: i.container.name.clone(),
+        }
+    }
+}
+
 /// One endpoint of an egress service.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Endpoint {
@@ -123,6 +165,8 @@ pub struct Endpoint {
     pub address: SocketAddr,
     pub health: Health,
     pub host_id: String,
+    /// Where Envoy's active health check goes, if the service has one.
+    pub check_port: Option<u16>,
 }
 
 /// A service offered fleet-wide on one service port.
@@ -131,6 +175,8 @@ pub struct EgressService {
     pub service: String,
     pub mode: Mode,
     pub endpoints: Vec<Endpoint>,
+    /// The active health check, as the first instance that has one says.
+    pub check: Option<Check>,
 }
 
 /// The egress services by service port, and the conflicts found on the
@@ -159,6 +205,7 @@ pub fn merge<'a>(
             service: i.service.clone(),
             mode: i.mode,
             endpoints: Vec::new(),
+            check: None,
         });
         if svc.service != i.service {
             conflicts.push(format!(
@@ -177,11 +224,15 @@ pub fn merge<'a>(
                 svc.mode.as_str()
             ));
         }
+        if svc.check.is_none() {
+            svc.check = i.check.clone();
+        }
         svc.endpoints.push(Endpoint {
             remote: i.host_id != host_id,
             address: i.address,
             health: i.health,
             host_id: i.host_id.clone(),
+            check_port: i.check.as_ref().map(|c| c.port),
         });
     }
     for svc in out.values_mut() {
@@ -209,6 +260,7 @@ mod tests {
             image: "nginx".into(),
             health: Health::Healthy,
             service_port: port,
+            check: None,
         }
     }
 

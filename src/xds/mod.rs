@@ -4,6 +4,8 @@
 //!   the `Service` facts resources are built from;
 //! - `resources` and `telemetry`: pure builders of Envoy messages, shaped
 //!   by `serving` (sniff timeout and operator limits);
+//! - `egress`: the fleet's egress listener, cluster and assignment per
+//!   service port, built from the catalog;
 //! - `bootstrap`: the Envoy bootstrap that points Envoy at the server;
 //! - `snapshot`: the cache, one consistent set of resources per type,
 //!   changed one resource at a time and cloned in O(1);
@@ -12,6 +14,7 @@
 //!   streams and the sessions, and reports through its `Control` trait.
 
 pub mod bootstrap;
+pub mod egress;
 pub mod resource;
 pub mod resources;
 pub mod server;

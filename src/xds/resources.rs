@@ -70,7 +70,7 @@ const HTTP10_DEFAULT_HOST: &str = "localhost";
 /// which only means something to other Envoys.
 const ENVOY_ONLY_REQUEST_HEADERS: [&str; 1] = ["x-envoy-external-address"];
 
-fn socket_address(ip: std::net::IpAddr, port: u16) -> Address {
+pub(super) fn socket_address(ip: std::net::IpAddr, port: u16) -> Address {
     Address {
         address: Some(address::Address::SocketAddress(SocketAddress {
             address: ip.to_string(),
@@ -156,6 +156,13 @@ fn proxy_protocol_socket(v: ProxyProtocol) -> TransportSocket {
 }
 
 pub fn cluster(svc: &Service, s: &Serving) -> Resource {
+    let c = base_cluster(svc, s);
+    Resource::new(c.name.clone(), c, None)
+}
+
+/// The EDS cluster of a service, as `cluster` sends it and as the fleet's
+/// egress clusters start from.
+pub(super) fn base_cluster(svc: &Service, s: &Serving) -> Cluster {
     let name = svc.cluster_name();
     let limit = uint(s.max_connections.unwrap_or(u32::MAX));
     // Upstream HTTP goes out in the protocol the client used, with the
@@ -173,8 +180,8 @@ pub fn cluster(svc: &Service, s: &Serving) -> Resource {
         ),
         ..Default::default()
     };
-    let c = Cluster {
-        name: name.clone(),
+    Cluster {
+        name,
         cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
             cluster::DiscoveryType::Eds as i32,
         )),
@@ -204,8 +211,7 @@ pub fn cluster(svc: &Service, s: &Serving) -> Resource {
         .collect(),
         transport_socket: svc.proxy_protocol.map(proxy_protocol_socket),
         ..Default::default()
-    };
-    Resource::new(name, c, None)
+    }
 }
 
 pub fn endpoints(svc: &Service) -> Resource {
@@ -270,7 +276,12 @@ fn http_filter(svc: &Service, t: &Telemetry, s: &Serving) -> Filter {
 }
 
 pub fn listener(svc: &Service, t: &Telemetry, s: &Serving) -> Resource {
-    let name = svc.listener_name();
+    listener_named(svc.listener_name(), svc, t, s)
+}
+
+/// The listener of `svc` under another name (the fleet's egress listeners
+/// must not clash with a mapping's).
+pub(super) fn listener_named(name: String, svc: &Service, t: &Telemetry, s: &Serving) -> Resource {
     let cluster = svc.cluster_name();
     let mut l = Listener {
         name: name.clone(),

@@ -80,6 +80,7 @@ fn instance(host: &str, port: u16) -> Instance {
         image: "nginx".into(),
         health: Health::Healthy,
         service_port: Some(10080),
+        check: None,
     }
 }
 

@@ -101,7 +101,8 @@ impl Docker {
 
     /// Opens `GET /events` for container events.
     pub async fn events(&self) -> Result<Events, String> {
-        let filters = r#"{"type":["container"],"event":["start","rename","die","destroy"]}"#;
+        let filters =
+            r#"{"type":["container"],"event":["start","rename","die","destroy","health_status"]}"#;
         let path = format!("/events?filters={}", percent_encode(filters));
         Ok(Events {
             body: self.send(&path).await?.into_body(),

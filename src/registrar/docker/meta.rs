@@ -14,9 +14,23 @@
 //!   connection of the container's tcp-mode ports with a PROXY protocol
 //!   header. Off by default: a backend that does not expect it breaks.
 //!
+//! Fleet labels (see `registrar::fleet`), as Sidecar defined them:
+//! - `ServicePort_<containerport>=<serviceport>` offers the port fleet-wide
+//!   on that service port; `SidecarDiscover=false` keeps the container out
+//!   of the catalog.
+//! - `HealthCheck=HttpGet` with `HealthCheckArgs=http://{{ host }}:{{ tcp
+//!   N }}/path`, where `tcp N` is the host port that publishes container
+//!   port N; or our shorter `HealthCheck=http:<path>` and `HealthCheck=tcp`,
+//!   which check the instance's own port. `HealthCheckInterval=<duration>`
+//!   (default 5 s). `External` and other types are reported and ignored.
+//!
+//! Docker's own HEALTHCHECK status comes from inspect (`State.Health`) or
+//! the list's status text, and is the instance's health.
+//!
 //! A label whose value is not understood is reported by `label_problems`
 //! and otherwise ignored, so the default applies.
 
+use crate::catalog::{Check, Health};
 use crate::mapping::{sanitize, Mode, Proto};
 use crate::xds::resource::ProxyProtocol;
 use serde_json::Value;
@@ -28,9 +42,16 @@ pub const ENVIRONMENT_LABEL: &str = "EnvironmentName";
 pub const MODE_LABEL: &str = "ProxyMode";
 pub const PROXY_PROTOCOL_LABEL: &str = "ProxyProtocol";
 pub const COMPOSE_SERVICE_LABEL: &str = "com.docker.compose.service";
+pub const SERVICE_PORT_LABEL: &str = "ServicePort";
+pub const DISCOVER_LABEL: &str = "SidecarDiscover";
+pub const CHECK_LABEL: &str = "HealthCheck";
+pub const CHECK_ARGS_LABEL: &str = "HealthCheckArgs";
+pub const CHECK_INTERVAL_LABEL: &str = "HealthCheckInterval";
+/// How often a labelled health check runs unless `HealthCheckInterval` says.
+pub const DEFAULT_CHECK_INTERVAL_MS: u64 = 5000;
 
 /// One container as far as the registrar cares.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ContainerMeta {
     pub id: String,
     /// Without Docker's leading `/`.
@@ -41,6 +62,10 @@ pub struct ContainerMeta {
     pub ips: Vec<IpAddr>,
     /// Container ports it publishes, when known (from inspect).
     pub ports: Vec<(u16, Proto)>,
+    /// (container port, host port) of its published TCP ports, when known.
+    pub bindings: Vec<(u16, u16)>,
+    /// Docker's HEALTHCHECK status; `None` without a HEALTHCHECK.
+    pub health: Option<Health>,
 }
 
 /// Names for a container's mappings.
@@ -109,6 +134,22 @@ impl ContainerMeta {
                         "label {key}={value:?} is not auto, http or tcp; the default applies"
                     ));
                 }
+            } else if let Some(port) = key.strip_prefix(&format!("{SERVICE_PORT_LABEL}_")) {
+                let container_port = port.parse::<u16>().ok().filter(|p| *p > 0);
+                if container_port.is_none()
+                    || container_port.and_then(|p| self.service_port(p)).is_none()
+                {
+                    out.push(format!(
+                        "label {key}={value:?}: want {SERVICE_PORT_LABEL}_<container port>=<service port>; \
+                         not offered fleet-wide"
+                    ));
+                }
+            } else if key == CHECK_LABEL {
+                match self.check(0, 0) {
+                    // A port the template names may be published later.
+                    Err(e) if !e.contains("not published") => out.push(e),
+                    _ => {}
+                }
             } else if key == PROXY_PROTOCOL_LABEL && ProxyProtocol::parse(value).is_none() {
                 out.push(format!(
                     "label {key}={value:?} is not v1 or v2; no PROXY header is sent"
@@ -116,6 +157,98 @@ impl ContainerMeta {
             }
         }
         out
+    }
+
+    /// The fleet-wide service port of container port `port`, if offered.
+    pub fn service_port(&self, port: u16) -> Option<u16> {
+        label(&self.labels, &format!("{SERVICE_PORT_LABEL}_{port}"))
+            .and_then(|v| v.parse::<u16>().ok())
+            .filter(|p| *p > 0)
+    }
+
+    /// False with `SidecarDiscover=false`: kept out of the catalog.
+    pub fn discoverable(&self) -> bool {
+        !label(&self.labels, DISCOVER_LABEL).is_some_and(|v| v.eq_ignore_ascii_case("false"))
+    }
+
+    /// The active health check its labels ask for, for the mapping of
+    /// `container_port` published on `host_port`. `Err` explains a label
+    /// that is not understood (logged, and then no check is run).
+    pub fn check(&self, container_port: u16, host_port: u16) -> Result<Option<Check>, String> {
+        let Some(kind) = label(&self.labels, CHECK_LABEL) else {
+            return Ok(None);
+        };
+        let interval_ms = match label(&self.labels, CHECK_INTERVAL_LABEL) {
+            None => DEFAULT_CHECK_INTERVAL_MS,
+            Some(v) => crate::xds::serving::parse_duration(v)
+                .ok()
+                .flatten()
+                .map(|d| d.as_millis().clamp(100, 3_600_000) as u64)
+                .ok_or_else(|| format!("label {CHECK_INTERVAL_LABEL}={v:?} is not a duration"))?,
+        };
+        let (http_path, port) = if kind.eq_ignore_ascii_case("HttpGet") {
+            let args = label(&self.labels, CHECK_ARGS_LABEL)
+                .ok_or_else(|| format!("{CHECK_LABEL}=HttpGet needs {CHECK_ARGS_LABEL}"))?;
+            let (port, path) = self.resolve_url(args, container_port, host_port)?;
+            (Some(path), port)
+        } else if kind.eq_ignore_ascii_case("tcp") {
+            (None, host_port)
+        } else if let Some(path) = kind.strip_prefix("http:") {
+            if !path.starts_with('/') {
+                return Err(format!(
+                    "label {CHECK_LABEL}={kind:?}: the path must start with /"
+                ));
+            }
+            (Some(path.to_string()), host_port)
+        } else {
+            return Err(format!(
+                "label {CHECK_LABEL}={kind:?} is not a check envoy-docker runs \
+                 (HttpGet, http:<path> or tcp); no check"
+            ));
+        };
+        Ok(Some(Check {
+            http_path,
+            port,
+            interval_ms,
+        }))
+    }
+
+    /// Sidecar's `HealthCheckArgs` URL: `{{ host }}` stands for the
+    /// instance's address and `{{ tcp N }}` for the host port publishing
+    /// container port N. Gives (port, path).
+    fn resolve_url(&self, url: &str, own: u16, host_port: u16) -> Result<(u16, String), String> {
+        let bad = |why: &str| format!("label {CHECK_ARGS_LABEL}={url:?}: {why}");
+        let mut out = String::new();
+        let mut rest = url;
+        while let Some(start) = rest.find("{{") {
+            out.push_str(&rest[..start]);
+            let end = rest[start..].find("}}").ok_or_else(|| bad("unclosed {{"))? + start;
+            let words: Vec<&str> = rest[start + 2..end].split_whitespace().collect();
+            match words.as_slice() {
+                ["host"] => out.push_str("host"),
+                ["tcp", n] => {
+                    let n: u16 = n.parse().map_err(|_| bad("tcp wants a port"))?;
+                    let bound = self.bindings.iter().find(|(c, _)| *c == n).map(|b| b.1);
+                    let hp = bound
+                        .or((n == own).then_some(host_port))
+                        .ok_or_else(|| bad(&format!("container port {n} is not published")))?;
+                    out.push_str(&hp.to_string());
+                }
+                _ => return Err(bad("only {{ host }} and {{ tcp N }} are understood")),
+            }
+            rest = &rest[end + 2..];
+        }
+        out.push_str(rest);
+        let after = out
+            .strip_prefix("http://")
+            .ok_or_else(|| bad("want http://"))?;
+        let (authority, path) = after.split_at(after.find('/').unwrap_or(after.len()));
+        let port = match authority.rsplit_once(':') {
+            Some((_, p)) => p.parse().map_err(|_| bad("bad port"))?,
+            None => 80,
+        };
+        let path = if path.is_empty() { "/" } else { path };
+        Ok((port, path.to_string()))
     }
 
     /// True if this container is the backend of a mapping to `ip:port`.
@@ -163,6 +296,28 @@ pub fn from_list_item(v: &Value) -> Result<ContainerMeta, String> {
         .unwrap_or("")
         .trim_start_matches('/')
         .to_string();
+    // The list shows health only in its status text: "Up 3 minutes
+    // (healthy)", "(unhealthy)" or "(health: starting)".
+    let status = v["Status"].as_str().unwrap_or("");
+    let health = status
+        .rsplit_once('(')
+        .and_then(|(_, h)| h.strip_suffix(')'))
+        .map(|h| h.trim_start_matches("health: "))
+        .and_then(health_of);
+    let bindings = v["Ports"]
+        .as_array()
+        .map(|ps| {
+            ps.iter()
+                .filter(|p| p["Type"].as_str() == Some("tcp"))
+                .filter_map(|p| {
+                    Some((
+                        p["PrivatePort"].as_u64()? as u16,
+                        p["PublicPort"].as_u64()? as u16,
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
     Ok(ContainerMeta {
         name: name_or_short_id(name, &id),
         id,
@@ -170,6 +325,8 @@ pub fn from_list_item(v: &Value) -> Result<ContainerMeta, String> {
         labels: labels_of(&v["Labels"]),
         ips: Vec::new(),
         ports: Vec::new(),
+        bindings,
+        health,
     })
 }
 
@@ -200,6 +357,21 @@ pub fn from_inspect(v: &Value) -> Result<ContainerMeta, String> {
             }
         }
     }
+    let mut bindings = Vec::new();
+    if let Some(p) = v["NetworkSettings"]["Ports"].as_object() {
+        for (key, binds) in p {
+            let Some(port) = key.strip_suffix("/tcp").and_then(|p| p.parse().ok()) else {
+                continue;
+            };
+            for b in binds.as_array().map(Vec::as_slice).unwrap_or(&[]) {
+                if let Some(hp) = b["HostPort"].as_str().and_then(|h| h.parse().ok()) {
+                    bindings.push((port, hp));
+                }
+            }
+        }
+    }
+    bindings.sort();
+    bindings.dedup();
     Ok(ContainerMeta {
         name: name_or_short_id(name, &id),
         id,
@@ -207,7 +379,19 @@ pub fn from_inspect(v: &Value) -> Result<ContainerMeta, String> {
         labels: labels_of(&v["Config"]["Labels"]),
         ips,
         ports,
+        bindings,
+        health: v["State"]["Health"]["Status"].as_str().and_then(health_of),
     })
+}
+
+/// Docker's health words; "none" and anything else mean no HEALTHCHECK.
+fn health_of(s: &str) -> Option<Health> {
+    match s {
+        "healthy" => Some(Health::Healthy),
+        "unhealthy" => Some(Health::Unhealthy),
+        "starting" => Some(Health::Starting),
+        _ => None,
+    }
 }
 
 /// `GET /networks/{id}`: the container that has `ip` on this network.
@@ -246,7 +430,99 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             ips: vec!["172.17.0.2".parse().unwrap()],
-            ports: vec![],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn fleet_labels_service_port_discovery_and_checks() {
+        let m = meta(&[("ServicePort_80", "10080"), ("ServicePort_81", "x")]);
+        assert_eq!(m.service_port(80), Some(10080));
+        assert_eq!(m.service_port(81), None);
+        assert_eq!(m.service_port(82), None);
+        assert!(m.discoverable());
+        assert_eq!(m.check(80, 8080), Ok(None));
+        assert!(m.label_problems()[0].contains("ServicePort_81"));
+        assert!(!meta(&[("SidecarDiscover", "False")]).discoverable());
+        assert!(meta(&[("SidecarDiscover", "true")]).discoverable());
+
+        let mut sidecar = meta(&[
+            ("HealthCheck", "HttpGet"),
+            (
+                "HealthCheckArgs",
+                "http://{{ host }}:{{ tcp 8081 }}/health?deep=1",
+            ),
+            ("HealthCheckInterval", "2s"),
+        ]);
+        sidecar.bindings = vec![(8081, 32001)];
+        let c = sidecar.check(80, 8080).unwrap().unwrap();
+        assert_eq!(
+            (c.http_path.as_deref(), c.port, c.interval_ms),
+            (Some("/health?deep=1"), 32001, 2000)
+        );
+        // The mapping's own port resolves without bindings.
+        sidecar.bindings.clear();
+        assert!(sidecar.check(8081, 9000).unwrap().unwrap().port == 9000);
+        assert!(sidecar
+            .check(80, 8080)
+            .unwrap_err()
+            .contains("not published"));
+        assert!(sidecar.label_problems().is_empty());
+
+        let short = meta(&[("HealthCheck", "http:/ready")]);
+        let c = short.check(80, 8080).unwrap().unwrap();
+        assert_eq!(
+            (c.http_path.as_deref(), c.port, c.interval_ms),
+            (Some("/ready"), 8080, 5000)
+        );
+        let tcp = meta(&[("HealthCheck", "tcp")])
+            .check(5432, 15432)
+            .unwrap()
+            .unwrap();
+        assert_eq!((tcp.http_path, tcp.port), (None, 15432));
+        for (labels, why) in [
+            (vec![("HealthCheck", "External")], "not a check"),
+            (vec![("HealthCheck", "HttpGet")], "needs HealthCheckArgs"),
+            (
+                vec![
+                    ("HealthCheck", "HttpGet"),
+                    ("HealthCheckArgs", "http://{{ env X }}/"),
+                ],
+                "only",
+            ),
+            (vec![("HealthCheck", "http:nope")], "must start with /"),
+            (
+                vec![("HealthCheck", "tcp"), ("HealthCheckInterval", "soon")],
+                "not a duration",
+            ),
+        ] {
+            let m = meta(&labels);
+            assert!(m.check(80, 8080).unwrap_err().contains(why), "{labels:?}");
+            assert_eq!(m.label_problems().len(), 1, "{labels:?}");
+        }
+    }
+
+    #[test]
+    fn docker_health_from_inspect_and_from_the_list() {
+        let v = json!({"Id": "abc", "Name": "/w", "Config": {"Labels": {}},
+            "State": {"Health": {"Status": "unhealthy"}},
+            "NetworkSettings": {"Ports": {"80/tcp": [{"HostIp": "0.0.0.0", "HostPort": "8080"},
+                {"HostIp": "::", "HostPort": "8080"}], "53/udp": null}}});
+        let m = from_inspect(&v).unwrap();
+        assert_eq!(m.health, Some(Health::Unhealthy));
+        assert_eq!(m.bindings, [(80, 8080)]);
+        let none = json!({"Id": "abc", "State": {"Health": {"Status": "none"}}});
+        assert_eq!(from_inspect(&none).unwrap().health, None);
+        for (status, health) in [
+            ("Up 2 seconds (health: starting)", Some(Health::Starting)),
+            ("Up 3 minutes (healthy)", Some(Health::Healthy)),
+            ("Up 1 second", None),
+        ] {
+            let item = json!({"Id": "abc", "Status": status,
+                "Ports": [{"PrivatePort": 80, "PublicPort": 8080, "Type": "tcp"}]});
+            let m = from_list_item(&item).unwrap();
+            assert_eq!(m.health, health, "{status}");
+            assert_eq!(m.bindings, [(80, 8080)]);
         }
     }
 

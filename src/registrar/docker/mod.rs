@@ -10,7 +10,8 @@
 //!   mapping is then named right before Envoy first serves it.
 //! - **In the background**, the watcher lists running containers at start,
 //!   then follows `/events`, and inspects a container only after its
-//!   `start` event (or on `rename`), when that is safe. This fills in every
+//!   `start` event (or on `rename`, or a `health_status` change), when
+//!   that is safe. This fills in every
 //!   network address and the published ports, and catches containers that
 //!   were running before the registrar.
 //!
@@ -161,10 +162,14 @@ async fn follow(
         tracing::debug!("Docker event {action} for {id}");
         registry.lock().expect("registry").metrics().docker_event();
         match action {
-            "start" | "rename" => match inspect(docker, id).await {
-                Ok(m) => registry.lock().expect("registry").apply_container(m),
-                Err(e) => tracing::warn!("{e}"),
-            },
+            // "health_status: healthy" and the like; moby's filter matches
+            // the part before the colon (daemon/events/filter.go).
+            a if a == "start" || a == "rename" || a.starts_with("health_status") => {
+                match inspect(docker, id).await {
+                    Ok(m) => registry.lock().expect("registry").apply_container(m),
+                    Err(e) => tracing::warn!("{e}"),
+                }
+            }
             "die" | "destroy" => registry.lock().expect("registry").forget_container(id),
             _ => {}
         }

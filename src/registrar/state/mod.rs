@@ -23,11 +23,13 @@
 //! - `envoys`: what each Envoy holds, and the judgement per mapping;
 //! - `containers`: the container cache that names mappings;
 //! - `publish`: the snapshot being edited, and sending it;
+//! - `fleet`: this host's catalog instances, the catalog, and egress;
 //! - owner liveness is `registrar::liveness` (pidfds).
 
 mod containers;
 mod entry;
 mod envoys;
+pub mod fleet;
 mod publish;
 #[cfg(test)]
 mod tests;
@@ -80,6 +82,8 @@ pub struct Registry {
     metrics: Arc<Metrics>,
     /// Set once start-up is over and Envoys are served.
     serving_envoys: bool,
+    /// This host's part in the fleet, with `serve --catalog`.
+    fleet: Option<fleet::LocalFleet>,
 }
 
 pub type Shared = Arc<Mutex<Registry>>;
@@ -101,7 +105,57 @@ impl Registry {
             exits: None,
             metrics: Arc::default(),
             serving_envoys: false,
+            fleet: None,
         }
+    }
+
+    /// Takes part in the fleet as `host_id`, reachable at `advertise`.
+    pub fn with_fleet(mut self, host_id: String, advertise: std::net::IpAddr) -> Registry {
+        let mut f = fleet::LocalFleet::new(host_id, advertise);
+        for (key, e) in &self.entries {
+            f.refresh(key, Some(e));
+        }
+        self.fleet = Some(f);
+        self
+    }
+
+    /// This host's instances as they change, for publishing to etcd.
+    pub fn fleet_instances(&self) -> Option<watch::Receiver<fleet::Instances>> {
+        self.fleet.as_ref().map(|f| f.subscribe())
+    }
+
+    /// The catalog as just read from etcd: egress follows it.
+    pub fn set_catalog(&mut self, catalog: fleet::Instances) {
+        if let Some(f) = &mut self.fleet {
+            f.set_catalog(catalog);
+            self.send();
+        }
+    }
+
+    /// Where egress listeners listen (`None`: no egress).
+    pub fn set_egress_ip(&mut self, ip: Option<std::net::IpAddr>) {
+        let Some(f) = &mut self.fleet else { return };
+        if f.egress_ip == ip {
+            return;
+        }
+        for (port, _) in f.all_egress() {
+            self.publisher
+                .set_egress(port, std::net::Ipv4Addr::UNSPECIFIED.into(), None);
+        }
+        f.egress_ip = ip;
+        f.reset_egress();
+        self.send();
+    }
+
+    pub fn etcd_state(&mut self) -> Option<&mut fleet::EtcdState> {
+        self.fleet.as_mut().map(|f| &mut f.etcd)
+    }
+
+    /// For `status --fleet`: host id, etcd's state, and the catalog.
+    pub fn fleet_view(&self) -> Option<(String, fleet::EtcdState, fleet::Instances)> {
+        self.fleet
+            .as_ref()
+            .map(|f| (f.host_id.clone(), f.etcd.clone(), f.catalog.clone()))
     }
 
     /// Start-up is over: Envoys are served from now on.
@@ -322,27 +376,37 @@ impl Registry {
         self.entries.values().map(Entry::status).collect()
     }
 
-    /// Docker told us about a container (after its start, or a rename):
-    /// name its mappings after it and apply its mode.
+    /// Docker told us about a container (after its start, a rename or a
+    /// health change): name its mappings after it and apply its mode.
     pub fn apply_container(&mut self, meta: ContainerMeta) {
         let meta = self.containers.remember(meta, self.default_mode);
         let default_mode = self.default_mode;
         let mut changed = Vec::new();
+        let mut served = Vec::new();
         for e in self.entries.values_mut() {
             let b = e.mapping.backend;
             if !meta.serves(b.container_ip, b.container_port, e.mapping.key.proto) {
                 continue;
             }
             e.container = Some(meta.clone());
+            served.push(e.mapping.key);
             if e.describe(default_mode) {
                 tracing::info!("{} is now {} ({})", e.mapping, e.name, e.mode.as_str());
                 changed.push(e.mapping.key);
             }
         }
-        if !changed.is_empty() {
-            for key in &changed {
-                self.refresh(key);
+        for key in &changed {
+            self.refresh(key);
+        }
+        // Health and fleet labels change no xDS resource of the mapping,
+        // but may change its catalog instance.
+        let mut fleet_changed = false;
+        if let Some(f) = &mut self.fleet {
+            for key in &served {
+                fleet_changed |= f.refresh(key, self.entries.get(key));
             }
+        }
+        if !changed.is_empty() || fleet_changed {
             self.send();
         }
     }
@@ -485,9 +549,22 @@ impl Registry {
     /// entry is now (or takes them out if it is gone): O(log n).
     fn refresh(&mut self, key: &MappingKey) {
         self.publisher.set(key, self.entries.get(key));
+        if let Some(f) = &mut self.fleet {
+            f.refresh(key, self.entries.get(key));
+        }
     }
 
-    fn send(&self) {
+    /// Sends the snapshot, after bringing egress up to date with the local
+    /// instances and the catalog.
+    fn send(&mut self) {
+        if let Some(f) = &mut self.fleet {
+            f.flush();
+            if let Some(ip) = f.egress_ip {
+                for (port, e) in f.egress_changes() {
+                    self.publisher.set_egress(port, ip, e.as_ref());
+                }
+            }
+        }
         self.publisher.send();
     }
 }

@@ -1,15 +1,18 @@
 //! Publishing into the xDS cache: each mapping's cluster, assignment and
 //! listener go into the snapshot being edited, one mapping at a time, and a
 //! clone (O(1)) goes to every Envoy stream on a watch channel. Also which
-//! mapping a resource name belongs to, so an ACK re-judges only those.
+//! mapping a resource name belongs to, so an ACK re-judges only those. The
+//! fleet's egress resources go in the same way, one service port at a time.
 
 use super::entry::{service, Entry};
+use crate::catalog::EgressService;
 use crate::mapping::{MappingKey, Proto};
-use crate::xds::resources;
 use crate::xds::serving::Serving;
 use crate::xds::snapshot::{Kind, Snapshot};
 use crate::xds::telemetry::Telemetry;
+use crate::xds::{egress, resources};
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use tokio::sync::watch;
 
@@ -27,6 +30,8 @@ pub(super) struct Publisher {
     telemetry: Telemetry,
     /// Sniff timeout and limits, likewise.
     serving: Serving,
+    /// The resources of each egress service port in `snap`.
+    egress: BTreeMap<u16, Vec<(Kind, String)>>,
 }
 
 impl Publisher {
@@ -39,6 +44,7 @@ impl Publisher {
             by_name: BTreeMap::new(),
             telemetry: Telemetry::default(),
             serving: Serving::default(),
+            egress: BTreeMap::new(),
         }
     }
 
@@ -83,6 +89,26 @@ impl Publisher {
         self.published.insert(*key, names);
     }
 
+    /// Puts one egress service port's resources into the snapshot, or takes
+    /// them out (`None`).
+    pub fn set_egress(&mut self, port: u16, ip: IpAddr, e: Option<&EgressService>) {
+        for (kind, name) in self.egress.remove(&port).unwrap_or_default() {
+            self.snap.remove(kind, &name);
+        }
+        let Some(e) = e else { return };
+        let out = egress::build(port, ip, e, &self.telemetry, &self.serving);
+        let mut names = Vec::with_capacity(3);
+        for (kind, res) in [
+            (Kind::Cluster, out.cluster),
+            (Kind::Endpoint, out.endpoints),
+            (Kind::Listener, out.listener),
+        ] {
+            names.push((kind, res.name.clone()));
+            self.snap.set(kind, Arc::new(res));
+        }
+        self.egress.insert(port, names);
+    }
+
     /// Sends the edited snapshot to every Envoy stream: a clone in O(1).
     pub fn send(&self) {
         self.snapshots.send_replace(Arc::new(self.snap.clone()));
@@ -101,6 +127,7 @@ impl Publisher {
         self.snap = Snapshot::build(std::iter::empty(), &self.telemetry, &self.serving);
         self.published.clear();
         self.by_name.clear();
+        self.egress.clear();
         for (key, e) in entries {
             self.set(key, Some(e));
         }

@@ -289,6 +289,7 @@ fn container_labels_name_mappings_and_set_their_mode() {
         .into(),
         ips: vec!["172.17.0.2".parse().unwrap()],
         ports: vec![(80, Proto::Tcp)],
+        ..Default::default()
     };
     r.apply_container(meta.clone());
     let s = &r.list()[0];
@@ -365,6 +366,7 @@ fn a_port_label_sets_that_ports_mode_and_proxy_protocol_only_applies_to_tcp() {
             .collect(),
         ips: vec!["172.17.0.3".parse().unwrap()],
         ports: vec![(80, Proto::Tcp), (5432, Proto::Tcp)],
+        ..Default::default()
     });
     let mode_of = |port: u16| {
         r.list()
@@ -379,4 +381,132 @@ fn a_port_label_sets_that_ports_mode_and_proxy_protocol_only_applies_to_tcp() {
         |name: &str| Cluster::decode(snap.get(Kind::Cluster)[name].any.value.as_slice()).unwrap();
     assert!(cluster("both_tcp_0-0-0-0_5433").transport_socket.is_some());
     assert!(cluster("both_tcp_0-0-0-0_8080").transport_socket.is_none());
+}
+
+/// Registers a relaying mapping of port `port` to `ip`:80.
+fn relayed(r: &mut Registry, port: u16, ip: &str) {
+    r.register(mapping(port, ip), me(), Some(1), Server::Relay, None)
+        .unwrap();
+}
+
+fn labelled(id: &str, ip: &str, labels: &[(&str, &str)]) -> ContainerMeta {
+    ContainerMeta {
+        id: id.into(),
+        name: format!("{id}-name"),
+        image: "busybox".into(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ips: vec![ip.parse().unwrap()],
+        ..Default::default()
+    }
+}
+
+#[test]
+fn fleet_instances_follow_mappings_containers_and_health() {
+    let mut r = Registry::new(Mode::Auto).with_fleet("host-a".into(), "10.9.0.1".parse().unwrap());
+    let mut local = r.fleet_instances().unwrap();
+    let web = [("ServiceName", "web"), ("ServicePort_80", "10080")];
+    r.apply_container(labelled("c1", "172.17.0.2", &web));
+    r.apply_container(labelled(
+        "c2",
+        "172.17.0.3",
+        &[("ServiceName", "quiet"), ("SidecarDiscover", "false")],
+    ));
+    relayed(&mut r, 8080, "172.17.0.2");
+    relayed(&mut r, 8081, "172.17.0.3");
+    // Unknown container, loopback, and `::` with an IPv4 advertise: none.
+    relayed(&mut r, 8082, "172.17.0.9");
+    for ip in ["127.0.0.1", "::"] {
+        let mut m = mapping(8080, "172.17.0.2");
+        m.key.host_ip = ip.parse().unwrap();
+        r.register(m, me(), Some(1), Server::Relay, None).unwrap();
+    }
+    assert!(local.has_changed().unwrap());
+    let now = local.borrow_and_update().clone();
+    assert_eq!(now.len(), 1, "{now:?}");
+    let (key, i) = now.iter().next().unwrap();
+    assert_eq!(
+        key,
+        "/envoy-docker/v1/instances/web/host-a/tcp_0-0-0-0_8080"
+    );
+    assert_eq!(i.address.to_string(), "10.9.0.1:8080");
+    assert_eq!(i.service_port, Some(10080));
+    assert_eq!(i.health, crate::catalog::Health::Healthy);
+    assert_eq!(i.container.name, "c1-name");
+
+    // Docker's HEALTHCHECK turns unhealthy: the instance says so.
+    let mut sick = labelled("c1", "172.17.0.2", &web);
+    sick.health = Some(crate::catalog::Health::Unhealthy);
+    r.apply_container(sick);
+    assert!(local.has_changed().unwrap());
+    let i = local.borrow_and_update().values().next().unwrap().clone();
+    assert_eq!(i.health, crate::catalog::Health::Unhealthy);
+
+    // The mapping goes: so does the instance.
+    drop(r.deregister(&mapping(8080, "172.17.0.2").key));
+    assert!(local.borrow_and_update().is_empty());
+}
+
+#[test]
+fn egress_follows_the_catalog_and_local_instances_once_it_has_an_address() {
+    let mut r = Registry::new(Mode::Auto).with_fleet("host-a".into(), "10.9.0.1".parse().unwrap());
+    let rx = r.snapshots();
+    let remote = crate::catalog::Instance {
+        service: "web".into(),
+        environment: None,
+        host_id: "host-b".into(),
+        address: "10.9.0.2:8080".parse().unwrap(),
+        mode: Mode::Http,
+        container: crate::catalog::ContainerInfo {
+            name: "web-b".into(),
+            id: "b1".into(),
+        },
+        image: "busybox".into(),
+        health: crate::catalog::Health::Healthy,
+        service_port: Some(10080),
+        check: None,
+    };
+    let catalog: fleet::Instances = Arc::new(
+        [(
+            "/envoy-docker/v1/instances/web/host-b/tcp_0-0-0-0_8080".to_string(),
+            remote,
+        )]
+        .into(),
+    );
+    r.set_catalog(catalog.clone());
+    assert!(
+        !rx.borrow().get(Kind::Listener).contains_key("egress_10080"),
+        "no address yet"
+    );
+    r.set_egress_ip(Some("172.17.0.1".parse().unwrap()));
+    let cluster = "egress-web_tcp_172-17-0-1_10080";
+    {
+        let snap = rx.borrow();
+        assert!(snap.get(Kind::Listener).contains_key("egress_10080"));
+        assert!(snap.get(Kind::Cluster).contains_key(cluster));
+        assert!(snap.get(Kind::Endpoint).contains_key(cluster));
+    }
+    let before = rx.borrow().get(Kind::Endpoint)[cluster].version.clone();
+    // A local instance of the same service joins the assignment.
+    r.apply_container(labelled(
+        "c1",
+        "172.17.0.2",
+        &[("ServiceName", "web"), ("ServicePort_80", "10080")],
+    ));
+    relayed(&mut r, 8080, "172.17.0.2");
+    assert_ne!(rx.borrow().get(Kind::Endpoint)[cluster].version, before);
+    // The catalog empties and the local instance goes: so does egress.
+    r.set_catalog(Arc::default());
+    drop(r.deregister(&mapping(8080, "172.17.0.2").key));
+    assert!(!rx.borrow().get(Kind::Listener).contains_key("egress_10080"));
+    // Moving egress moves the listener.
+    r.set_catalog(catalog);
+    r.set_egress_ip(Some("172.18.0.1".parse().unwrap()));
+    let snap = rx.borrow();
+    assert!(snap
+        .get(Kind::Cluster)
+        .contains_key("egress-web_tcp_172-18-0-1_10080"));
+    assert!(!snap.get(Kind::Cluster).contains_key(cluster));
 }
