@@ -6,6 +6,7 @@ use crate::applet::Applet;
 use crate::bootstrap::Config as BootstrapArgs;
 use crate::install::InstallArgs;
 use crate::mapping::Mode;
+use crate::registrar::fleet::{Config as FleetConfig, EgressAt};
 use crate::registrar::Config as ServeArgs;
 use crate::resync::Config as ResyncArgs;
 use crate::status::Config as StatusArgs;
@@ -77,9 +78,51 @@ pub fn serve(args: Vec<OsString>) -> Result<Parsed<ServeArgs>, String> {
         admin: Some(Addr::parse(DEFAULT_REGISTRAR_ADMIN).expect("default")),
         envoy_admin: Addr::parse(DEFAULT_ADMIN).expect("default"),
         proxy_exe: None,
+        fleet: None,
     };
+    let mut fleet = FleetFlags::default();
     let run = parse_flags(args, |name, p| {
         match name {
+            "--catalog" => {
+                let v = text(value(p)?)?;
+                let urls = v
+                    .strip_prefix("etcd=")
+                    .ok_or_else(|| format!("want etcd=http://IP:PORT[,...], not {v:?}"))?;
+                crate::etcd::Etcd::new(urls).map_err(|e| e.to_string())?;
+                fleet.etcd = Some(urls.to_string());
+            }
+            "--advertise" => {
+                let v = text(value(p)?)?;
+                let ip: std::net::IpAddr = v
+                    .parse()
+                    .map_err(|_| format!("want an IP address, not {v:?}"))?;
+                if ip.is_unspecified() || ip.is_loopback() {
+                    return Err(format!("{ip} cannot be reached from other hosts"));
+                }
+                fleet.advertise = Some(ip);
+            }
+            "--host-id" => {
+                let v = text(value(p)?)?;
+                crate::catalog::key("x", &v, "x").map_err(|e| e.to_string())?;
+                fleet.host_id = Some(v);
+            }
+            "--egress" => {
+                let v = text(value(p)?)?;
+                fleet.egress = Some(if v == "none" {
+                    EgressAt::Off
+                } else {
+                    EgressAt::At(
+                        v.parse()
+                            .map_err(|_| format!("want an IP address or none, not {v:?}"))?,
+                    )
+                });
+            }
+            "--catalog-ttl" => {
+                let d = duration(value(p)?)?
+                    .filter(|d| d.as_secs() >= 2)
+                    .ok_or("want 2s or more")?;
+                fleet.ttl = Some(d);
+            }
             "--socket" => out.socket = Some(value(p)?.into()),
             "--xds" => out.xds = addr(value(p)?)?,
             "--default-mode" => {
@@ -142,7 +185,58 @@ pub fn serve(args: Vec<OsString>) -> Result<Parsed<ServeArgs>, String> {
         }
         Ok(true)
     })?;
+    out.fleet = fleet.finish()?;
     Ok(if run { Parsed::Run(out) } else { Parsed::Help })
+}
+
+/// The fleet flags as given, checked together once all are read.
+#[derive(Default)]
+struct FleetFlags {
+    etcd: Option<String>,
+    advertise: Option<std::net::IpAddr>,
+    host_id: Option<String>,
+    egress: Option<EgressAt>,
+    ttl: Option<std::time::Duration>,
+}
+
+impl FleetFlags {
+    fn finish(self) -> Result<Option<FleetConfig>, String> {
+        let Some(etcd) = self.etcd else {
+            let stray = [
+                ("--advertise", self.advertise.is_some()),
+                ("--host-id", self.host_id.is_some()),
+                ("--egress", self.egress.is_some()),
+                ("--catalog-ttl", self.ttl.is_some()),
+            ];
+            return match stray.iter().find(|(_, set)| *set) {
+                Some((flag, _)) => Err(format!("{flag} needs --catalog")),
+                None => Ok(None),
+            };
+        };
+        let advertise = self
+            .advertise
+            .ok_or("--catalog needs --advertise IP: where other hosts reach this one")?;
+        let host_id = match self.host_id {
+            Some(h) => h,
+            None => {
+                let h = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map_err(|e| format!("no --host-id, and no hostname: {e}"))?
+                    .trim()
+                    .to_string();
+                crate::catalog::key("x", &h, "x").map_err(|e| {
+                    format!("the hostname cannot be the host id ({e}); give --host-id")
+                })?;
+                h
+            }
+        };
+        Ok(Some(FleetConfig {
+            etcd,
+            advertise,
+            host_id,
+            egress: self.egress.unwrap_or(EgressAt::DockerBridge),
+            ttl: self.ttl.unwrap_or(crate::registrar::fleet::DEFAULT_TTL),
+        }))
+    }
 }
 
 pub fn bootstrap(args: Vec<OsString>) -> Result<Parsed<BootstrapArgs>, String> {
@@ -222,11 +316,13 @@ pub fn status(args: Vec<OsString>) -> Result<Parsed<StatusArgs>, String> {
     let mut out = StatusArgs {
         socket: None,
         json: false,
+        fleet: false,
     };
     let run = parse_flags(args, |name, p| {
         match name {
             "--socket" => out.socket = Some(value(p)?.into()),
             "--json" => out.json = true,
+            "--fleet" => out.fleet = true,
             _ => return Ok(false),
         }
         Ok(true)
@@ -285,6 +381,8 @@ Usage: envoy-docker serve [--socket PATH] [--xds ADDR] [--default-mode auto|http
                           [--idle-timeout DUR] [--stream-idle-timeout DUR]
                           [--request-timeout DUR] [--max-connections N]
                           [--max-request-headers-kb N]
+                          [--catalog etcd=URL[,URL...] --advertise IP
+                           [--host-id ID] [--egress IP|none] [--catalog-ttl DUR]]
 
 Runs the registrar. Needs no flags and no config file.
   --socket PATH          registrar socket (default $ENVOY_DOCKER_SOCKET, else
@@ -323,6 +421,17 @@ Runs the registrar. Needs no flags and no config file.
   --envoy PATH           also run this Envoy binary with a generated bootstrap,
                          restart it if it dies, stop it on shutdown
   --envoy-admin ADDR     admin address of that Envoy (default 127.0.0.1:9901)
+
+The fleet (off unless --catalog is given; see README, \"Across hosts\"):
+  --catalog etcd=URLS    publish this host's services to etcd and follow the
+                         others': http://IP:PORT of each member, comma-separated
+  --advertise IP         where other hosts reach this host's published ports
+                         (required with --catalog)
+  --host-id ID           this host's name in the catalog (default the hostname)
+  --egress IP|none       where containers reach fleet services, on each service
+                         port (default Docker's bridge gateway; none: no egress)
+  --catalog-ttl DUR      lease of this host's catalog entries (default 10s): a
+                         host that dies leaves the fleet this long after
 
 Limits, none of which docker-proxy has; all are off unless set. DUR is like
 250ms, 30s, 5m or 1h; 0 means no limit.
@@ -371,11 +480,15 @@ Example:
   envoy-docker bootstrap > /etc/envoy/envoy.yaml";
 
 pub const STATUS_HELP: &str = "\
-Usage: envoy-docker status [--socket PATH] [--json]
+Usage: envoy-docker status [--socket PATH] [--json] [--fleet]
 
 Lists the registered mappings: protocol, host address, container address,
 mode, name, state (pending, active, or failed with Envoy's error) and the
 owning proxy's pid.
+
+With --fleet, lists every instance in the fleet's catalog instead: service,
+host, address, health, mode, service port and container, after a line on
+this host and on etcd.
 
 Example:
   envoy-docker status --json";
@@ -484,6 +597,70 @@ mod tests {
         }
         assert!(serve(v(&["--bogus"])).unwrap_err().contains("--bogus"));
         assert!(matches!(serve(v(&["--help"])).unwrap(), Parsed::Help));
+    }
+
+    #[test]
+    fn fleet_flags_are_off_by_default_and_checked_together() {
+        let Parsed::Run(a) = serve(v(&[])).unwrap() else {
+            panic!()
+        };
+        assert_eq!(a.fleet, None);
+        let Parsed::Run(a) = serve(v(&[
+            "--catalog",
+            "etcd=http://10.0.0.1:2379,http://10.0.0.2:2379",
+            "--advertise=10.0.0.5",
+            "--host-id",
+            "node-5",
+            "--egress",
+            "none",
+            "--catalog-ttl=30s",
+        ]))
+        .unwrap() else {
+            panic!()
+        };
+        let f = a.fleet.unwrap();
+        assert_eq!(f.etcd, "http://10.0.0.1:2379,http://10.0.0.2:2379");
+        assert_eq!(f.advertise.to_string(), "10.0.0.5");
+        assert_eq!(f.host_id, "node-5");
+        assert_eq!(f.egress, EgressAt::Off);
+        assert_eq!(f.ttl, std::time::Duration::from_secs(30));
+        let Parsed::Run(a) = serve(v(&[
+            "--catalog=etcd=http://10.0.0.1:2379",
+            "--advertise=10.0.0.5",
+            "--egress=172.17.0.1",
+        ]))
+        .unwrap() else {
+            panic!()
+        };
+        let f = a.fleet.unwrap();
+        assert_eq!(f.egress, EgressAt::At("172.17.0.1".parse().unwrap()));
+        assert_eq!(f.ttl, crate::registrar::fleet::DEFAULT_TTL);
+        assert!(!f.host_id.is_empty(), "the hostname");
+        let etcd = "--catalog=etcd=http://10.0.0.1:2379";
+        for (bad, why) in [
+            (&[etcd][..], "needs --advertise"),
+            (&["--advertise=10.0.0.5"], "needs --catalog"),
+            (&["--egress=none"], "needs --catalog"),
+            (&["--catalog=consul=x"], "want etcd="),
+            (
+                &["--catalog=etcd=https://10.0.0.1:2379"],
+                "bad etcd endpoint",
+            ),
+            (&[etcd, "--advertise=127.0.0.1"], "cannot be reached"),
+            (&[etcd, "--advertise=0.0.0.0"], "cannot be reached"),
+            (&[etcd, "--advertise=10.0.0.5", "--host-id=a/b"], "segment"),
+            (
+                &[etcd, "--advertise=10.0.0.5", "--catalog-ttl=1s"],
+                "2s or more",
+            ),
+            (
+                &[etcd, "--advertise=10.0.0.5", "--egress=gw"],
+                "IP address or none",
+            ),
+        ] {
+            let e = serve(v(bad)).unwrap_err();
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
     }
 
     #[test]

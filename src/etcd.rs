@@ -163,9 +163,15 @@ impl Etcd {
         for m in &self.members {
             match tokio::time::timeout(PER_MEMBER, post(m, path, &body)).await {
                 Ok(Ok((200, v))) => return Ok(v),
+                // This member cannot serve now (no leader, cut off from
+                // the others): another may.
+                Ok(Ok((code, v))) if code >= 500 => failures.push(format!(
+                    "{m}: HTTP {code} {}",
+                    v["message"].as_str().unwrap_or("")
+                )),
                 Ok(Ok((code, v))) => {
-                    // An answer from etcd itself: another member would
-                    // say the same.
+                    // A refusal of the request itself: another member
+                    // would say the same.
                     let detail = v["message"]
                         .as_str()
                         .or(v["error"].as_str())

@@ -11,6 +11,117 @@ use std::time::Duration;
 pub struct Config {
     pub socket: Option<PathBuf>,
     pub json: bool,
+    /// List the fleet's catalog instead of the mappings.
+    pub fleet: bool,
+}
+
+/// The fleet's catalog as the registrar holds it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct FleetView {
+    pub host_id: String,
+    pub etcd: String,
+    pub instances: Vec<crate::catalog::Row>,
+}
+
+/// Fetches the catalog from the registrar at `path`.
+pub async fn fetch_fleet(path: &std::path::Path) -> Result<FleetView, String> {
+    let mut conn = crate::protocol::client::connect(path, Duration::from_secs(2)).await?;
+    let mut view = FleetView {
+        host_id: String::new(),
+        etcd: String::new(),
+        instances: Vec::new(),
+    };
+    read_chunks(&mut conn, &Request::Fleet, |reply| match reply {
+        Reply::Fleet {
+            host_id,
+            etcd,
+            items,
+            more,
+        } => {
+            view.host_id = host_id;
+            view.etcd = etcd;
+            view.instances.extend(items);
+            Ok(more)
+        }
+        other => Err(format!("unexpected reply {other:?}")),
+    })
+    .await?;
+    Ok(view)
+}
+
+/// Sends `request` and reads its answer, frame by frame: `take` keeps each
+/// frame's items and says whether more frames follow.
+async fn read_chunks(
+    conn: &mut crate::protocol::Connection<tokio::net::UnixStream>,
+    request: &Request,
+    mut take: impl FnMut(Reply) -> Result<bool, String>,
+) -> Result<(), String> {
+    let mut reply = conn.call(request).await?;
+    loop {
+        if let Reply::Error(e) = reply {
+            return Err(e);
+        }
+        if !take(reply)? {
+            return Ok(());
+        }
+        reply = match conn.read_frame::<Reply>().await {
+            Ok(Some(r)) => r,
+            Ok(None) => return Err("the registrar closed the connection".into()),
+            Err(e) => return Err(e.to_string()),
+        };
+    }
+}
+
+pub fn render_fleet(v: &FleetView) -> String {
+    let mut lines = vec![[
+        "SERVICE".to_string(),
+        "HOST".into(),
+        "ADDRESS".into(),
+        "HEALTH".into(),
+        "MODE".into(),
+        "SERVICE PORT".into(),
+        "CONTAINER".into(),
+    ]];
+    for i in &v.instances {
+        lines.push([
+            i.service.clone(),
+            i.host_id.clone(),
+            i.address.clone(),
+            i.health.clone(),
+            i.mode.clone(),
+            i.service_port.map_or("-".into(), |p| p.to_string()),
+            i.container.clone(),
+        ]);
+    }
+    let mut out = format!(
+        "host {}; etcd {}; {} instance(s)\n\n",
+        v.host_id,
+        v.etcd,
+        v.instances.len()
+    );
+    out.push_str(&columns(&lines));
+    out
+}
+
+/// Rows as left-aligned columns two spaces apart.
+fn columns<const N: usize>(lines: &[[String; N]]) -> String {
+    let mut widths = [0usize; N];
+    for l in lines {
+        for (w, cell) in widths.iter_mut().zip(l) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let mut out = String::new();
+    for l in lines {
+        let cells: Vec<String> = l
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
 }
 
 pub fn render_table(rows: &[Row]) -> String {
@@ -47,30 +158,7 @@ pub fn render_table(rows: &[Row]) -> String {
             r.owner_pid.to_string(),
         ]);
     }
-    let mut widths = [0usize; 10];
-    for l in &lines {
-        for (w, cell) in widths.iter_mut().zip(l) {
-            *w = (*w).max(cell.len());
-        }
-    }
-    let mut out = String::new();
-    for l in &lines {
-        let cells: Vec<String> = l
-            .iter()
-            .zip(widths)
-            .enumerate()
-            .map(|(i, (c, w))| {
-                if i == 9 {
-                    c.clone()
-                } else {
-                    format!("{c:<w$}")
-                }
-            })
-            .collect();
-        out.push_str(cells.join("  ").trim_end());
-        out.push('\n');
-    }
-    out
+    columns(&lines)
 }
 
 /// Fetches every mapping, and the Envoy streams, from the registrar at
@@ -85,24 +173,15 @@ pub async fn fetch(
         other => return Err(format!("unexpected reply {other:?}")),
     };
     let mut all = Vec::new();
-    let mut reply = conn.call(&Request::List).await?;
-    loop {
-        match reply {
-            Reply::Mappings { items, more } => {
-                all.extend(items);
-                if !more {
-                    return Ok((all, envoys));
-                }
-            }
-            Reply::Error(e) => return Err(e),
-            other => return Err(format!("unexpected reply {other:?}")),
+    read_chunks(&mut conn, &Request::List, |reply| match reply {
+        Reply::Mappings { items, more } => {
+            all.extend(items);
+            Ok(more)
         }
-        reply = match conn.read_frame::<Reply>().await {
-            Ok(Some(r)) => r,
-            Ok(None) => return Err("the registrar closed the connection".into()),
-            Err(e) => return Err(e.to_string()),
-        };
-    }
+        other => Err(format!("unexpected reply {other:?}")),
+    })
+    .await?;
+    Ok((all, envoys))
 }
 
 pub fn run(args: Config) -> i32 {
@@ -117,6 +196,28 @@ pub fn run(args: Config) -> i32 {
             return 1;
         }
     };
+    if args.fleet {
+        return match rt.block_on(fetch_fleet(&path)) {
+            Ok(v) if args.json => match serde_json::to_string_pretty(&v) {
+                Ok(s) => {
+                    println!("{s}");
+                    0
+                }
+                Err(e) => {
+                    eprintln!("envoy-docker status: {e}");
+                    1
+                }
+            },
+            Ok(v) => {
+                print!("{}", render_fleet(&v));
+                0
+            }
+            Err(e) => {
+                eprintln!("envoy-docker status: {e}");
+                1
+            }
+        };
+    }
     let (all, envoys) = match rt.block_on(fetch(&path)) {
         Ok(x) => x,
         Err(e) => {

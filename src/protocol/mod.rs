@@ -47,6 +47,8 @@ pub enum Request {
     List,
     /// Ask for the Envoy streams; answered with `Envoys`.
     Envoys,
+    /// Ask for the fleet's catalog; answered with `Fleet` frames.
+    Fleet,
 }
 
 /// A mapping and who keeps it alive.
@@ -95,6 +97,14 @@ pub enum Reply {
     Error(String),
     /// The Envoy streams that count as Envoys.
     Envoys(Vec<EnvoyStatus>),
+    /// Part of the answer to `Fleet`: this host, etcd's state, and
+    /// instances of the catalog; `more` is set on all but the last.
+    Fleet {
+        host_id: String,
+        etcd: String,
+        items: Vec<crate::catalog::Row>,
+        more: bool,
+    },
 }
 
 /// Why bytes did not make a frame.

@@ -88,12 +88,20 @@ fn route(
                 .iter()
                 .filter(|e| e.stalled_secs.is_some())
                 .count();
-            let body = serde_json::json!({
+            let mut body = serde_json::json!({
                 "status": if serving { "serving" } else { "starting" },
                 "envoys_connected": reg.envoy_count(),
                 "envoys_stalled": stalled,
                 "mappings": reg.len(),
             });
+            // etcd's state is reported, not judged: local ports work without it.
+            if let Some((host_id, etcd, catalog)) = reg.fleet_view() {
+                body["fleet"] = serde_json::json!({
+                    "host_id": host_id,
+                    "etcd": super::fleet::describe(&etcd),
+                    "instances": catalog.len(),
+                });
+            }
             let code = if serving {
                 StatusCode::OK
             } else {
@@ -115,7 +123,11 @@ fn route(
         "/metrics" => reply(
             StatusCode::OK,
             "text/plain; version=0.0.4",
-            super::metrics::render(&reg.metrics(), &reg.list(), reg.envoy_count()),
+            super::metrics::render(&reg.metrics(), &reg.list(), reg.envoy_count())
+                + &reg
+                    .fleet_view()
+                    .map(|(_, etcd, catalog)| super::metrics::render_fleet(&etcd, &catalog))
+                    .unwrap_or_default(),
         ),
         _ => reply(
             StatusCode::NOT_FOUND,

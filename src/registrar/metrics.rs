@@ -86,6 +86,48 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
 
 /// The whole `/metrics` page: the counters, and gauges from the mapping
 /// table (`rows`) and the number of Envoys connected.
+/// The fleet's families, with `serve --catalog`: catalog instances by
+/// service and health, whether etcd answers, and failed etcd calls.
+pub fn render_fleet(
+    state: &super::state::fleet::EtcdState,
+    catalog: &super::state::fleet::Instances,
+) -> String {
+    let mut out = String::new();
+    family(
+        &mut out,
+        "envoy_docker_fleet_instances",
+        "gauge",
+        "Instances in the fleet's catalog, as last read, by service and health.",
+    );
+    let mut by: BTreeMap<(&str, String), u64> = BTreeMap::new();
+    for i in catalog.values() {
+        *by.entry((&i.service, format!("{:?}", i.health).to_lowercase()))
+            .or_default() += 1;
+    }
+    for ((service, health), n) in &by {
+        let _ = writeln!(
+            out,
+            "envoy_docker_fleet_instances{{service=\"{service}\",health=\"{health}\"}} {n}"
+        );
+    }
+    family(
+        &mut out,
+        "envoy_docker_etcd_up",
+        "gauge",
+        "1 while etcd answers, 0 while it cannot be reached.",
+    );
+    let up = u8::from(state.error.is_none() && state.seen);
+    let _ = writeln!(out, "envoy_docker_etcd_up {up}");
+    family(
+        &mut out,
+        "envoy_docker_etcd_errors_total",
+        "counter",
+        "Calls to etcd that failed.",
+    );
+    let _ = writeln!(out, "envoy_docker_etcd_errors_total {}", state.errors);
+    out
+}
+
 pub fn render(m: &Metrics, rows: &[MappingStatus], envoys: usize) -> String {
     let mut out = String::new();
 

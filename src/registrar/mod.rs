@@ -18,6 +18,7 @@ pub mod admin;
 pub mod control;
 pub mod docker;
 pub mod envoy;
+pub mod fleet;
 pub mod liveness;
 pub mod metrics;
 pub mod notify;
@@ -62,6 +63,8 @@ pub struct Config {
     /// Another executable whose processes may own mappings, besides this
     /// binary (`--proxy-exe`).
     pub proxy_exe: Option<PathBuf>,
+    /// Publishing to and following the fleet's catalog (`--catalog`).
+    pub fleet: Option<fleet::Config>,
 }
 
 /// The slow safety net behind the pidfd watches (see `liveness`).
@@ -168,10 +171,17 @@ pub async fn run(
         admin,
     } = listeners;
     let (exits_tx, mut exits) = tokio::sync::mpsc::unbounded_channel();
-    let registry: Shared = Registry::new(args.default_mode)
+    let etcd = match &args.fleet {
+        Some(f) => Some(crate::etcd::Etcd::new(&f.etcd).map_err(|e| Error::Bind(e.to_string()))?),
+        None => None,
+    };
+    let mut registry = Registry::new(args.default_mode)
         .with_options(args.telemetry.clone(), args.serving.clone())
-        .with_exit_watch(exits_tx)
-        .shared();
+        .with_exit_watch(exits_tx);
+    if let Some(f) = &args.fleet {
+        registry = registry.with_fleet(f.host_id.clone(), f.advertise);
+    }
+    let registry: Shared = registry.shared();
     let on_exit = registry.clone();
     tokio::spawn(async move {
         while let Some((key, owner)) = exits.recv().await {
@@ -222,6 +232,18 @@ pub async fn run(
     );
 
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    // After the Docker sync: the instances published first carry their
+    // names, so a restarted registrar replaces its old keys with the same.
+    let fleet = match (args.fleet.clone(), etcd) {
+        (Some(f), Some(etcd)) => Some(tokio::spawn(fleet::run(
+            f,
+            etcd,
+            registry.clone(),
+            docker.clone(),
+            stop.clone(),
+        ))),
+        _ => None,
+    };
     let supervisor = args.envoy.clone().map(|envoy| {
         let sup = envoy::Supervisor {
             envoy,
@@ -261,6 +283,11 @@ pub async fn run(
     notify::notify("STOPPING=1");
     if let Some(sup) = supervisor {
         let _ = sup.await;
+    }
+    if let Some(f) = fleet {
+        // Revoking the lease takes one etcd call; a dead etcd costs its
+        // time limit per member, at most.
+        let _ = tokio::time::timeout(Duration::from_secs(8), f).await;
     }
     // The proxy socket, Docker watch, admin and timers end with the run.
     drop(tasks);

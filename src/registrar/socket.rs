@@ -20,6 +20,21 @@ use tokio::net::{UnixListener, UnixStream};
 /// Mappings per `Mappings` frame, so a reply stays far below the frame limit.
 const LIST_CHUNK: usize = 100;
 
+/// A long answer in frames of [`LIST_CHUNK`] items, each with `more` set
+/// but the last; an empty answer is one empty frame.
+fn chunked<T: Clone>(items: &[T]) -> Vec<(Vec<T>, bool)> {
+    let mut chunks: Vec<Vec<T>> = items.chunks(LIST_CHUNK).map(<[T]>::to_vec).collect();
+    if chunks.is_empty() {
+        chunks.push(Vec::new());
+    }
+    let last = chunks.len() - 1;
+    chunks
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| (c, i < last))
+        .collect()
+}
+
 /// How long a deregistration waits for Envoy to drop the listener; below
 /// the proxy's own one-second budget.
 const CLOSE_BUDGET: std::time::Duration = std::time::Duration::from_millis(800);
@@ -189,15 +204,32 @@ async fn handle(
                 let envoys = registry.lock().expect("registry").envoys();
                 conn.write_frame(&Reply::Envoys(envoys)).await?;
             }
+            Request::Fleet => {
+                let view = registry.lock().expect("registry").fleet_view();
+                let Some((host_id, etcd, catalog)) = view else {
+                    conn.write_frame(&Reply::Error(
+                        "this registrar is not in a fleet (serve runs without --catalog)".into(),
+                    ))
+                    .await?;
+                    continue;
+                };
+                let rows: Vec<crate::catalog::Row> =
+                    catalog.values().map(crate::catalog::Row::from).collect();
+                let etcd = super::fleet::describe(&etcd);
+                for (items, more) in chunked(&rows) {
+                    let (host_id, etcd) = (host_id.clone(), etcd.clone());
+                    conn.write_frame(&Reply::Fleet {
+                        host_id,
+                        etcd,
+                        items,
+                        more,
+                    })
+                    .await?;
+                }
+            }
             Request::List => {
                 let all = registry.lock().expect("registry").list();
-                let mut chunks: Vec<_> = all.chunks(LIST_CHUNK).map(<[_]>::to_vec).collect();
-                if chunks.is_empty() {
-                    chunks.push(Vec::new());
-                }
-                let last = chunks.len() - 1;
-                for (i, items) in chunks.into_iter().enumerate() {
-                    let more = i < last;
+                for (items, more) in chunked(&all) {
                     conn.write_frame(&Reply::Mappings { items, more }).await?;
                 }
             }

@@ -57,6 +57,7 @@ impl InProcess {
             admin: Some(Addr::parse("127.0.0.1:0").unwrap()),
             envoy_admin: Addr::parse("127.0.0.1:9901").unwrap(),
             proxy_exe: None,
+            fleet: None,
         };
         let listeners = Listeners::bind(&config).await.unwrap();
         let admin = listeners.admin_addr().unwrap();
