@@ -19,6 +19,8 @@ pub struct Span {
     pub service: String,
     pub name: String,
     pub tags: BTreeMap<String, String>,
+    /// Lower-case hex.
+    pub trace_id: String,
 }
 
 fn text(kv: &KeyValue) -> Option<(String, String)> {
@@ -52,6 +54,7 @@ impl TraceService for Receiver {
                         service: service.clone(),
                         name: s.name.clone(),
                         tags: s.attributes.iter().filter_map(text).collect(),
+                        trace_id: s.trace_id.iter().map(|b| format!("{b:02x}")).collect(),
                     });
                 }
             }
@@ -67,7 +70,12 @@ pub struct Otlp {
 
 impl Otlp {
     pub fn start() -> Otlp {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        Otlp::start_on("127.0.0.1")
+    }
+
+    /// A receiver on `ip` (a bridge address that network namespaces reach).
+    pub fn start_on(ip: &str) -> Otlp {
+        let listener = std::net::TcpListener::bind((ip, 0)).unwrap();
         let addr = listener.local_addr().unwrap();
         listener.set_nonblocking(true).unwrap();
         let spans = Arc::new(Mutex::new(Vec::new()));
@@ -176,6 +184,7 @@ fn zipkin_conn(conn: std::net::TcpStream, store: Arc<Mutex<Vec<Span>>>) {
                             .unwrap_or("")
                             .to_string(),
                         name: s["name"].as_str().unwrap_or("").to_string(),
+                        trace_id: s["traceId"].as_str().unwrap_or("").to_lowercase(),
                         tags: s["tags"]
                             .as_object()
                             .map(|m| {

