@@ -245,14 +245,17 @@ fn apply(catalog: &mut BTreeMap<String, Instance>, events: Vec<Event>) {
             }
             Event::Put(kv) => {
                 let read = catalog::parse_key(&kv.key)
-                    .map(|(_, host, _)| host.to_string())
-                    .and_then(|host| Ok((host, catalog::decode(&kv.value)?)));
+                    .map(|(service, host, _)| (service.to_string(), host.to_string()))
+                    .and_then(|names| Ok((names, catalog::decode(&kv.value)?)));
                 match read {
-                    Ok((host, i)) if host == i.host_id => {
+                    Ok(((service, host), i)) if host == i.host_id && service == i.service => {
                         catalog.insert(kv.key, i);
                     }
                     Ok(_) => {
-                        tracing::warn!("fleet: {} names another host; skipped", kv.key);
+                        tracing::warn!(
+                            "fleet: {} names another service or host than its key; skipped",
+                            kv.key
+                        );
                         catalog.remove(&kv.key);
                     }
                     Err(e) => {
@@ -402,8 +405,12 @@ mod tests {
             &mut cat,
             vec![
                 put(&good, &catalog::encode(&instance("b"))),
-                // The value names another host than its key.
+                // The value names another host, or service, than its key.
                 put(&liar, &catalog::encode(&instance("b"))),
+                put(
+                    &catalog::key("api", "b", "tcp_0-0-0-0_8080").unwrap(),
+                    &catalog::encode(&instance("b")),
+                ),
                 put("/envoy-docker/v1/instances/web/b", b"{}"),
                 put(&catalog::key("x", "b", "l").unwrap(), b"\xff not json"),
             ],

@@ -84,8 +84,6 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
-/// The whole `/metrics` page: the counters, and gauges from the mapping
-/// table (`rows`) and the number of Envoys connected.
 /// The fleet's families, with `serve --catalog`: catalog instances by
 /// service and health, whether etcd answers, and failed etcd calls.
 pub fn render_fleet(
@@ -105,6 +103,7 @@ pub fn render_fleet(
             .or_default() += 1;
     }
     for ((service, health), n) in &by {
+        let service = label_value(service);
         let _ = writeln!(
             out,
             "envoy_docker_fleet_instances{{service=\"{service}\",health=\"{health}\"}} {n}"
@@ -128,6 +127,16 @@ pub fn render_fleet(
     out
 }
 
+/// A label value as Prometheus's text format wants it: the catalog's
+/// service names come from other hosts, and may hold anything.
+fn label_value(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The whole `/metrics` page: the counters, and gauges from the mapping
+/// table (`rows`) and the number of Envoys connected.
 pub fn render(m: &Metrics, rows: &[MappingStatus], envoys: usize) -> String {
     let mut out = String::new();
 
@@ -257,4 +266,48 @@ pub fn render(m: &Metrics, rows: &[MappingStatus], envoys: usize) -> String {
     let _ = writeln!(out, "{name}_sum {}", h.sum);
     let _ = writeln!(out, "{name}_count {}", h.count);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::{ContainerInfo, Health, Instance};
+    use crate::mapping::Mode;
+    use std::sync::Arc;
+
+    #[test]
+    fn fleet_families_escape_what_other_hosts_wrote() {
+        let odd = Instance {
+            service: "we\"b\\\n".into(),
+            environment: None,
+            host_id: "b".into(),
+            address: "10.0.0.2:80".parse().unwrap(),
+            mode: Mode::Tcp,
+            container: ContainerInfo {
+                name: "x".into(),
+                id: "1".into(),
+            },
+            image: String::new(),
+            health: Health::Unhealthy,
+            service_port: None,
+            check: None,
+        };
+        let catalog = Arc::new([("k".to_string(), odd)].into());
+        let mut state = super::super::state::fleet::EtcdState {
+            seen: true,
+            errors: 3,
+            ..Default::default()
+        };
+        let text = render_fleet(&state, &catalog);
+        assert!(
+            text.contains(
+                r#"envoy_docker_fleet_instances{service="we\"b\\\n",health="unhealthy"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(text.contains("envoy_docker_etcd_up 1\n"));
+        assert!(text.contains("envoy_docker_etcd_errors_total 3\n"));
+        state.error = Some("down".into());
+        assert!(render_fleet(&state, &catalog).contains("envoy_docker_etcd_up 0\n"));
+    }
 }
