@@ -42,10 +42,11 @@ fn docker_1_ready_on_return_and_counted_under_the_container_name() {
 fn docker_2_random_ports_are_served() {
     let env = dockerd::shared();
     let id = env.run(&["-P", IMAGE]);
-    let ports = env.host_ports(&id, "80/tcp");
-    assert!(!ports.is_empty());
-    for p in ports {
-        assert_eq!(http_get(local(p), "/").unwrap(), (200, BODY.to_string()));
+    let addrs = env.published(&id, "80/tcp");
+    assert!(!addrs.is_empty());
+    for a in addrs {
+        let got = http_get(a, "/").unwrap_or_else(|e| panic!("{a}: {e}"));
+        assert_eq!(got, (200, BODY.to_string()), "{a}");
     }
 }
 

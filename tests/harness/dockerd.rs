@@ -9,6 +9,7 @@
 //! that no mount, interface or process is left behind.
 
 use super::{bin, wait_until, Ads, Stack};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Mutex, MutexGuard, OnceLock};
@@ -168,15 +169,23 @@ impl DockerEnv {
     }
 
     /// Host ports that dockerd published for `port` (like "80/tcp").
-    pub fn host_ports(&self, id: &str, port: &str) -> Vec<u16> {
+    /// Where `docker port` says a container port is published, as the
+    /// loopback address of each binding's family (`0.0.0.0:X` is reached at
+    /// 127.0.0.1:X, `[::]:Y` at [::1]:Y).
+    ///
+    /// The two families need not share a port number. Debian's dockerd
+    /// 20.10 maps a random (`-P`) host port for `0.0.0.0` and for `::` one
+    /// binding at a time, each from its own port mapper, and when the
+    /// proxy's bind fails (say, on a port the kernel has lent to an
+    /// outgoing connection) it retries that binding alone on another port
+    /// (libnetwork's `drivers/bridge/port_mapping.go`, `allocatePort`:
+    /// `portMapper` or `portMapperV6`, up to `maxAllocatePortAttempts`).
+    /// Docker 28 and later bind both families on one port
+    /// (`needSamePort` and `bindHostPorts` in
+    /// `daemon/libnetwork/drivers/bridge/port_mapping_linux.go`).
+    pub fn published(&self, id: &str, port: &str) -> Vec<SocketAddr> {
         let out = self.docker(&["port", id, port]);
-        let mut ports: Vec<u16> = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| l.rsplit(':').next()?.trim().parse().ok())
-            .collect();
-        ports.sort();
-        ports.dedup();
-        ports
+        parse_docker_port(&String::from_utf8_lossy(&out.stdout))
     }
 
     pub fn ip_of(&self, id: &str) -> String {
@@ -367,4 +376,46 @@ impl DockerEnv {
 pub fn tail(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// `docker port` output, one binding a line: `0.0.0.0:49153`, `:::49153`
+/// (20.10) or `[::]:32768` (28 and later), to loopback addresses.
+pub fn parse_docker_port(text: &str) -> Vec<SocketAddr> {
+    let mut addrs: Vec<SocketAddr> = text
+        .lines()
+        .filter_map(|l| {
+            let (host, port) = l.trim().rsplit_once(':')?;
+            let port: u16 = port.parse().ok()?;
+            let ip: IpAddr = if host.contains(':') {
+                Ipv6Addr::LOCALHOST.into()
+            } else {
+                Ipv4Addr::LOCALHOST.into()
+            };
+            Some(SocketAddr::new(ip, port))
+        })
+        .collect();
+    addrs.sort();
+    addrs.dedup();
+    addrs
+}
+
+#[test]
+fn docker_port_lines_of_20_10_and_28_read_as_loopback_addresses() {
+    let v20 = parse_docker_port("0.0.0.0:49154\n:::49153\n");
+    assert_eq!(
+        v20,
+        [
+            "127.0.0.1:49154".parse().unwrap(),
+            "[::1]:49153".parse().unwrap()
+        ]
+    );
+    let v28 = parse_docker_port("0.0.0.0:32768\n[::]:32768\n");
+    assert_eq!(
+        v28,
+        [
+            "127.0.0.1:32768".parse().unwrap(),
+            "[::1]:32768".parse().unwrap()
+        ]
+    );
+    assert!(parse_docker_port("Error: No public port '80/tcp' published\n").is_empty());
 }
