@@ -269,4 +269,23 @@ mod tests {
         let sa = format!("{:?}", l.address);
         assert!(sa.contains("172.17.0.1") && sa.contains("10080"), "{sa}");
     }
+
+    #[test]
+    fn the_listener_takes_the_services_mode() {
+        let filters = |mode: Mode| -> Vec<String> {
+            let mut e = web(vec![]);
+            e.mode = mode;
+            let l = Listener::decode(build_web(&e).listener.any.value.as_slice()).unwrap();
+            l.filter_chains
+                .iter()
+                .chain(l.default_filter_chain.iter())
+                .flat_map(|c| c.filters.iter().map(|f| f.name.clone()))
+                .collect()
+        };
+        let hcm = "envoy.filters.network.http_connection_manager";
+        let tcp = "envoy.filters.network.tcp_proxy";
+        assert_eq!(filters(Mode::Tcp), [tcp]);
+        assert_eq!(filters(Mode::Http), [hcm]);
+        assert_eq!(filters(Mode::Auto), [hcm, tcp]);
+    }
 }

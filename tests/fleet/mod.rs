@@ -12,7 +12,7 @@ use envoy_docker::etcd::{Etcd, Event};
 use envoy_docker::mapping::Mode;
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// One etcd member on 127.0.0.1, killed on drop.
 struct EtcdServer {
@@ -359,6 +359,7 @@ fn fleet_three_hosts_etcd_health_faults_and_traces() {
 
     // 1. Spread: both instances answer through host C's egress.
     let c_egress = fleet.host("c").egress(10080);
+    let t = Instant::now();
     let ok = wait_until(WAIT, || {
         only(&spread(fleet.host("c"), c_egress, 20), &[web_a, web_b])
     });
@@ -372,6 +373,10 @@ fn fleet_three_hosts_etcd_health_faults_and_traces() {
         fleet.host("c").envoy_get("/clusters"),
         fleet.host("c").envoy_get("/listeners"),
         fleet.logs()
+    );
+    eprintln!(
+        "fleet: C's egress reached A and B {:?} after `docker run` returned",
+        t.elapsed()
     );
     let seen = spread(fleet.host("c"), c_egress, 200);
     assert!(only(&seen, &[web_a, web_b]), "{seen:?}");
@@ -419,7 +424,8 @@ fn fleet_three_hosts_etcd_health_faults_and_traces() {
         "hc",
         "hc",
         8081,
-        &["ServicePort_80=10081"],
+        // HTTP mode, for the trace below.
+        &["ServicePort_80=10081", "ProxyMode=http"],
         &[
             "--health-cmd",
             r#"[ "$(cat /tmp/h 2>/dev/null)" != sick ]"#,
@@ -435,12 +441,17 @@ fn fleet_three_hosts_etcd_health_faults_and_traces() {
     });
     assert!(ok, "hc never served through C's egress:\n{}", fleet.logs());
     exec(fleet.host("a"), "hc", "echo sick > /tmp/h");
+    let t = Instant::now();
     let ok = wait_until(WAIT, || {
         let cat = catalog_now(&all);
         cat.iter()
             .any(|i| i.service == "hc" && i.health == Health::Unhealthy)
     });
     assert!(ok, "Docker's unhealthy never reached the catalog");
+    eprintln!(
+        "fleet: Docker's unhealthy reached the catalog in {:?}",
+        t.elapsed()
+    );
     let ok = wait_until(WAIT, || {
         spread(fleet.host("c"), hc, 5)
             .keys()
@@ -529,6 +540,7 @@ fn fleet_three_hosts_etcd_health_faults_and_traces() {
     fleet.host("c").cut_etcd(&[1, 2], true);
     fleet.host("a").cut_etcd(&[3], true);
     fleet.host("b").cut_etcd(&[3], true);
+    let t = Instant::now();
     let ok = wait_until(WAIT, || {
         fleet
             .host("c")
@@ -540,6 +552,7 @@ fn fleet_three_hosts_etcd_health_faults_and_traces() {
         "C never noticed: {}",
         fleet.host("c").registrar_get("/healthz")
     );
+    eprintln!("fleet: C saw etcd unreachable in {:?}", t.elapsed());
     let seen = spread(fleet.host("c"), hc, 20);
     assert!(only(&seen, &["hc@host-a"]), "C stopped routing: {seen:?}");
     backend(
@@ -547,7 +560,8 @@ fn fleet_three_hosts_etcd_health_faults_and_traces() {
         "late",
         "late",
         8082,
-        &["ServicePort_80=10082"],
+        // TCP mode: its egress listener is tcp_proxy.
+        &["ServicePort_80=10082", "ProxyMode=tcp"],
         &[],
     );
     let ok = wait_until(WAIT, || has(&catalog_now(survivors), "late", a_id));
@@ -558,10 +572,25 @@ fn fleet_three_hosts_etcd_health_faults_and_traces() {
     fleet.host("a").cut_etcd(&[3], false);
     fleet.host("b").cut_etcd(&[3], false);
     let late = fleet.host("c").egress(10082);
+    let t = Instant::now();
     let ok = wait_until(Duration::from_secs(60), || {
         only(&spread(fleet.host("c"), late, 3), &["late@host-a"])
     });
     assert!(ok, "C did not converge after rejoining:\n{}", fleet.logs());
+    eprintln!(
+        "fleet: C served the new service {:?} after rejoining",
+        t.elapsed()
+    );
+    let stats = fleet.host("c").envoy_get("/stats?filter=egress-late");
+    let tcp_cx: u64 = stats
+        .lines()
+        .filter(|l| l.starts_with("tcp.egress-late") && l.contains(".downstream_cx_total: "))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert!(
+        tcp_cx >= 3 && !stats.lines().any(|l| l.starts_with("http.egress-late")),
+        "late's egress is not tcp_proxy:\n{stats}"
+    );
     let ok = wait_until(WAIT, || {
         fleet
             .host("c")
@@ -583,9 +612,14 @@ fn fleet_three_hosts_etcd_health_faults_and_traces() {
     // A stopped container's key goes at once.
     let out = fleet.host("c").docker(&["rm", "-f", "web-c"]);
     assert!(out.status.success());
+    let t = Instant::now();
     let ok = wait_until(Duration::from_secs(5), || {
         !has(&catalog_now(&all), "web", c_id)
     });
+    eprintln!(
+        "fleet: a removed container's key went {:?} after docker rm",
+        t.elapsed()
+    );
     assert!(ok, "web-c's key stayed after its container stopped");
 
     // 2. Host loss: SIGKILL B's registrar and Envoy. Within the TTL plus
