@@ -168,10 +168,9 @@ impl DockerEnv {
         run_detached(|a| self.docker(a), args, &self.stack.log())
     }
 
-    /// Host ports that dockerd published for `port` (like "80/tcp").
     /// Where `docker port` says a container port is published, as the
-    /// loopback address of each binding's family (`0.0.0.0:X` is reached at
-    /// 127.0.0.1:X, `[::]:Y` at [::1]:Y).
+    /// addresses to connect to (`0.0.0.0:X` is reached at 127.0.0.1:X,
+    /// `[::]:Y` at [::1]:Y, a specific host address at itself).
     ///
     /// The two families need not share a port number. Debian's dockerd
     /// 20.10 maps a random (`-P`) host port for `0.0.0.0` and for `::` one
@@ -379,17 +378,19 @@ pub fn tail(s: &str, n: usize) -> String {
 }
 
 /// `docker port` output, one binding a line: `0.0.0.0:49153`, `:::49153`
-/// (20.10) or `[::]:32768` (28 and later), to loopback addresses.
+/// (20.10) or `[::]:32768` (28 and later), as addresses to connect to: an
+/// unspecified host address becomes its family's loopback address.
 pub fn parse_docker_port(text: &str) -> Vec<SocketAddr> {
     let mut addrs: Vec<SocketAddr> = text
         .lines()
         .filter_map(|l| {
             let (host, port) = l.trim().rsplit_once(':')?;
             let port: u16 = port.parse().ok()?;
-            let ip: IpAddr = if host.contains(':') {
-                Ipv6Addr::LOCALHOST.into()
-            } else {
-                Ipv4Addr::LOCALHOST.into()
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let ip: IpAddr = match host.parse().ok()? {
+                IpAddr::V4(a) if a.is_unspecified() => Ipv4Addr::LOCALHOST.into(),
+                IpAddr::V6(a) if a.is_unspecified() => Ipv6Addr::LOCALHOST.into(),
+                ip => ip,
             };
             Some(SocketAddr::new(ip, port))
         })
@@ -415,6 +416,13 @@ fn docker_port_lines_of_20_10_and_28_read_as_loopback_addresses() {
         [
             "127.0.0.1:32768".parse().unwrap(),
             "[::1]:32768".parse().unwrap()
+        ]
+    );
+    assert_eq!(
+        parse_docker_port("127.0.0.2:8080\n[::1]:8081\n"),
+        [
+            "127.0.0.2:8080".parse().unwrap(),
+            "[::1]:8081".parse().unwrap()
         ]
     );
     assert!(parse_docker_port("Error: No public port '80/tcp' published\n").is_empty());
