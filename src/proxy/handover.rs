@@ -12,7 +12,9 @@
 //! - hand over: stop accepting and close the socket; the kernel moves the
 //!   connections still queued to Envoy's sockets in the same reuse-port
 //!   group (`tcp_migrate_req`), and relayed connections run on;
-//! - take back: bind a fresh reuse-port socket and relay again.
+//! - take back: bind a fresh reuse-port socket and relay again, on the
+//!   registrar's order, or by itself when the registrar is gone and no
+//!   socket listens on the port any more (Envoy died with it).
 
 use crate::mapping::Server;
 
@@ -35,6 +37,9 @@ pub enum Event {
     Unreachable,
     /// The registrar's order.
     Serve(Server),
+    /// The registrar is gone, and the kernel says no socket listens on the
+    /// port: whoever served it has died too.
+    Unserved,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,14 +96,15 @@ impl Handover {
             (Phase::Relay, Event::Serve(Server::Envoy)) => {
                 (Phase::Envoy, vec![Close, Report(Server::Envoy)])
             }
-            (Phase::Envoy, Event::Serve(Server::Relay | Server::Handover)) => {
+            (Phase::Envoy, Event::Serve(Server::Relay | Server::Handover) | Event::Unserved) => {
                 (Phase::Relay, vec![Relay, Report(Server::Relay)])
             }
             // An order that matches what the proxy does already: confirm
             // it, so that the registrar's view settles.
             (p, Event::Serve(_)) => (p, vec![Report(self.server())]),
-            // Deadlines and reachability only matter while starting.
-            (p, Event::Deadline | Event::Unreachable) => (p, vec![]),
+            // Deadlines and reachability only matter while starting; a
+            // proxy that holds its socket needs nobody else to listen.
+            (p, Event::Deadline | Event::Unreachable | Event::Unserved) => (p, vec![]),
         };
         self.phase = next;
         actions
@@ -159,6 +165,23 @@ mod tests {
             [Close, Report(Server::Envoy)]
         );
         assert_eq!(h.on(Event::Serve(Server::Envoy)), [Report(Server::Envoy)]);
+    }
+
+    #[test]
+    fn an_empty_port_is_taken_back_without_an_order_but_only_after_hand_over() {
+        let mut h = Handover::default();
+        assert_eq!(h.on(Event::Unserved), []);
+        assert_eq!(h.phase(), Phase::Starting);
+        h.on(Event::Deadline);
+        assert_eq!(h.on(Event::Unserved), [], "a relaying proxy listens itself");
+        h.on(Event::Serve(Server::Envoy));
+        assert_eq!(h.on(Event::Unserved), [Relay, Report(Server::Relay)]);
+        assert_eq!(h.phase(), Phase::Relay);
+        // The registrar back, Envoy back: a normal hand-over again.
+        assert_eq!(
+            h.on(Event::Serve(Server::Envoy)),
+            [Close, Report(Server::Envoy)]
+        );
     }
 
     #[test]

@@ -19,6 +19,9 @@
 //!    take back; see `handover`), register again whenever the registrar
 //!    comes back, and on SIGINT or SIGTERM close the port and exit 0 at
 //!    once (the registrar removes the mapping when the connection closes).
+//!    While the registrar is gone after a hand-over, ask the kernel every
+//!    100 ms whether anything still listens on the port (`listening`), and
+//!    take it back if Envoy died too.
 //!
 //! The proxy runs once per published port, so it stays small: one thread
 //! for TCP (plus two relay threads for UDP, see `udp`), and no log
@@ -27,6 +30,7 @@
 pub mod handover;
 pub mod link;
 pub mod listen;
+pub mod listening;
 pub mod say;
 pub mod status;
 pub mod tcp;
@@ -243,8 +247,15 @@ impl Port {
         let mut retry_relay: Option<Pin<Box<tokio::time::Sleep>>> = None;
         let mut tick = tokio::time::interval(REPORT_EVERY);
         let mut reported = 0u64;
+        // Asked only while the registrar is gone and Envoy alone held the
+        // port: an idle proxy with a registrar never wakes for it.
+        let mut check = tokio::time::interval(listening::CHECK_EVERY);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut check_failed = false;
         loop {
             let starting = matches!(self, Port::Tcp(t) if t.machine.phase() == Phase::Starting);
+            let orphaned =
+                link.is_none() && matches!(self, Port::Tcp(t) if t.machine.phase() == Phase::Envoy);
             let event = tokio::select! {
                 _ = &mut deadline, if starting => Some(Event::Deadline),
                 r = pending_or(&mut attempt) => {
@@ -292,6 +303,20 @@ impl Port {
                     }
                     None
                 }
+                _ = check.tick(), if orphaned => match listening::ask(mapping.key.host_addr()) {
+                    Ok(listening::Answer::Listening) => None,
+                    Ok(listening::Answer::Nobody) => {
+                        say(&format!("{mapping}: nobody listens on the port and the registrar is gone; taking it back"));
+                        Some(Event::Unserved)
+                    }
+                    Err(e) => {
+                        if !check_failed {
+                            say(&format!("{mapping}: cannot ask the kernel who listens on the port: {e}"));
+                            check_failed = true;
+                        }
+                        None
+                    }
+                },
                 _ = tick.tick() => {
                     let now = self.relayed();
                     if let (Some(l), true) = (link.as_mut(), now != reported) {
