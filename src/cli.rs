@@ -79,6 +79,7 @@ pub fn serve(args: Vec<OsString>) -> Result<Parsed<ServeArgs>, String> {
         envoy_admin: Addr::parse(DEFAULT_ADMIN).expect("default"),
         proxy_exe: None,
         fleet: None,
+        nft: Some(crate::nft::DEFAULT_NFT.into()),
     };
     let mut fleet = FleetFlags::default();
     let run = parse_flags(args, |name, p| {
@@ -181,6 +182,10 @@ pub fn serve(args: Vec<OsString>) -> Result<Parsed<ServeArgs>, String> {
             }
             "--envoy-admin" => out.envoy_admin = addr(value(p)?)?,
             "--proxy-exe" => out.proxy_exe = Some(value(p)?.into()),
+            "--nft" => {
+                let v = value(p)?;
+                out.nft = if v == "none" { None } else { Some(v.into()) };
+            }
             _ => return Ok(false),
         }
         Ok(true)
@@ -363,8 +368,9 @@ Subcommands:
   version     print the version
   help [SUB]  print help for a subcommand
 
-Point dockerd at the proxy in /etc/docker/daemon.json:
-  { \"userland-proxy-path\": \"/usr/local/bin/docker-proxy\", \"iptables\": false }
+Point dockerd at the proxy in /etc/docker/daemon.json (Docker's firewall stays
+on; `envoy-docker install` does this):
+  { \"userland-proxy-path\": \"/usr/local/bin/docker-proxy\", \"userland-proxy\": true }
 where /usr/local/bin/docker-proxy is a symlink to envoy-docker.
 
 Example:
@@ -375,6 +381,7 @@ Example:
 pub const SERVE_HELP: &str = "\
 Usage: envoy-docker serve [--socket PATH] [--xds ADDR] [--default-mode auto|http|tcp]
                           [--node-id ID] [--no-recover] [--docker URL|none]
+                          [--nft PATH|none]
                           [--admin ADDR|none] [--tracing otlp|zipkin=HOST:PORT]
                           [--trace-sampling PERCENT] [--access-log stdout|PATH]
                           [--envoy PATH [--envoy-admin ADDR]] [--sniff-timeout DUR]
@@ -407,6 +414,12 @@ Runs the registrar. Needs no flags and no config file.
   --docker URL|none      the Docker API, for container names and labels:
                          unix:///PATH or tcp://HOST:PORT (default $DOCKER_HOST,
                          else unix:///var/run/docker.sock); none turns it off
+  --nft PATH|none        the nft command (Debian's nftables) with which the
+                         registrar claims every published port in its table
+                         `inet envoy-docker`, ahead of Docker's DNAT, so that
+                         published traffic reaches the proxies and Envoy with
+                         Docker's iptables on (default nft, from PATH); none
+                         leaves the ports to Docker's DNAT
   --admin ADDR|none      the registrar's HTTP endpoint: /healthz, /mappings
                          (as status --json) and /metrics (Prometheus)
                          (default 127.0.0.1:18001)
@@ -499,10 +512,19 @@ Usage: envoy-docker install [--prefix DIR] [--systemd-dir DIR] [--daemon-json PA
 
 Copies this binary to PREFIX/bin/envoy-docker, links PREFIX/bin/docker-proxy
 and PREFIX/bin/envoy-docker-shim to it, writes envoy-docker.service and
-envoy-docker-envoy.service, and prints the daemon.json keys dockerd needs
-(userland-proxy-path and iptables: false). daemon.json is only changed with
---apply, which merges the keys in, keeps every other key, and saves the old
-file next to it.
+envoy-docker-envoy.service, and prints the daemon.json keys dockerd needs:
+userland-proxy-path and \"userland-proxy\": true. daemon.json is only changed
+with --apply, which merges the keys in, keeps every other key, and saves the
+old file next to it.
+
+Docker's firewall stays as it is. With \"iptables\": true (Docker's default),
+containers keep their outbound NAT and the isolation between networks, and
+the registrar claims every published port in nftables (table inet
+envoy-docker, `serve --nft`) ahead of Docker's DNAT, so that published traffic
+still reaches the proxies and Envoy. With \"iptables\": false (the old setup,
+left alone if daemon.json has it), every published packet reaches the proxies
+anyway, but containers lose outbound NAT and network isolation; install says
+so when it sees it.
   --prefix DIR         install root for bin/ (default /usr/local)
   --systemd-dir DIR    where the units go (default /etc/systemd/system)
   --daemon-json PATH   dockerd's config (default /etc/docker/daemon.json)

@@ -44,15 +44,32 @@ pub fn units(prefix: &Path, envoy: &Path) -> [(&'static str, String); 2] {
     ]
 }
 
-/// The keys dockerd needs, pointing at the installed proxy symlink.
+/// The keys dockerd needs, pointing at the installed proxy symlink. Only
+/// these two: Docker's firewall (`iptables`) stays as it is, on by
+/// default, and the registrar claims the published ports ahead of its DNAT
+/// (see `nft`). `userland-proxy` is set because without it dockerd starts
+/// no proxy at all (and moby PR #50652 proposes turning it off by default).
 pub fn daemon_settings(prefix: &Path) -> Map<String, Value> {
     let mut m = Map::new();
     m.insert(
         "userland-proxy-path".into(),
         Value::String(prefix.join("bin/docker-proxy").display().to_string()),
     );
-    m.insert("iptables".into(), Value::Bool(false));
+    m.insert("userland-proxy".into(), Value::Bool(true));
     m
+}
+
+/// What an `"iptables": false` already in daemon.json costs, to be said
+/// when it is seen; `None` when Docker's firewall is on.
+pub fn iptables_off_cost(existing: Option<&str>) -> Option<&'static str> {
+    let doc: Value = serde_json::from_str(existing?).ok()?;
+    (doc.get("iptables") == Some(&Value::Bool(false))).then_some(
+        "daemon.json says \"iptables\": false, and install leaves it so. It costs containers \
+their outbound NAT (no MASQUERADE: a container cannot reach anything beyond this host) \
+and the isolation between Docker networks. envoy-docker no longer needs it: with \
+Docker's firewall on, the registrar claims published ports in nftables, ahead of \
+Docker's DNAT. Remove the key to get Docker's networking back.",
+    )
 }
 
 /// Merges our keys into an existing daemon.json, keeping every other key.
@@ -218,6 +235,9 @@ pub fn run(args: InstallArgs) -> i32 {
     };
     let settings = serde_json::to_string_pretty(&Value::Object(daemon_settings(&args.prefix)))
         .unwrap_or_default();
+    if let Some(cost) = iptables_off_cost(existing.as_deref()) {
+        println!("note: {cost}");
+    }
     if args.apply {
         let backup = json.with_extension("json.before-envoy-docker");
         println!(
@@ -282,8 +302,26 @@ mod tests {
         .unwrap();
         let v: Value = serde_json::from_str(&merged).unwrap();
         assert_eq!(v["log-driver"], "journald");
-        assert_eq!(v["iptables"], false);
+        assert_eq!(v["iptables"], true, "Docker's firewall is left on");
+        assert_eq!(v["userland-proxy"], true);
         assert_eq!(v["userland-proxy-path"], "/usr/local/bin/docker-proxy");
+        // Nothing says iptables: no key is added for it.
+        let fresh: Value =
+            serde_json::from_str(&merge_daemon_json(None, Path::new("/x")).unwrap()).unwrap();
+        assert!(fresh.get("iptables").is_none());
+        // An old setup's iptables: false is kept, and its cost is said.
+        let old = r#"{"iptables": false, "userland-proxy-path": "/old/docker-proxy"}"#;
+        let kept: Value =
+            serde_json::from_str(&merge_daemon_json(Some(old), Path::new("/x")).unwrap()).unwrap();
+        assert_eq!(kept["iptables"], false);
+        assert_eq!(kept["userland-proxy-path"], "/x/bin/docker-proxy");
+        assert!(iptables_off_cost(Some(old))
+            .unwrap()
+            .contains("outbound NAT"));
+        assert!(iptables_off_cost(Some(r#"{"iptables": true}"#)).is_none());
+        assert!(iptables_off_cost(Some("{}")).is_none());
+        assert!(iptables_off_cost(Some("{oops")).is_none());
+        assert!(iptables_off_cost(None).is_none());
         assert!(merge_daemon_json(None, Path::new("/x"))
             .unwrap()
             .contains("/x/bin/docker-proxy"));

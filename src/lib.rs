@@ -16,6 +16,7 @@ pub mod fdlimit;
 pub mod install;
 pub mod logging;
 pub mod mapping;
+pub mod nft;
 pub mod procscan;
 pub mod protocol;
 pub mod proxy;

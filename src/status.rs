@@ -163,9 +163,7 @@ pub fn render_table(rows: &[Row]) -> String {
 
 /// Fetches every mapping, and the Envoy streams, from the registrar at
 /// `path`.
-pub async fn fetch(
-    path: &std::path::Path,
-) -> Result<(Vec<MappingStatus>, Vec<EnvoyStatus>), String> {
+pub async fn fetch(path: &std::path::Path) -> Result<Status, String> {
     let mut conn = crate::protocol::client::connect(path, Duration::from_secs(2)).await?;
     let envoys = match conn.call(&Request::Envoys).await? {
         Reply::Envoys(e) => e,
@@ -181,7 +179,25 @@ pub async fn fetch(
         other => Err(format!("unexpected reply {other:?}")),
     })
     .await?;
-    Ok((all, envoys))
+    // Asked last: a registrar older than the question closes the
+    // connection on it, and the rest is known by then.
+    let ports = match conn.call(&Request::Ports).await {
+        Ok(Reply::Ports(p)) => Some(p),
+        _ => None,
+    };
+    Ok(Status {
+        mappings: all,
+        envoys,
+        ports,
+    })
+}
+
+/// What `status` shows.
+pub struct Status {
+    pub mappings: Vec<MappingStatus>,
+    pub envoys: Vec<EnvoyStatus>,
+    /// `None` from a registrar that does not say (older than this).
+    pub ports: Option<crate::nft::PortsState>,
 }
 
 pub fn run(args: Config) -> i32 {
@@ -218,7 +234,11 @@ pub fn run(args: Config) -> i32 {
             }
         };
     }
-    let (all, envoys) = match rt.block_on(fetch(&path)) {
+    let Status {
+        mappings: all,
+        envoys,
+        ports,
+    } = match rt.block_on(fetch(&path)) {
         Ok(x) => x,
         Err(e) => {
             eprintln!("envoy-docker status: {e}");
@@ -237,6 +257,12 @@ pub fn run(args: Config) -> i32 {
     } else {
         print!("{}", render_table(&rows));
         print!("{}", render_envoys(&envoys));
+        match ports {
+            Some(p) => println!("Published ports: {}", p.describe()),
+            None => println!(
+                "Published ports: the registrar does not say (it is older than this status)"
+            ),
+        }
     }
     0
 }

@@ -49,6 +49,9 @@ pub enum Request {
     Envoys,
     /// Ask for the fleet's catalog; answered with `Fleet` frames.
     Fleet,
+    /// Ask how published ports are reached (claimed in nftables, or left
+    /// to Docker's DNAT); answered with `Ports`.
+    Ports,
 }
 
 /// A mapping and who keeps it alive.
@@ -105,6 +108,8 @@ pub enum Reply {
         items: Vec<crate::catalog::Row>,
         more: bool,
     },
+    /// How published ports are reached.
+    Ports(crate::nft::PortsState),
 }
 
 /// Why bytes did not make a frame.

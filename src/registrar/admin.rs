@@ -1,5 +1,6 @@
 //! `serve --admin ADDR`: the registrar's own HTTP endpoint.
 //! - `GET /healthz`: 200 with a JSON body once xDS is being served, else 503;
+//!   it also says whether published ports are claimed in nftables;
 //! - `GET /mappings`: the same JSON as `envoy-docker status --json`;
 //! - `GET /metrics`: Prometheus text about the registrar itself.
 
@@ -94,6 +95,14 @@ fn route(
                 "envoys_stalled": stalled,
                 "mappings": reg.len(),
             });
+            // Reported, not judged: unclaimed ports still answer, through
+            // Docker's DNAT where its iptables is on.
+            let ports = reg.ports_state();
+            body["ports"] = serde_json::json!({
+                "claimed": ports.claimed(),
+                "state": ports,
+                "detail": ports.describe(),
+            });
             // etcd's state is reported, not judged: local ports work without it.
             if let Some((host_id, etcd, catalog)) = reg.fleet_view() {
                 body["fleet"] = serde_json::json!({
@@ -124,6 +133,7 @@ fn route(
             StatusCode::OK,
             "text/plain; version=0.0.4",
             super::metrics::render(&reg.metrics(), &reg.list(), reg.envoy_count())
+                + &super::metrics::render_ports(&reg.ports_state())
                 + &reg
                     .fleet_view()
                     .map(|(_, etcd, catalog)| super::metrics::render_fleet(&etcd, &catalog))

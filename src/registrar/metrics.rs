@@ -84,6 +84,34 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
+/// Whether published ports are claimed in nftables, and how many.
+pub fn render_ports(ports: &crate::nft::PortsState) -> String {
+    let mut out = String::new();
+    family(
+        &mut out,
+        "envoy_docker_ports_claimed",
+        "gauge",
+        "1 while published ports are claimed in nftables (ahead of Docker's DNAT), else 0.",
+    );
+    let _ = writeln!(
+        out,
+        "envoy_docker_ports_claimed {}",
+        u8::from(ports.claimed())
+    );
+    family(
+        &mut out,
+        "envoy_docker_claimed_bindings",
+        "gauge",
+        "Port bindings (proto, host address, port) claimed in nftables.",
+    );
+    let n = match ports {
+        crate::nft::PortsState::Claimed { ports } => *ports,
+        _ => 0,
+    };
+    let _ = writeln!(out, "envoy_docker_claimed_bindings {n}");
+    out
+}
+
 /// The fleet's families, with `serve --catalog`: catalog instances by
 /// service and health, whether etcd answers, and failed etcd calls.
 pub fn render_fleet(

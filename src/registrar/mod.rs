@@ -15,6 +15,7 @@
 //! closes, and are never dropped by pid.
 
 pub mod admin;
+pub mod claims;
 pub mod control;
 pub mod docker;
 pub mod envoy;
@@ -65,6 +66,9 @@ pub struct Config {
     pub proxy_exe: Option<PathBuf>,
     /// Publishing to and following the fleet's catalog (`--catalog`).
     pub fleet: Option<fleet::Config>,
+    /// The nft command that claims published ports (`--nft`); `None`
+    /// leaves them to Docker's DNAT.
+    pub nft: Option<PathBuf>,
 }
 
 /// The slow safety net behind the pidfd watches (see `liveness`).
@@ -171,13 +175,16 @@ pub async fn run(
         admin,
     } = listeners;
     let (exits_tx, mut exits) = tokio::sync::mpsc::unbounded_channel();
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let (ports_tx, ports) = tokio::sync::watch::channel(crate::nft::PortsState::Starting);
     let etcd = match &args.fleet {
         Some(f) => Some(crate::etcd::Etcd::new(&f.etcd).map_err(|e| Error::Bind(e.to_string()))?),
         None => None,
     };
     let mut registry = Registry::new(args.default_mode)
         .with_options(args.telemetry.clone(), args.serving.clone())
-        .with_exit_watch(exits_tx);
+        .with_exit_watch(exits_tx)
+        .with_ports_state(ports);
     if let Some(f) = &args.fleet {
         registry = registry.with_fleet(f.host_id.clone(), f.advertise);
     }
@@ -195,6 +202,26 @@ pub async fn run(
     } else {
         recover(&registry, &path, &trust);
     }
+    // The table is rebuilt from what was just recovered, sweeping claims
+    // of proxies that died while no registrar ran.
+    let wanted = registry.lock().expect("registry").claims();
+    let (applied_tx, mut applied) = tokio::sync::watch::channel(None);
+    let claims = tokio::spawn(claims::run(
+        args.nft.clone().map(crate::nft::Nft::new),
+        wanted,
+        claims::Reports {
+            state: ports_tx,
+            applied: applied_tx,
+        },
+        stop.clone(),
+    ));
+    let on_claims = registry.clone();
+    let claims_followed = tokio::spawn(async move {
+        while applied.changed().await.is_ok() {
+            let now = applied.borrow_and_update().clone();
+            on_claims.lock().expect("registry").claims_applied(now);
+        }
+    });
 
     // Docker metadata: names and modes must be in place before any Envoy
     // hears about the recovered mappings, or they would change under it.
@@ -231,7 +258,6 @@ pub async fn run(
         args.node_id
     );
 
-    let (stop_tx, stop) = tokio::sync::watch::channel(false);
     // After the Docker sync: the instances published first carry their
     // names, so a restarted registrar replaces its old keys with the same.
     let fleet = match (args.fleet.clone(), etcd) {
@@ -289,6 +315,8 @@ pub async fn run(
         // time limit per member, at most.
         let _ = tokio::time::timeout(Duration::from_secs(8), f).await;
     }
+    let _ = tokio::time::timeout(Duration::from_secs(2), claims).await;
+    claims_followed.abort();
     // The proxy socket, Docker watch, admin and timers end with the run.
     drop(tasks);
     let _ = std::fs::remove_file(&path);

@@ -204,6 +204,10 @@ async fn handle(
                 let envoys = registry.lock().expect("registry").envoys();
                 conn.write_frame(&Reply::Envoys(envoys)).await?;
             }
+            Request::Ports => {
+                let ports = registry.lock().expect("registry").ports_state();
+                conn.write_frame(&Reply::Ports(ports)).await?;
+            }
             Request::Fleet => {
                 let view = registry.lock().expect("registry").fleet_view();
                 let Some((host_id, etcd, catalog)) = view else {

@@ -59,7 +59,10 @@ fn hardening_1_xds_is_root_only_and_rogue_streams_hold_nothing_up() {
     std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).unwrap();
     let xds_path = dir.path("xds.sock");
     let mut serve = Command::new(bin())
-        .args(["serve", "--admin", "none", "--docker", "none", "--socket"])
+        .args([
+            "serve", "--admin", "none", "--docker", "none", "--nft", "none",
+        ])
+        .arg("--socket")
         .arg(dir.path("registrar.sock"))
         .arg("--xds")
         .arg(format!("unix:{}", xds_path.display()))

@@ -105,6 +105,24 @@ pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// Runs `f` on a thread that has entered network namespace `ns` (under
+/// /run/netns): the sockets it makes belong to that namespace.
+pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+    use std::os::fd::AsRawFd;
+    let path = format!("/run/netns/{ns}");
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let fd = std::fs::File::open(&path).unwrap();
+            // SAFETY: setns on this thread only, with a valid descriptor.
+            let rc = unsafe { nix::libc::setns(fd.as_raw_fd(), nix::libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns {path}");
+            f()
+        })
+        .join()
+        .unwrap()
+    })
+}
+
 /// A private directory, removed at the end of the test.
 pub struct TempDir(pub PathBuf);
 
@@ -224,6 +242,9 @@ pub struct Stack {
     envoy: Option<Child>,
     /// Extra Envoys on the same registrar, with their admin addresses.
     pub others: Vec<(Child, SocketAddr)>,
+    /// The network namespace (under /run/netns) the registrar and Envoy run
+    /// in; `None`: this process's own.
+    pub netns: Option<String>,
 }
 
 impl Stack {
@@ -240,21 +261,48 @@ impl Stack {
 
     /// A registrar with no Envoy yet; `start_envoy` adds it.
     pub fn registrar_only(serve_args: &[&str]) -> Stack {
+        let mut stack = Stack::unstarted(None, [127, 0, 0, 1].into(), serve_args);
+        stack.start_registrar();
+        stack
+    }
+
+    /// A registrar and an Envoy inside network namespace `ns`, their admin
+    /// endpoints on `ip`, an address of that namespace which this process
+    /// reaches. xDS stays on the namespace's loopback.
+    pub fn start_in(ns: &str, ip: std::net::IpAddr, ads: Ads, serve_args: &[&str]) -> Stack {
+        let mut stack = Stack::unstarted(Some(ns.to_string()), ip, serve_args);
+        stack.start_registrar();
+        stack.start_envoy(ads);
+        stack
+    }
+
+    fn unstarted(netns: Option<String>, ip: std::net::IpAddr, serve_args: &[&str]) -> Stack {
         let dir = TempDir::new("stack");
-        let mut stack = Stack {
+        Stack {
             socket: dir.path("run/registrar.sock"),
             xds: SocketAddr::from(([127, 0, 0, 1], free_port())),
-            admin: SocketAddr::from(([127, 0, 0, 1], free_port())),
-            registrar_admin: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            admin: SocketAddr::new(ip, free_port()),
+            registrar_admin: SocketAddr::new(ip, free_port()),
             dir,
             serve_args: serve_args.iter().map(|s| s.to_string()).collect(),
             serve_prefix: Vec::new(),
             registrar: None,
             envoy: None,
             others: Vec::new(),
-        };
-        stack.start_registrar();
-        stack
+            netns,
+        }
+    }
+
+    /// A command that runs `prog` in the stack's namespace.
+    fn command(&self, prog: &str) -> Command {
+        match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}")).arg("--").arg(prog);
+                c
+            }
+            None => Command::new(prog),
+        }
     }
 
     pub fn start_registrar(&mut self) {
@@ -266,11 +314,11 @@ impl Stack {
             .unwrap();
         let mut cmd = match self.serve_prefix.split_first() {
             Some((first, rest)) => {
-                let mut c = Command::new(first);
+                let mut c = self.command(first);
                 c.args(rest).arg(bin());
                 c
             }
-            None => Command::new(bin()),
+            None => self.command(bin()),
         };
         let child = cmd
             .arg("serve")
@@ -286,6 +334,14 @@ impl Stack {
                 &[][..]
             } else {
                 &["--docker", "none"][..]
+            })
+            // Nor nftables: a registrar in the test's own network namespace
+            // must never write the host's ruleset. Those in namespaces the
+            // tests make pass --nft themselves.
+            .args(if self.serve_args.iter().any(|a| a == "--nft") {
+                &[][..]
+            } else {
+                &["--nft", "none"][..]
             })
             .env("ENVOY_DOCKER_LOG", "debug")
             .stdin(Stdio::null())
@@ -387,7 +443,8 @@ impl Stack {
             .append(true)
             .open(self.dir.path(&format!("{name}.log")))
             .unwrap();
-        let child = Command::new(envoy_bin())
+        let child = self
+            .command(&envoy_bin())
             .arg("-c")
             .arg(&config)
             .args(ENVOY_FLAGS)

@@ -58,6 +58,8 @@ impl InProcess {
             envoy_admin: Addr::parse("127.0.0.1:9901").unwrap(),
             proxy_exe: None,
             fleet: None,
+            // Never the host's nftables from a test process.
+            nft: None,
         };
         let listeners = Listeners::bind(&config).await.unwrap();
         let admin = listeners.admin_addr().unwrap();
@@ -90,7 +92,10 @@ impl InProcess {
     }
 
     async fn list(&self) -> Vec<envoy_docker::mapping::MappingStatus> {
-        envoy_docker::status::fetch(&self.socket).await.unwrap().0
+        envoy_docker::status::fetch(&self.socket)
+            .await
+            .unwrap()
+            .mappings
     }
 
     /// `GET path` on the admin endpoint: status code and body.

@@ -135,7 +135,9 @@ fn install_puts_everything_in_place_and_the_units_verify() {
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(merged["log-driver"], "journald");
     assert_eq!(merged["data-root"], "/srv/docker");
-    assert_eq!(merged["iptables"], false);
+    // Docker's firewall is left as it was (here: its default, on).
+    assert!(merged.get("iptables").is_none(), "{merged}");
+    assert_eq!(merged["userland-proxy"], true);
     assert_eq!(
         merged["userland-proxy-path"],
         dir.path("usr/bin/docker-proxy").display().to_string()
@@ -233,7 +235,7 @@ fn serve_cmd(dir: &TempDir) -> Command {
         .arg(dir.path("run/registrar.sock"))
         .args(["--xds", &format!("127.0.0.1:{}", free_port())])
         .args(["--admin", &format!("127.0.0.1:{}", free_port())])
-        .args(["--docker", "none"])
+        .args(["--docker", "none", "--nft", "none"])
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     cmd

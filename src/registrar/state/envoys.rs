@@ -68,6 +68,11 @@ pub(super) struct World<'a> {
     pub metrics: &'a Metrics,
     /// Still in the reconnect grace, with no Envoy seen yet.
     pub waiting_for_envoys: bool,
+    /// The mappings whose ports the nftables table claims now; `None`
+    /// when ports are not claimed at all. A port is handed over only once
+    /// claimed, so that when `docker run` returns, an outside client's
+    /// first connection already reaches Envoy, not Docker's DNAT.
+    pub claimed: Option<&'a crate::nft::ruleset::Claims>,
 }
 
 /// Settles one mapping: its state from what the Envoys hold, and an order
@@ -79,6 +84,7 @@ pub(super) fn judge(e: &mut Entry, w: &World) {
         snap,
         metrics,
         waiting_for_envoys,
+        claimed,
     } = *w;
     if e.mapping.key.proto != Proto::Tcp {
         e.state = MappingState::Active;
@@ -98,8 +104,9 @@ pub(super) fn judge(e: &mut Entry, w: &World) {
         e.state = MappingState::Pending;
     }
     let may_hold = waiting_for_envoys || envoys.values().any(|v| v.may_hold(&name));
+    let claimed = claimed.is_none_or(|c| c.contains(&e.mapping.key));
     let order = match e.server {
-        Server::Relay if served => Server::Envoy,
+        Server::Relay if served && claimed => Server::Envoy,
         Server::Handover | Server::Envoy if !may_hold => Server::Relay,
         _ => return,
     };

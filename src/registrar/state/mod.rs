@@ -40,6 +40,7 @@ use super::metrics::Metrics;
 use crate::mapping::{
     EnvoyStatus, Mapping, MappingKey, MappingState, MappingStatus, Mode, Proto, Server,
 };
+use crate::nft::{ruleset::Claims, PortsState};
 use crate::protocol::Reply;
 use crate::xds::serving::Serving;
 use crate::xds::session::{mentions, Feedback};
@@ -84,6 +85,14 @@ pub struct Registry {
     serving_envoys: bool,
     /// This host's part in the fleet, with `serve --catalog`.
     fleet: Option<fleet::LocalFleet>,
+    /// The mappings whose ports the nftables table claims (see
+    /// `registrar::claims`, which follows this channel).
+    claims: watch::Sender<Claims>,
+    /// How published ports are reached, as that task reports it.
+    ports: watch::Receiver<PortsState>,
+    /// What the table holds, as that task last wrote it; `None` while
+    /// ports are not claimed (no nft, or `--nft none`).
+    applied: Option<Claims>,
 }
 
 pub type Shared = Arc<Mutex<Registry>>;
@@ -106,7 +115,36 @@ impl Registry {
             metrics: Arc::default(),
             serving_envoys: false,
             fleet: None,
+            claims: watch::channel(Claims::new()).0,
+            ports: watch::channel(PortsState::Starting).1,
+            applied: None,
         }
+    }
+
+    /// The table now claims `applied` (`None`: ports are not claimed):
+    /// ports waiting for their claim may be handed over.
+    pub fn claims_applied(&mut self, applied: Option<Claims>) {
+        let keys: Vec<MappingKey> = match (&self.applied, &applied) {
+            (Some(old), Some(new)) => new.difference(old).copied().collect(),
+            _ => self.entries.keys().copied().collect(),
+        };
+        self.applied = applied;
+        self.evaluate_keys(keys);
+    }
+
+    /// The claimed mappings as they change, for `registrar::claims`.
+    pub fn claims(&self) -> watch::Receiver<Claims> {
+        self.claims.subscribe()
+    }
+
+    /// Where `status` and `/healthz` learn how published ports are reached.
+    pub fn with_ports_state(mut self, ports: watch::Receiver<PortsState>) -> Registry {
+        self.ports = ports;
+        self
+    }
+
+    pub fn ports_state(&self) -> PortsState {
+        self.ports.borrow().clone()
     }
 
     /// Takes part in the fleet as `host_id`, reachable at `advertise`.
@@ -534,6 +572,7 @@ impl Registry {
                 snap: self.publisher.snap(),
                 metrics: &self.metrics,
                 waiting_for_envoys,
+                claimed: self.applied.as_ref(),
             };
             judge(e, &world);
         }
@@ -549,6 +588,11 @@ impl Registry {
     /// entry is now (or takes them out if it is gone): O(log n).
     fn refresh(&mut self, key: &MappingKey) {
         self.publisher.set(key, self.entries.get(key));
+        let held = self.entries.contains_key(key) && crate::nft::ruleset::set_of(key).is_some();
+        self.claims.send_if_modified(|c| match held {
+            true => c.insert(*key),
+            false => c.remove(key),
+        });
         if let Some(f) = &mut self.fleet {
             f.refresh(key, self.entries.get(key));
         }

@@ -510,3 +510,41 @@ fn egress_follows_the_catalog_and_local_instances_once_it_has_an_address() {
         .contains_key("egress-web_tcp_172-18-0-1_10080"));
     assert!(!snap.get(Kind::Cluster).contains_key(cluster));
 }
+
+#[test]
+fn a_port_is_handed_over_only_once_the_table_claims_it_and_claims_follow_mappings() {
+    let (mut r, mut rx) = with_link(1);
+    let claims = r.claims();
+    // Ports are claimed in nftables, so far for nothing.
+    r.claims_applied(Some(Claims::new()));
+    let envoy = r.envoy_connected(1);
+    let m = mapping(88, "10.0.0.4");
+    r.register(m, me(), Some(1), Server::Relay, None).unwrap();
+    assert!(
+        claims.borrow().contains(&m.key),
+        "the registry asks for the claim"
+    );
+    for kind in [Kind::Cluster, Kind::Endpoint, Kind::Listener] {
+        ack(&mut r, envoy, kind);
+    }
+    // Envoy serves it, but the table does not claim it yet.
+    assert_eq!(orders(&mut rx), []);
+    r.claims_applied(Some(claims.borrow().clone()));
+    assert_eq!(orders(&mut rx), [Server::Envoy]);
+    // Nothing claims a port no mapping holds.
+    r.connection_closed(1);
+    assert!(claims.borrow().is_empty());
+}
+
+#[test]
+fn without_a_claiming_table_hand_overs_go_ahead() {
+    let (mut r, mut rx) = with_link(1);
+    r.claims_applied(None);
+    let envoy = r.envoy_connected(1);
+    r.register(mapping(89, "10.0.0.5"), me(), Some(1), Server::Relay, None)
+        .unwrap();
+    for kind in [Kind::Cluster, Kind::Endpoint, Kind::Listener] {
+        ack(&mut r, envoy, kind);
+    }
+    assert_eq!(orders(&mut rx), [Server::Envoy]);
+}
