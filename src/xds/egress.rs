@@ -73,6 +73,11 @@ pub fn build(port: u16, ip: IpAddr, e: &EgressService, t: &Telemetry, s: &Servin
         healthy_panic_threshold: Some(Percent { value: 0.0 }),
         ..Default::default()
     });
+    // The catalog says who is in the fleet: an instance whose key is gone
+    // leaves at once. By default Envoy keeps a removed host while its
+    // active health check passes, and a host whose registrar died still
+    // answers on its ports (its proxies relay).
+    c.ignore_health_on_host_removal = true;
     c.health_checks = e.check.iter().map(health_check).collect();
     Egress {
         cluster: Resource::new(name.clone(), c, None),
@@ -228,6 +233,7 @@ mod tests {
         let mut e = web(vec![ep(true, "10.0.0.2:8080", "b", Health::Healthy)]);
         let c = Cluster::decode(build_web(&e).cluster.any.value.as_slice()).unwrap();
         assert!(c.outlier_detection.is_some());
+        assert!(c.ignore_health_on_host_removal);
         assert_eq!(
             c.common_lb_config.unwrap().healthy_panic_threshold,
             Some(Percent { value: 0.0 })
