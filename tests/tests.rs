@@ -15,6 +15,8 @@ mod core;
 #[cfg(feature = "e2e")]
 mod docker;
 #[cfg(feature = "e2e")]
+mod firewall;
+#[cfg(feature = "e2e")]
 mod fleet;
 #[cfg(feature = "e2e")]
 mod harness;

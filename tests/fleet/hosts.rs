@@ -18,7 +18,6 @@ use crate::harness::dockerd::{
 use crate::harness::{bin, envoy_bin, wait_until};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
@@ -39,22 +38,8 @@ fn ip(args: &[&str]) {
     );
 }
 
-/// Runs `f` on a thread that has entered namespace `ns`'s network: its
-/// sockets are that host's.
-pub fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
-    let path = format!("/run/netns/{ns}");
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            let fd = std::fs::File::open(&path).unwrap();
-            // SAFETY: setns on this thread only, with a valid descriptor.
-            let rc = unsafe { nix::libc::setns(fd.as_raw_fd(), nix::libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns {path}");
-            f()
-        })
-        .join()
-        .unwrap()
-    })
-}
+/// Runs `f` on a thread that has entered namespace `ns`'s network.
+pub use crate::harness::in_netns as in_ns;
 
 /// One HTTP/1.1 GET; the status and the `Server` header, which names the
 /// backend instance that answered.

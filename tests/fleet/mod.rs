@@ -622,8 +622,9 @@ fn fleet_three_hosts_etcd_health_faults_and_traces() {
     );
     assert!(ok, "web-c's key stayed after its container stopped");
 
-    // 2. Host loss: SIGKILL B's registrar and Envoy. Within the TTL plus
-    // 2 s no request goes to B, and none fails after that.
+    // 2. Host loss: SIGKILL B's registrar and Envoy. B's proxies take its
+    // ports back and keep them answering, but its lease runs out: within
+    // the TTL plus 2 s no request goes to B, and none fails after that.
     let ok = wait_until(WAIT, || {
         only(&spread(fleet.host("c"), c_egress, 20), &[web_a, web_b])
     });

@@ -1,12 +1,25 @@
-//! A private Docker daemon for the end-to-end tests: Debian's dockerd with
-//! its own data root, exec root, socket, pidfile and bridge, iptables off,
-//! and `--userland-proxy-path` pointing at a `docker-proxy` symlink to the
-//! freshly built binary. A registrar (following this dockerd) and a real
-//! Envoy come with it.
+//! Private Docker daemons for the end-to-end tests, with envoy-docker as
+//! their userland proxy (`--userland-proxy-path` pointing at a
+//! `docker-proxy` symlink to the freshly built binary), each with its own
+//! data root, exec root, socket, pidfile and bridge, and a registrar
+//! (following that dockerd) and a real Envoy beside it. Three setups:
+//! - [`Setup::Legacy`]: Debian 12's dockerd 20.10 in this process's own
+//!   network namespace with `--iptables=false`, the setup before issue 18.
+//!   Clients reach published ports on loopback. The registrar claims
+//!   nothing (`--nft none`): this namespace is the machine's own.
+//! - [`Setup::Firewalled`]`(engine)`: Debian 12's 20.10, or Debian
+//!   unstable's 28.x, as users run them: Docker's firewall on (iptables,
+//!   its default), so inside a network namespace of its own that the test
+//!   makes and that takes Docker's rules away with it. Entered with
+//!   `nsenter --net`, as `ip netns exec` would hide the cgroup mounts. Its
+//!   only link is a veth to this process, which is therefore an outside
+//!   host: at [`DockerEnv::outside_ip`], reaching the Docker host at
+//!   [`DockerEnv::host_ip`]. The registrar claims the published ports in
+//!   that namespace's nftables.
 //!
-//! One daemon serves the whole test binary; its tests take turns through a
-//! mutex. It is torn down when the process exits, and the teardown checks
-//! that no mount, interface or process is left behind.
+//! One daemon per setup serves the whole test binary; its tests take turns
+//! through a mutex. Each is torn down when the process exits, and the
+//! teardown checks that no mount, interface or process is left behind.
 
 use super::{bin, wait_until, Ads, Stack};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -18,25 +31,192 @@ use std::time::Duration;
 pub const IMAGE: &str = "envoy-docker-test:busybox";
 const BRIDGE: &str = "edtest0";
 const BRIDGE_CIDR: &str = "172.29.7.1/24";
-/// The host's address on that bridge.
+/// The host's address on that bridge (the same in every setup: each
+/// firewalled daemon has its namespace to itself).
 pub const GATEWAY: &str = "172.29.7.1";
 
+/// Where `.ci/fetch-docker28` puts Debian unstable's Docker 28.
+pub const DOCKERD_28_DEFAULT: &str = "/var/cache/envoy-docker-ci/docker28/x/usr/sbin/dockerd";
+/// Names another Docker 28 dockerd binary.
+pub const DOCKERD_28_ENV: &str = "ENVOY_DOCKER_DOCKERD_28";
+
+/// Which dockerd.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Engine {
+    /// Debian 12's docker.io, 20.10.
+    V20,
+    /// Debian unstable's docker.io, 28.x, fetched by `.ci/fetch-docker28`.
+    V28,
+}
+
+impl Engine {
+    pub fn dockerd(self) -> String {
+        match self {
+            Engine::V20 => "dockerd".into(),
+            Engine::V28 => {
+                let path = std::env::var(DOCKERD_28_ENV).unwrap_or(DOCKERD_28_DEFAULT.into());
+                assert!(
+                    Path::new(&path).exists(),
+                    "no Docker 28 dockerd at {path}: run .ci/fetch-docker28 (or set \
+                     {DOCKERD_28_ENV}); the suite runs the dockerd tier on 20.10 and 28"
+                );
+                path
+            }
+        }
+    }
+
+    fn tag(self) -> &'static str {
+        match self {
+            Engine::V20 => "20",
+            Engine::V28 => "28",
+        }
+    }
+
+    /// The x in 10.79.x.0/24, the veth's subnet.
+    fn index(self) -> u8 {
+        match self {
+            Engine::V20 => 1,
+            Engine::V28 => 2,
+        }
+    }
+}
+
+/// How a shared daemon runs; see the module's documentation.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Setup {
+    Legacy,
+    Firewalled(Engine),
+}
+
+impl Setup {
+    fn slot(self) -> usize {
+        match self {
+            Setup::Legacy => 0,
+            Setup::Firewalled(Engine::V20) => 1,
+            Setup::Firewalled(Engine::V28) => 2,
+        }
+    }
+
+    pub fn engine(self) -> Engine {
+        match self {
+            Setup::Legacy => Engine::V20,
+            Setup::Firewalled(e) => e,
+        }
+    }
+}
+
+/// The namespace of a firewalled daemon and its veth.
+#[derive(Clone, Debug)]
+pub struct Netns {
+    pub name: String,
+    index: u8,
+}
+
+impl Netns {
+    /// Namespace `name`, on veth subnet 10.79.`index`.0/24; not made yet.
+    pub fn new(name: &str, index: u8) -> Netns {
+        Netns {
+            name: name.into(),
+            index,
+        }
+    }
+
+    /// The Docker host's address on the veth.
+    pub fn host_ip(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 79, self.index, 2)
+    }
+
+    pub fn host_ip6(&self) -> Ipv6Addr {
+        format!("fd79:0:{}::2", self.index).parse().unwrap()
+    }
+
+    /// This process's address on the veth: an outside host's.
+    pub fn outside_ip(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 79, self.index, 1)
+    }
+
+    /// Makes the namespace, its veth to this one, and its bridge
+    /// (`edtest0`, the gateway [`GATEWAY`]).
+    pub fn make(&self) {
+        let _ = sh(Command::new("ip").args(["netns", "delete", &self.name]));
+        let _ = sh(Command::new("ip").args(["link", "delete", &self.name]));
+        let inside = format!("{}i", self.name);
+        let i = self.index;
+        ip(&["netns", "add", &self.name]);
+        ip(&[
+            "link", "add", &self.name, "type", "veth", "peer", "name", &inside,
+        ]);
+        ip(&["link", "set", &inside, "netns", &self.name]);
+        ip(&["addr", "add", &format!("10.79.{i}.1/24"), "dev", &self.name]);
+        ip(&[
+            "addr",
+            "add",
+            &format!("fd79:0:{i}::1/64"),
+            "dev",
+            &self.name,
+            "nodad",
+        ]);
+        ip(&["link", "set", &self.name, "up"]);
+        let n = self.name.as_str();
+        for args in [
+            vec!["addr", "add", &format!("10.79.{i}.2/24"), "dev", &inside],
+            vec![
+                "addr",
+                "add",
+                &format!("fd79:0:{i}::2/64"),
+                "dev",
+                &inside,
+                "nodad",
+            ],
+            vec!["link", "set", &inside, "up"],
+            vec!["link", "set", "lo", "up"],
+            vec!["link", "add", BRIDGE, "type", "bridge"],
+            vec!["addr", "add", BRIDGE_CIDR, "dev", BRIDGE],
+            vec!["link", "set", BRIDGE, "up"],
+        ] {
+            let mut all = vec!["-n", n];
+            all.extend(args.iter().copied());
+            ip(&all);
+        }
+    }
+}
+
+pub fn ip(args: &[&str]) {
+    let out = sh(Command::new("ip").args(args));
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 pub struct DockerEnv {
+    pub setup: Setup,
     pub root: PathBuf,
     pub stack: Stack,
     pub sock: PathBuf,
+    /// The firewalled daemon's namespace; `None` for the legacy one.
+    pub netns: Option<Netns>,
     dockerd: Option<Child>,
 }
 
-static ENV: OnceLock<Mutex<DockerEnv>> = OnceLock::new();
+static ENVS: [OnceLock<Mutex<DockerEnv>>; 3] = [OnceLock::new(), OnceLock::new(), OnceLock::new()];
 
-/// The shared daemon, started on first use; holding the guard gives a test
-/// the daemon to itself.
+/// The legacy daemon (20.10, iptables off, this namespace), started on
+/// first use; holding the guard gives a test the daemon to itself.
 pub fn shared() -> MutexGuard<'static, DockerEnv> {
-    let env = ENV.get_or_init(|| {
-        let env = DockerEnv::start();
+    shared_on(Setup::Legacy)
+}
+
+/// The daemon of `setup`, started on first use.
+pub fn shared_on(setup: Setup) -> MutexGuard<'static, DockerEnv> {
+    let env = ENVS[setup.slot()].get_or_init(|| {
+        let env = DockerEnv::start(setup);
+        static AT_EXIT: std::sync::Once = std::sync::Once::new();
         // SAFETY: registers a plain extern "C" function; it runs once at exit.
-        unsafe { nix::libc::atexit(teardown_at_exit) };
+        AT_EXIT.call_once(|| unsafe {
+            nix::libc::atexit(teardown_at_exit);
+        });
         Mutex::new(env)
     });
     let guard = env.lock().unwrap_or_else(|p| p.into_inner());
@@ -45,13 +225,22 @@ pub fn shared() -> MutexGuard<'static, DockerEnv> {
 }
 
 extern "C" fn teardown_at_exit() {
-    if let Some(env) = ENV.get() {
-        let mut env = env.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(leftovers) = env.teardown() {
-            eprintln!("dockerd teardown left things behind:\n{leftovers}");
-            // SAFETY: ending the process with a failure status at exit.
-            unsafe { nix::libc::_exit(1) };
+    let mut failed = false;
+    for slot in &ENVS {
+        if let Some(env) = slot.get() {
+            let mut env = env.lock().unwrap_or_else(|p| p.into_inner());
+            if let Err(leftovers) = env.teardown() {
+                eprintln!(
+                    "dockerd ({:?}) teardown left things behind:\n{leftovers}",
+                    env.setup
+                );
+                failed = true;
+            }
         }
+    }
+    if failed {
+        // SAFETY: ending the process with a failure status at exit.
+        unsafe { nix::libc::_exit(1) };
     }
 }
 
@@ -60,39 +249,52 @@ fn sh(cmd: &mut Command) -> Output {
 }
 
 impl DockerEnv {
-    fn start() -> DockerEnv {
+    fn start(setup: Setup) -> DockerEnv {
         assert!(
             nix::unistd::geteuid().is_root(),
             "the dockerd tests need root"
         );
-        let root = PathBuf::from(format!("/tmp/ed-dockerd-{}", std::process::id()));
+        let tag = match setup {
+            Setup::Legacy => "legacy".to_string(),
+            Setup::Firewalled(e) => format!("fw{}", e.tag()),
+        };
+        let root = PathBuf::from(format!("/tmp/ed-dockerd-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(root.join("bin")).unwrap();
         std::os::unix::fs::symlink(bin(), root.join("bin/docker-proxy")).unwrap();
         let sock = root.join("docker.sock");
+        let docker = format!("unix://{}", sock.display());
 
-        let _ = sh(Command::new("ip").args(["link", "delete", BRIDGE]));
-        for args in [
-            vec!["link", "add", BRIDGE, "type", "bridge"],
-            vec!["addr", "add", BRIDGE_CIDR, "dev", BRIDGE],
-            vec!["link", "set", BRIDGE, "up"],
-        ] {
-            let out = sh(Command::new("ip").args(&args));
-            assert!(
-                out.status.success(),
-                "ip {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-
-        let stack = Stack::start_with(
-            Ads::Sotw,
-            &["--docker", &format!("unix://{}", sock.display())],
-        );
+        let (netns, stack) = match setup {
+            Setup::Legacy => {
+                let _ = sh(Command::new("ip").args(["link", "delete", BRIDGE]));
+                for args in [
+                    vec!["link", "add", BRIDGE, "type", "bridge"],
+                    vec!["addr", "add", BRIDGE_CIDR, "dev", BRIDGE],
+                    vec!["link", "set", BRIDGE, "up"],
+                ] {
+                    ip(&args);
+                }
+                (None, Stack::start_with(Ads::Sotw, &["--docker", &docker]))
+            }
+            Setup::Firewalled(engine) => {
+                let ns = Netns::new(&format!("edd-{}", engine.tag()), engine.index());
+                ns.make();
+                let stack = Stack::start_in(
+                    &ns.name,
+                    ns.host_ip().into(),
+                    Ads::Sotw,
+                    &["--docker", &docker, "--nft", "nft"],
+                );
+                (Some(ns), stack)
+            }
+        };
         let mut env = DockerEnv {
+            setup,
             root,
             stack,
             sock,
+            netns,
             dockerd: None,
         };
         env.start_dockerd();
@@ -108,8 +310,18 @@ impl DockerEnv {
             .append(true)
             .open(r.join("dockerd.log"))
             .unwrap();
-        let child = Command::new("dockerd")
-            .arg("--data-root")
+        let dockerd = self.setup.engine().dockerd();
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{}", ns.name))
+                    .arg("--")
+                    .arg(&dockerd);
+                c
+            }
+            None => Command::new(&dockerd),
+        };
+        cmd.arg("--data-root")
             .arg(r.join("data"))
             .arg("--exec-root")
             .arg(r.join("exec"))
@@ -117,9 +329,18 @@ impl DockerEnv {
             .arg(format!("unix://{}", self.sock.display()))
             .arg("--pidfile")
             .arg(r.join("docker.pid"))
-            .args(["--iptables=false", "--ip-forward=false", "--bridge", BRIDGE])
+            .args(["--bridge", BRIDGE])
             .arg("--userland-proxy-path")
-            .arg(r.join("bin/docker-proxy"))
+            .arg(r.join("bin/docker-proxy"));
+        if self.netns.is_none() {
+            cmd.args(["--iptables=false", "--ip-forward=false"]);
+        }
+        // Docker 28 finds docker-init beside its own binary's package.
+        if self.setup.engine() == Engine::V28 {
+            let init = Path::new(&dockerd).with_file_name("../bin/docker-init");
+            cmd.arg("--init-path").arg(init);
+        }
+        let child = cmd
             .env("ENVOY_DOCKER_SOCKET", &self.stack.socket)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -133,6 +354,47 @@ impl DockerEnv {
                 .success()
         });
         assert!(ok, "dockerd did not start:\n{}", self.dockerd_log());
+    }
+
+    /// The address a client in this process uses for host port `port`:
+    /// loopback for the legacy daemon, else the Docker host's address on
+    /// the veth, as an outside client would.
+    pub fn addr(&self, port: u16) -> SocketAddr {
+        match &self.netns {
+            Some(ns) => SocketAddr::new(ns.host_ip().into(), port),
+            None => SocketAddr::from(([127, 0, 0, 1], port)),
+        }
+    }
+
+    /// The same over IPv6.
+    pub fn addr6(&self, port: u16) -> SocketAddr {
+        match &self.netns {
+            Some(ns) => SocketAddr::new(ns.host_ip6().into(), port),
+            None => SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port),
+        }
+    }
+
+    /// Runs `f` in the Docker host's network namespace (at once for the
+    /// legacy daemon, which shares this process's).
+    pub fn within<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        match &self.netns {
+            Some(ns) => super::in_netns(&ns.name, f),
+            None => f(),
+        }
+    }
+
+    /// A command run in the Docker host's network namespace.
+    pub fn command(&self, prog: &str) -> Command {
+        match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{}", ns.name))
+                    .arg("--")
+                    .arg(prog);
+                c
+            }
+            None => Command::new(prog),
+        }
     }
 
     /// SIGTERM to dockerd, as `systemctl stop docker` does; waits for it.
@@ -169,8 +431,8 @@ impl DockerEnv {
     }
 
     /// Where `docker port` says a container port is published, as the
-    /// addresses to connect to (`0.0.0.0:X` is reached at 127.0.0.1:X,
-    /// `[::]:Y` at [::1]:Y, a specific host address at itself).
+    /// addresses to connect to (`0.0.0.0:X` is reached at `addr(X)`,
+    /// `[::]:Y` at `addr6(Y)`, a specific host address at itself).
     ///
     /// The two families need not share a port number. Debian's dockerd
     /// 20.10 maps a random (`-P`) host port for `0.0.0.0` and for `::` one
@@ -184,7 +446,11 @@ impl DockerEnv {
     /// `daemon/libnetwork/drivers/bridge/port_mapping_linux.go`).
     pub fn published(&self, id: &str, port: &str) -> Vec<SocketAddr> {
         let out = self.docker(&["port", id, port]);
-        parse_docker_port(&String::from_utf8_lossy(&out.stdout))
+        parse_docker_port_at(
+            &String::from_utf8_lossy(&out.stdout),
+            self.addr(0).ip(),
+            self.addr6(0).ip(),
+        )
     }
 
     pub fn ip_of(&self, id: &str) -> String {
@@ -209,7 +475,7 @@ impl DockerEnv {
 
 /// The test image's root file system, as a tarball under `root`: busybox
 /// (httpd serves /www), links for the host's /usr, a passwd file, a UDP
-/// echo server.
+/// echo server, and `whoami`, which answers with its client's address.
 pub fn image_tar(root: &Path) -> PathBuf {
     let rootfs = root.join("rootfs");
     for d in ["bin", "www", "tmp", "etc"] {
@@ -217,7 +483,9 @@ pub fn image_tar(root: &Path) -> PathBuf {
     }
     std::fs::copy("/bin/busybox", rootfs.join("bin/busybox"))
         .expect("busybox (apt-get install busybox-static)");
-    for applet in ["sh", "httpd", "sleep", "cat", "echo", "ls", "ip"] {
+    for applet in [
+        "sh", "httpd", "sleep", "cat", "echo", "ls", "ip", "wget", "nc", "timeout",
+    ] {
         std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
     }
     std::fs::write(rootfs.join("www/index.html"), "hello from container\n").unwrap();
@@ -238,16 +506,20 @@ pub fn image_tar(root: &Path) -> PathBuf {
         std::os::unix::fs::PermissionsExt::from_mode(0o1777),
     )
     .unwrap();
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/udp_echo.c");
-    let out = sh(Command::new("gcc")
-        .args(["-static", "-O2", "-o"])
-        .arg(rootfs.join("bin/udp-echo"))
-        .arg(&src));
-    assert!(
-        out.status.success(),
-        "gcc: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    for (c, name) in [("udp_echo.c", "udp-echo"), ("whoami.c", "whoami")] {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(c);
+        let out = sh(Command::new("gcc")
+            .args(["-static", "-O2", "-o"])
+            .arg(rootfs.join("bin").join(name))
+            .arg(&src));
+        assert!(
+            out.status.success(),
+            "gcc {c}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     let tar = root.join("rootfs.tar");
     let out = sh(Command::new("tar")
         .arg("-C")
@@ -338,7 +610,11 @@ impl DockerEnv {
         for m in ours(&root) {
             let _ = sh(Command::new("umount").args(["-l", &m]));
         }
-        let _ = sh(Command::new("ip").args(["link", "delete", BRIDGE]));
+        // A namespace takes its bridge, veth and Docker's rules with it.
+        match &self.netns {
+            None => drop(sh(Command::new("ip").args(["link", "delete", BRIDGE]))),
+            Some(ns) => drop(sh(Command::new("ip").args(["netns", "delete", &ns.name]))),
+        }
         let mut left: Vec<String> = ours(&root)
             .into_iter()
             .map(|m| format!("mount {m}"))
@@ -357,9 +633,22 @@ impl DockerEnv {
                 );
             }
         }
+        // The kernel frees a namespace, and so its veth, a moment after
+        // its last user is gone.
+        if let Some(ns) = &self.netns {
+            wait_until(Duration::from_secs(10), || {
+                !sh(Command::new("ip").args(["link", "show", &ns.name]))
+                    .status
+                    .success()
+            });
+        }
         let links = sh(Command::new("ip").args(["-o", "link", "show"]));
         for l in String::from_utf8_lossy(&links.stdout).lines() {
-            if l.contains(BRIDGE) || l.contains("veth") || l.contains(": br-") {
+            let ours = match &self.netns {
+                None => l.contains(BRIDGE) || l.contains("veth") || l.contains(": br-"),
+                Some(ns) => l.contains(&format!(": {}", ns.name)),
+            };
+            if ours {
                 left.push(format!("interface {l}"));
             }
         }
@@ -381,6 +670,11 @@ pub fn tail(s: &str, n: usize) -> String {
 /// (20.10) or `[::]:32768` (28 and later), as addresses to connect to: an
 /// unspecified host address becomes its family's loopback address.
 pub fn parse_docker_port(text: &str) -> Vec<SocketAddr> {
+    parse_docker_port_at(text, Ipv4Addr::LOCALHOST.into(), Ipv6Addr::LOCALHOST.into())
+}
+
+/// The same, with the unspecified host addresses reached at `v4` and `v6`.
+pub fn parse_docker_port_at(text: &str, v4: IpAddr, v6: IpAddr) -> Vec<SocketAddr> {
     let mut addrs: Vec<SocketAddr> = text
         .lines()
         .filter_map(|l| {
@@ -388,8 +682,8 @@ pub fn parse_docker_port(text: &str) -> Vec<SocketAddr> {
             let port: u16 = port.parse().ok()?;
             let host = host.trim_start_matches('[').trim_end_matches(']');
             let ip: IpAddr = match host.parse().ok()? {
-                IpAddr::V4(a) if a.is_unspecified() => Ipv4Addr::LOCALHOST.into(),
-                IpAddr::V6(a) if a.is_unspecified() => Ipv6Addr::LOCALHOST.into(),
+                IpAddr::V4(a) if a.is_unspecified() => v4,
+                IpAddr::V6(a) if a.is_unspecified() => v6,
                 ip => ip,
             };
             Some(SocketAddr::new(ip, port))

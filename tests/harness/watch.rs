@@ -18,10 +18,21 @@ pub struct Watch {
 }
 
 impl Watch {
+    /// Requests every port on loopback, and watches Envoy's listeners.
     pub fn start(stack: &Stack, ports: &[u16]) -> Watch {
-        let mut w = Watch::start_requests(ports);
+        let addrs: Vec<SocketAddr> = ports
+            .iter()
+            .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)))
+            .collect();
+        Watch::start_at(stack, &addrs)
+    }
+
+    /// The same at the given addresses (an outside client's, say).
+    pub fn start_at(stack: &Stack, addrs: &[SocketAddr]) -> Watch {
+        let mut w = Watch::start_requests_at(addrs);
         {
-            let (stop, failures, ports) = (w.stop.clone(), w.failures.clone(), ports.to_vec());
+            let ports: Vec<u16> = addrs.iter().map(|a| a.port()).collect();
+            let (stop, failures) = (w.stop.clone(), w.failures.clone());
             let admin = stack.admin;
             w.threads.push(std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
@@ -45,24 +56,29 @@ impl Watch {
     /// Only the request loop, for times when Envoy may rightly lack the
     /// listeners (the proxies relay).
     pub fn start_requests(ports: &[u16]) -> Watch {
+        let addrs: Vec<SocketAddr> = ports
+            .iter()
+            .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)))
+            .collect();
+        Watch::start_requests_at(&addrs)
+    }
+
+    pub fn start_requests_at(addrs: &[SocketAddr]) -> Watch {
         let stop = Arc::new(AtomicBool::new(false));
         let ok = Arc::new(AtomicU64::new(0));
         let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
         let mut threads = Vec::new();
         {
-            let (stop, ok, failures, ports) =
-                (stop.clone(), ok.clone(), failures.clone(), ports.to_vec());
+            let (stop, ok, failures, addrs) =
+                (stop.clone(), ok.clone(), failures.clone(), addrs.to_vec());
             threads.push(std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
-                    for port in &ports {
-                        match http_get(SocketAddr::from(([127, 0, 0, 1], *port)), "/") {
+                    for addr in &addrs {
+                        match http_get(*addr, "/") {
                             Ok((200, _)) => {
                                 ok.fetch_add(1, Ordering::Relaxed);
                             }
-                            other => failures
-                                .lock()
-                                .unwrap()
-                                .push(format!("port {port}: {other:?}")),
+                            other => failures.lock().unwrap().push(format!("{addr}: {other:?}")),
                         }
                     }
                 }
