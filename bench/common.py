@@ -25,18 +25,35 @@ def envoy_bin():
     return os.path.join(os.path.dirname(envoy.__file__), "_bin", "envoy")
 
 
-def spawn_proxy(path, port, backend_port, sock_path, listen_sock=None, backend_ip="127.0.0.2"):
-    """Starts one proxy; returns (process, seconds until "0\\n")."""
+def enter_netns(name):
+    """Moves the calling thread (or a child before exec) into network
+    namespace /run/netns/NAME. Python 3.11 has no os.setns."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
+    try:
+        if libc.setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
+            raise OSError(ctypes.get_errno(), f"setns {name}")
+    finally:
+        os.close(fd)
+
+
+def spawn_proxy(path, port, backend_port, sock_path, listen_sock=None, backend_ip="127.0.0.2",
+                host_ip="127.0.0.1", netns=None):
+    """Starts one proxy (in network namespace `netns`, if given); returns
+    (process, seconds until "0\\n")."""
     r, w = os.pipe()
     high_w = fcntl.fcntl(w, fcntl.F_DUPFD_CLOEXEC, 100)
     os.close(w)
     high_l = fcntl.fcntl(listen_sock.fileno(), fcntl.F_DUPFD_CLOEXEC, 100) if listen_sock else None
-    args = ["docker-proxy", "-proto", "tcp", "-host-ip", "127.0.0.1", "-host-port", str(port),
+    args = ["docker-proxy", "-proto", "tcp", "-host-ip", host_ip, "-host-port", str(port),
             "-container-ip", backend_ip, "-container-port", str(backend_port)]
     if listen_sock:
         args.append("-use-listen-fd")
 
     def place():
+        if netns:
+            enter_netns(netns)
         os.dup2(high_w, 3)
         if high_l is not None:
             os.dup2(high_l, 4)
