@@ -10,11 +10,12 @@
 //!   set tcp6_at { type ipv6_addr . inet_service }
 //!   (the same four for udp)
 //!   chain claim {
-//!     ip daddr . tcp dport @tcp4_at dnat ip to ip daddr
-//!     ip6 daddr . tcp dport @tcp6_at dnat ip6 to ip6 daddr
 //!     meta nfproto ipv4 tcp dport @tcp4 redirect
 //!     meta nfproto ipv6 tcp dport @tcp6 redirect
-//!     (the same four for udp)
+//!     (the same for udp4, udp6)
+//!     ip daddr . tcp dport @tcp4_at dnat ip to ip daddr
+//!     ip6 daddr . tcp dport @tcp6_at dnat ip6 to ip6 daddr
+//!     (the same for udp4_at, udp6_at)
 //!   }
 //!   chain prerouting { type nat hook prerouting priority -101; fib daddr type local jump claim }
 //!   chain output     { type nat hook output priority -101; fib daddr type local jump claim }
@@ -64,16 +65,19 @@ pub fn set_of(key: &MappingKey) -> Option<&'static str> {
     })
 }
 
-/// Every set: (name, protocol, family, for one host address).
+/// Every set: (name, protocol, family, for one host address). The claim
+/// chain tests them in this order, so the common case (a wildcard TCP
+/// binding) costs one rule; the order is otherwise free, since Docker never
+/// publishes one port both on a wildcard and on one address of a family.
 const SETS: [(&str, &str, &str, bool); 8] = [
-    ("tcp4_at", "tcp", "ip", true),
-    ("tcp6_at", "tcp", "ip6", true),
-    ("udp4_at", "udp", "ip", true),
-    ("udp6_at", "udp", "ip6", true),
     ("tcp4", "tcp", "ip", false),
     ("tcp6", "tcp", "ip6", false),
     ("udp4", "udp", "ip", false),
     ("udp6", "udp", "ip6", false),
+    ("tcp4_at", "tcp", "ip", true),
+    ("tcp6_at", "tcp", "ip6", true),
+    ("udp4_at", "udp", "ip", true),
+    ("udp6_at", "udp", "ip6", true),
 ];
 
 /// Base chains: (name, hook).
@@ -341,10 +345,14 @@ mod tests {
         // Specific addresses are DNATed to themselves; wildcards redirected.
         let rules: Vec<&Value> = cmds.iter().filter_map(|c| c["add"].get("rule")).collect();
         assert_eq!(rules.len(), 10);
-        assert!(rules[0].to_string().contains(
+        assert!(rules[0].to_string().contains(r#""redirect":null"#));
+        assert!(
+            rules[0].to_string().contains(r#""right":"@tcp4""#),
+            "TCP wildcards first"
+        );
+        assert!(rules[4].to_string().contains(
             r#""dnat":{"addr":{"payload":{"field":"daddr","protocol":"ip"}},"family":"ip"}"#
         ));
-        assert!(rules[4].to_string().contains(r#""redirect":null"#));
     }
 
     #[test]
