@@ -5,6 +5,7 @@
 
 use envoy_docker::mapping::Mode;
 use envoy_docker::protocol::{decode_frame, Reply, Request};
+use envoy_docker::registrar::keeper::{self, Read};
 use envoy_docker::registrar::socket::serve_connection;
 use envoy_docker::registrar::state::Registry;
 use envoy_docker::procscan::Trust;
@@ -32,7 +33,10 @@ fuzz_target!(|data: &[u8]| {
 
     // The registrar's handler, fed the bytes by a peer that then hangs up.
     runtime().block_on(async {
-        let registry = Registry::new(Mode::Http).shared();
+        let registry = Registry::new(Mode::Http);
+        let (registrar, inputs) = keeper::handle(&registry);
+        let (_stop, stop) = tokio::sync::watch::channel(false);
+        let owner = tokio::spawn(keeper::run(registry, inputs, stop));
         let trust = Trust::new(None);
         let (ours, mut theirs) = tokio::net::UnixStream::pair().unwrap();
         let feed = async move {
@@ -42,12 +46,14 @@ fuzz_target!(|data: &[u8]| {
             let mut sink = Vec::new();
             let _ = tokio::io::AsyncReadExt::read_to_end(&mut theirs, &mut sink).await;
         };
-        let serve = serve_connection(ours, 1, &registry, None, &trust);
+        let serve = serve_connection(ours, 1, &registrar, None, &trust);
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
             tokio::join!(feed, serve)
         })
         .await;
         // Whatever was registered went with the connection.
-        assert!(registry.lock().unwrap().is_empty());
+        let left = registrar.ask(Read::List).await.unwrap();
+        assert!(left.is_empty(), "{left:?}");
+        owner.abort();
     });
 });

@@ -4,7 +4,7 @@
 //! - `GET /mappings`: the same JSON as `envoy-docker status --json`;
 //! - `GET /metrics`: Prometheus text about the registrar itself.
 
-use super::state::Shared;
+use super::keeper::{Read, Registrar};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
@@ -26,11 +26,15 @@ pub const MAX_CONNECTIONS: usize = 64;
 /// How long an admin connection may stay open, idle or not.
 const CONNECTION_BUDGET: std::time::Duration = std::time::Duration::from_secs(10);
 
-pub async fn serve(listener: tokio::net::TcpListener, registry: Shared) {
+/// Serves until the caller drops this future, which ends every
+/// connection with it.
+pub async fn serve(listener: tokio::net::TcpListener, registrar: Registrar) {
     let permits = Arc::new(tokio::sync::Semaphore::new(crate::fdlimit::cap(
         MAX_CONNECTIONS,
     )));
+    let mut connections = tokio::task::JoinSet::new();
     loop {
+        while connections.try_join_next().is_some() {}
         // Wait for a free slot before accepting: a flood of idle
         // connections then queues in the kernel instead of eating
         // descriptors.
@@ -46,12 +50,12 @@ pub async fn serve(listener: tokio::net::TcpListener, registry: Shared) {
                 continue;
             }
         };
-        let registry = registry.clone();
-        tokio::spawn(async move {
+        let registrar = registrar.clone();
+        connections.spawn(async move {
             let _permit = permit;
             let svc = hyper::service::service_fn(move |req| {
-                let registry = registry.clone();
-                async move { Ok::<_, Infallible>(route(&req, &registry)) }
+                let registrar = registrar.clone();
+                async move { Ok::<_, Infallible>(route(&req, &registrar).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc);
@@ -69,9 +73,9 @@ fn reply(status: StatusCode, kind: &str, body: String) -> Response<Full<Bytes>> 
     r
 }
 
-fn route(
+async fn route(
     req: &Request<hyper::body::Incoming>,
-    registry: &Arc<std::sync::Mutex<super::state::Registry>>,
+    registrar: &Registrar,
 ) -> Response<Full<Bytes>> {
     if req.method() != hyper::Method::GET {
         return reply(
@@ -80,31 +84,40 @@ fn route(
             "GET only\n".into(),
         );
     }
-    let reg = registry.lock().expect("registry");
+    let gone = || {
+        reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "the registrar is shutting down\n".into(),
+        )
+    };
     match req.uri().path() {
         "/healthz" => {
-            let serving = reg.serving_envoys();
-            let stalled = reg
-                .envoys()
+            let Some(view) = registrar.ask(Read::Overview).await else {
+                return gone();
+            };
+            let serving = view.serving;
+            let stalled = view
+                .envoys
                 .iter()
                 .filter(|e| e.stalled_secs.is_some())
                 .count();
             let mut body = serde_json::json!({
                 "status": if serving { "serving" } else { "starting" },
-                "envoys_connected": reg.envoy_count(),
+                "envoys_connected": view.envoys.len(),
                 "envoys_stalled": stalled,
-                "mappings": reg.len(),
+                "mappings": view.mappings,
             });
             // Reported, not judged: unclaimed ports still answer, through
             // Docker's DNAT where its iptables is on.
-            let ports = reg.ports_state();
+            let ports = view.ports;
             body["ports"] = serde_json::json!({
                 "claimed": ports.claimed(),
                 "state": ports,
                 "detail": ports.describe(),
             });
             // etcd's state is reported, not judged: local ports work without it.
-            if let Some((host_id, etcd, catalog)) = reg.fleet_view() {
+            if let Some((host_id, etcd, catalog)) = view.fleet {
                 body["fleet"] = serde_json::json!({
                     "host_id": host_id,
                     "etcd": super::fleet::describe(&etcd),
@@ -119,7 +132,10 @@ fn route(
             reply(code, "application/json", format!("{body}\n"))
         }
         "/mappings" => {
-            let rows: Vec<crate::mapping::Row> = reg.list().iter().map(Into::into).collect();
+            let Some(list) = registrar.ask(Read::List).await else {
+                return gone();
+            };
+            let rows: Vec<crate::mapping::Row> = list.iter().map(Into::into).collect();
             match serde_json::to_string_pretty(&rows) {
                 Ok(s) => reply(StatusCode::OK, "application/json", s + "\n"),
                 Err(e) => reply(
@@ -129,16 +145,24 @@ fn route(
                 ),
             }
         }
-        "/metrics" => reply(
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            super::metrics::render(&reg.metrics(), &reg.list(), reg.envoy_count())
-                + &super::metrics::render_ports(&reg.ports_state())
-                + &reg
-                    .fleet_view()
-                    .map(|(_, etcd, catalog)| super::metrics::render_fleet(&etcd, &catalog))
-                    .unwrap_or_default(),
-        ),
+        "/metrics" => {
+            let (Some(list), Some(view)) = (
+                registrar.ask(Read::List).await,
+                registrar.ask(Read::Overview).await,
+            ) else {
+                return gone();
+            };
+            reply(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                super::metrics::render(registrar.metrics(), &list, view.envoys.len())
+                    + &super::metrics::render_ports(&view.ports)
+                    + &view
+                        .fleet
+                        .map(|(_, etcd, catalog)| super::metrics::render_fleet(&etcd, &catalog))
+                        .unwrap_or_default(),
+            )
+        }
         _ => reply(
             StatusCode::NOT_FOUND,
             "text/plain",

@@ -1,57 +1,45 @@
 //! How the registrar hears from its xDS server: the server's `Control`
-//! calls, passed on to the registry and counted in its metrics. The xDS
-//! side stays unaware of the registry.
+//! calls, handed to the registry's task as inputs and counted in its
+//! metrics. The xDS side stays unaware of the registry.
 
-use super::metrics::Metrics;
-use super::state::Shared;
+use super::keeper::{Input, Registrar};
 use crate::xds::server::Control;
 use crate::xds::session::Feedback;
 use crate::xds::snapshot::Kind;
 use std::sync::Arc;
 
 pub struct Envoys {
-    registry: Shared,
-    metrics: Arc<Metrics>,
+    registrar: Registrar,
 }
 
 impl Envoys {
-    pub fn new(registry: Shared) -> Arc<Envoys> {
-        let metrics = registry.lock().expect("registry").metrics();
-        Arc::new(Envoys { registry, metrics })
+    pub fn new(registrar: Registrar) -> Arc<Envoys> {
+        Arc::new(Envoys { registrar })
     }
 }
 
 impl Control for Envoys {
-    fn connected(&self, stream: u64) -> u64 {
-        self.registry
-            .lock()
-            .expect("registry")
-            .envoy_connected(stream)
+    fn connected(&self, stream: u64) {
+        self.registrar.tell(Input::EnvoyConnected(stream));
     }
 
     fn feedback(&self, envoy: u64, fb: Feedback) {
-        self.registry
-            .lock()
-            .expect("registry")
-            .envoy_feedback(envoy, fb);
+        self.registrar.tell(Input::EnvoyFeedback(envoy, fb));
     }
 
     fn stalled(&self, envoy: u64, stalled: bool) {
-        self.registry
-            .lock()
-            .expect("registry")
-            .envoy_stalled(envoy, stalled);
+        self.registrar.tell(Input::EnvoyStalled(envoy, stalled));
     }
 
     fn gone(&self, envoy: u64) {
-        self.registry.lock().expect("registry").envoy_gone(envoy);
+        self.registrar.tell(Input::EnvoyGone(envoy));
     }
 
     fn pushed(&self, kind: Kind) {
-        self.metrics.pushed(kind);
+        self.registrar.metrics().pushed(kind);
     }
 
     fn answered(&self, kind: Kind, nack: bool) {
-        self.metrics.answered(kind, nack);
+        self.registrar.metrics().answered(kind, nack);
     }
 }

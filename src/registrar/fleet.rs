@@ -22,8 +22,8 @@
 //!   longer true expire with the old lease.
 
 use super::docker::client::Docker;
+use super::keeper::{Input, Registrar};
 use super::state::fleet::{EtcdState, Instances};
-use super::state::Shared;
 use crate::catalog::{self, Instance};
 use crate::etcd::{Error as EtcdError, Etcd, Event, Watch};
 use std::collections::BTreeMap;
@@ -62,17 +62,20 @@ struct Session {
     watch: Watch,
 }
 
+/// Publishes `local` (this host's instances, as the registry has them)
+/// and follows the catalog until `stop` is set; then revokes the lease.
 pub async fn run(
     cfg: Config,
     etcd: Etcd,
-    registry: Shared,
+    registry: Registrar,
+    mut local: watch::Receiver<super::state::fleet::Instances>,
     docker: Option<Arc<Docker>>,
     mut stop: watch::Receiver<bool>,
 ) {
-    tokio::spawn(resolve_egress(cfg.egress, registry.clone(), docker));
-    let Some(mut local) = registry.lock().expect("registry").fleet_instances() else {
-        return;
-    };
+    // Ends with this task: the egress address is found once, or never.
+    let egress = resolve_egress(cfg.egress, registry.clone(), docker);
+    tokio::pin!(egress);
+    let mut egress_done = false;
     let ttl = cfg.ttl.max(Duration::from_secs(2));
     let mut lease: Option<i64> = None;
     // What this run has put, by key: the value's bytes.
@@ -92,10 +95,7 @@ pub async fn run(
                 Ok(s) => {
                     lease = Some(s.lease);
                     report(&registry, None);
-                    registry
-                        .lock()
-                        .expect("registry")
-                        .set_catalog(Arc::new(catalog.clone()));
+                    registry.tell(Input::Catalog(Arc::new(catalog.clone())));
                     tracing::info!(
                         "fleet: published {} instance(s) as {:?}; the catalog has {}",
                         published.len(),
@@ -112,6 +112,7 @@ pub async fn run(
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = stop.changed() => {}
+                        _ = &mut egress, if !egress_done => egress_done = true,
                     }
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
@@ -120,6 +121,10 @@ pub async fn run(
         };
         let failed: Option<EtcdError> = tokio::select! {
             _ = stop.changed() => None,
+            _ = &mut egress, if !egress_done => {
+                egress_done = true;
+                None
+            }
             r = local.changed() => match r {
                 Ok(()) => sync(&etcd, s.lease, &mut local, &mut published).await.err(),
                 Err(_) => break,
@@ -138,7 +143,7 @@ pub async fn run(
             r = s.watch.next() => match r {
                 Ok((_, events)) => {
                     apply(&mut catalog, events);
-                    registry.lock().expect("registry").set_catalog(Arc::new(catalog.clone()));
+                    registry.tell(Input::Catalog(Arc::new(catalog.clone())));
                     None
                 }
                 Err(e) => Some(e),
@@ -268,33 +273,13 @@ fn apply(catalog: &mut BTreeMap<String, Instance>, events: Vec<Event>) {
     }
 }
 
-fn report(registry: &Shared, error: Option<&EtcdError>) {
-    let mut reg = registry.lock().expect("registry");
-    let Some(state) = reg.etcd_state() else {
-        return;
-    };
-    match error {
-        None => {
-            if state.error.take().is_some() {
-                tracing::info!("fleet: etcd answers again");
-            }
-            state.seen = true;
-        }
-        Some(e) => {
-            if state.error.is_none() {
-                tracing::warn!("fleet: etcd: {e}; serving the last catalog and retrying");
-            } else {
-                tracing::debug!("fleet: etcd still failing: {e}");
-            }
-            state.error = Some(e.to_string());
-            state.errors += 1;
-        }
-    }
+fn report(registry: &Registrar, error: Option<&EtcdError>) {
+    registry.tell(Input::Etcd(error.map(|e| e.to_string())));
 }
 
 /// Sets where egress listens: the flag's address, or Docker's bridge
 /// gateway once Docker says what it is.
-async fn resolve_egress(at: EgressAt, registry: Shared, docker: Option<Arc<Docker>>) {
+async fn resolve_egress(at: EgressAt, registry: Registrar, docker: Option<Arc<Docker>>) {
     let ip = match at {
         EgressAt::Off => {
             tracing::info!("fleet: no egress (--egress none)");
@@ -320,7 +305,7 @@ async fn resolve_egress(at: EgressAt, registry: Shared, docker: Option<Arc<Docke
         }
     };
     tracing::info!("fleet: egress listens on {ip}");
-    registry.lock().expect("registry").set_egress_ip(Some(ip));
+    registry.tell(Input::EgressIp(Some(ip)));
 }
 
 /// The IPv4 gateway of Docker's default `bridge` network; when Docker

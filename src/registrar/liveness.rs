@@ -3,11 +3,9 @@
 //! pidfd per owner, which turns readable when the process exits. No /proc
 //! rescans, so nothing here fails or costs more as mappings grow.
 
-use crate::mapping::MappingKey;
 use std::os::fd::{FromRawFd, OwnedFd};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
-use tokio::sync::mpsc;
 
 /// The process that keeps a mapping alive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -51,39 +49,31 @@ fn proc_start(pid: u32) -> Option<u64> {
         .map(|s| s.starttime)
 }
 
-/// Where exits are reported: the mapping and the owner that held it.
-pub type Exits = mpsc::UnboundedSender<(MappingKey, OwnerProcess)>;
-
-/// Reports `owner`'s exit on `exits`. Needs a tokio runtime; without one
-/// (unit tests) or without pidfds (Linux before 5.3), nothing is watched
-/// and the registrar's slow /proc check remains.
-pub fn watch(key: MappingKey, owner: OwnerProcess, exits: &Exits) {
-    let Ok(rt) = tokio::runtime::Handle::try_current() else {
-        return;
-    };
+/// Resolves once `owner` has exited. Without pidfds (Linux before 5.3)
+/// it never resolves, and the registrar's slow /proc check remains. The
+/// caller holds the future (in a `JoinSet`), so watches end with it.
+pub async fn exited(owner: OwnerProcess) {
     let fd = match pidfd_open(owner.pid) {
         Ok(fd) => fd,
+        // Gone (and reaped) before we looked.
+        Err(e) if e.raw_os_error() == Some(nix::libc::ESRCH) => return,
         Err(e) => {
             tracing::debug!("pidfd_open({}): {e}", owner.pid);
-            return;
+            return std::future::pending().await;
         }
     };
     // The pid may have been reused between the caller's look and now.
     if !owner.alive() {
-        let _ = exits.send((key, owner));
         return;
     }
-    let exits = exits.clone();
-    rt.spawn(async move {
-        // SAFETY: `fd` is an open pidfd that the AsyncFd owns from here on,
-        // so it stays open and the same for the AsyncFd's whole life.
-        let Ok(fd) = (unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }) else {
-            return;
-        };
-        if fd.readable().await.is_ok() {
-            let _ = exits.send((key, owner));
-        }
-    });
+    // SAFETY: `fd` is an open pidfd that the AsyncFd owns from here on, so
+    // it stays open and the same for the AsyncFd's whole life.
+    let Ok(fd) = (unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }) else {
+        return std::future::pending().await;
+    };
+    if fd.readable().await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
@@ -99,26 +89,22 @@ fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mapping::Proto;
 
     #[tokio::test]
-    async fn an_exit_is_reported_once_the_process_ends() {
+    async fn an_exit_is_seen_once_the_process_ends() {
         let mut child = std::process::Command::new("sleep")
             .arg("0.2")
             .spawn()
             .unwrap();
         let owner = OwnerProcess::of(child.id());
-        let key = MappingKey {
-            proto: Proto::Tcp,
-            host_ip: "127.0.0.1".parse().unwrap(),
-            host_port: 1,
-        };
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        watch(key, owner, &tx);
-        let got = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv())
+        // The child exits by itself; the watch sees it, zombie or not.
+        tokio::time::timeout(std::time::Duration::from_secs(5), exited(owner))
             .await
-            .unwrap();
-        assert_eq!(got, Some((key, owner)));
+            .expect("the exit was not seen");
+        // Reaped before the watch begins: seen at once.
         let _ = child.wait();
+        tokio::time::timeout(std::time::Duration::from_secs(5), exited(owner))
+            .await
+            .expect("a reaped process was not seen as gone");
     }
 }

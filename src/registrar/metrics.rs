@@ -68,7 +68,7 @@ impl Metrics {
     /// Time from a registration to every connected Envoy's ACK.
     pub fn ready_after(&self, d: Duration) {
         let secs = d.as_secs_f64();
-        let mut h = self.ready.lock().expect("histogram");
+        let mut h = self.ready.lock().unwrap_or_else(|p| p.into_inner());
         for (i, le) in BUCKETS.iter().enumerate() {
             if secs <= *le {
                 h.counts[i] += 1;
@@ -286,7 +286,7 @@ pub fn render(m: &Metrics, rows: &[MappingStatus], envoys: usize) -> String {
         "histogram",
         "Time from a registration until every connected Envoy ACKed its listener.",
     );
-    let h = m.ready.lock().expect("histogram");
+    let h = m.ready.lock().unwrap_or_else(|p| p.into_inner());
     for (le, n) in BUCKETS.iter().zip(h.counts) {
         let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {n}");
     }

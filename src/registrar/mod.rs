@@ -20,6 +20,7 @@ pub mod control;
 pub mod docker;
 pub mod envoy;
 pub mod fleet;
+pub mod keeper;
 pub mod liveness;
 pub mod metrics;
 pub mod notify;
@@ -32,8 +33,9 @@ use crate::mapping::Server;
 use crate::xds::server::XdsListener;
 use crate::xds::serving::Serving;
 use crate::xds::telemetry::Telemetry;
+use keeper::{Input, Registrar};
 use liveness::OwnerProcess;
-use state::{Registry, Shared, RECONNECT_GRACE};
+use state::{Registry, RECONNECT_GRACE};
 use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -162,7 +164,8 @@ impl Listeners {
 }
 
 /// Serves until `shutdown` resolves. Runs inside any tokio runtime, so a
-/// test can run a registrar in its own process.
+/// test can run a registrar in its own process. Everything it starts ends
+/// with it: its tasks, listeners and socket files.
 pub async fn run(
     args: Config,
     listeners: Listeners,
@@ -174,7 +177,8 @@ pub async fn run(
         xds,
         admin,
     } = listeners;
-    let (exits_tx, mut exits) = tokio::sync::mpsc::unbounded_channel();
+    // Whatever fails below, the socket file goes when this returns.
+    let _socket_file = RemoveOnDrop(path.clone());
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let (ports_tx, ports) = tokio::sync::watch::channel(crate::nft::PortsState::Starting);
     let etcd = match &args.fleet {
@@ -183,30 +187,35 @@ pub async fn run(
     };
     let mut registry = Registry::new(args.default_mode)
         .with_options(args.telemetry.clone(), args.serving.clone())
-        .with_exit_watch(exits_tx)
         .with_ports_state(ports);
     if let Some(f) = &args.fleet {
         registry = registry.with_fleet(f.host_id.clone(), f.advertise);
     }
-    let registry: Shared = registry.shared();
-    let on_exit = registry.clone();
-    tokio::spawn(async move {
-        while let Some((key, owner)) = exits.recv().await {
-            on_exit.lock().expect("registry").owner_exited(&key, owner);
-        }
-    });
-
     let trust = std::sync::Arc::new(crate::procscan::Trust::new(args.proxy_exe.as_deref()));
     if args.no_recover {
         tracing::info!("not recovering mappings (--no-recover)");
     } else {
-        recover(&registry, &path, &trust);
+        recover(&mut registry, &path, &trust);
     }
+
+    // Everything below runs in `tasks`, which aborts what is left of it
+    // when the run ends.
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(async move {
+        shutdown.await;
+        tracing::info!("shutting down");
+        let _ = stop_tx.send(true);
+    });
+    let wanted = registry.claims();
+    let snapshots = registry.snapshots();
+    let instances = registry.fleet_instances();
+    let (registrar, inputs) = keeper::handle(&registry);
+    tasks.spawn(keeper::run(registry, inputs, stop.clone()));
+
     // The table is rebuilt from what was just recovered, sweeping claims
     // of proxies that died while no registrar ran.
-    let wanted = registry.lock().expect("registry").claims();
     let (applied_tx, mut applied) = tokio::sync::watch::channel(None);
-    let claims = tokio::spawn(claims::run(
+    tasks.spawn(claims::run(
         args.nft.clone().map(crate::nft::Nft::new),
         wanted,
         claims::Reports {
@@ -215,11 +224,11 @@ pub async fn run(
         },
         stop.clone(),
     ));
-    let on_claims = registry.clone();
-    let claims_followed = tokio::spawn(async move {
+    let on_claims = registrar.clone();
+    tasks.spawn(async move {
         while applied.changed().await.is_ok() {
             let now = applied.borrow_and_update().clone();
-            on_claims.lock().expect("registry").claims_applied(now);
+            on_claims.tell(Input::ClaimsApplied(now));
         }
     });
 
@@ -231,25 +240,29 @@ pub async fn run(
     // Proxies are taken at once, before Docker has answered: their names
     // arrive later, as they do for any new container. No Envoy hears of
     // anything before the sync below.
-    let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(socket::serve(unix, registry.clone(), docker.clone(), trust));
+    tasks.spawn(socket::serve(
+        unix,
+        registrar.clone(),
+        docker.clone(),
+        trust,
+    ));
     match &docker {
         Some(d) => {
             let (synced_tx, mut synced) = tokio::sync::watch::channel(false);
-            tasks.spawn(docker::watch(d.clone(), registry.clone(), synced_tx));
+            tasks.spawn(docker::watch(d.clone(), registrar.clone(), synced_tx));
             let _ = tokio::time::timeout(DOCKER_SYNC_BUDGET, synced.wait_for(|s| *s)).await;
         }
         None => tracing::info!("not following Docker (--docker none)"),
     }
 
-    tasks.spawn(reap(registry.clone()));
-    let after_grace = registry.clone();
+    tasks.spawn(reap(registrar.clone()));
+    let after_grace = registrar.clone();
     tasks.spawn(async move {
         tokio::time::sleep(RECONNECT_GRACE).await;
-        after_grace.lock().expect("registry").tick();
+        after_grace.tell(Input::GraceOver);
     });
     if let Some(l) = admin {
-        tasks.spawn(admin::serve(l, registry.clone()));
+        tasks.spawn(admin::serve(l, registrar.clone()));
     }
     tracing::info!(
         "serving proxies on {} and xDS on {} (node id {:?})",
@@ -260,11 +273,12 @@ pub async fn run(
 
     // After the Docker sync: the instances published first carry their
     // names, so a restarted registrar replaces its old keys with the same.
-    let fleet = match (args.fleet.clone(), etcd) {
-        (Some(f), Some(etcd)) => Some(tokio::spawn(fleet::run(
+    let fleet = match (args.fleet.clone(), etcd, instances) {
+        (Some(f), Some(etcd), Some(local)) => Some(tokio::spawn(fleet::run(
             f,
             etcd,
-            registry.clone(),
+            registrar.clone(),
+            local,
             docker.clone(),
             stop.clone(),
         ))),
@@ -279,33 +293,16 @@ pub async fn run(
         tokio::spawn(sup.run(stop.clone()))
     });
 
-    tokio::spawn(async move {
-        shutdown.await;
-        tracing::info!("shutting down");
-        let _ = stop_tx.send(true);
-    });
     let mut stopped = stop.clone();
     let xds_shutdown = async move {
         let _ = stopped.wait_for(|s| *s).await;
     };
-    // Envoy's ADS streams never end by themselves: give them a moment to
-    // close, then stop anyway.
-    let mut stopped = stop.clone();
-    let grace = async move {
-        let _ = stopped.wait_for(|s| *s).await;
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    };
-    let snapshots = {
-        let mut reg = registry.lock().expect("registry");
-        reg.set_serving_envoys();
-        reg.snapshots()
-    };
+    registrar.tell(Input::ServingEnvoys);
     notify::notify(&format!("READY=1\nSTATUS=serving xDS on {}", args.xds));
-    let control = control::Envoys::new(registry.clone());
-    let result = tokio::select! {
-        r = xds.serve(control, snapshots, args.node_id, xds_shutdown) => r,
-        _ = grace => Ok(()),
-    };
+    let control = control::Envoys::new(registrar.clone());
+    let result = xds
+        .serve(control, snapshots, args.node_id, xds_shutdown)
+        .await;
     notify::notify("STOPPING=1");
     if let Some(sup) = supervisor {
         let _ = sup.await;
@@ -315,12 +312,19 @@ pub async fn run(
         // time limit per member, at most.
         let _ = tokio::time::timeout(Duration::from_secs(8), f).await;
     }
-    let _ = tokio::time::timeout(Duration::from_secs(2), claims).await;
-    claims_followed.abort();
-    // The proxy socket, Docker watch, admin and timers end with the run.
-    drop(tasks);
-    let _ = std::fs::remove_file(&path);
+    // The proxy socket, Docker watch, admin, claims, timers and the
+    // registry's own task end here.
+    tasks.shutdown().await;
     result.map_err(Error::Xds)
+}
+
+/// Removes a socket file when dropped.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// Where the kernel's switch for moving queued connections lives.
@@ -350,11 +354,10 @@ fn migrate_queued_connections() {
 }
 
 /// Takes the mappings of live proxies from /proc.
-fn recover(registry: &Shared, socket: &std::path::Path, trust: &crate::procscan::Trust) {
+fn recover(registry: &mut Registry, socket: &std::path::Path, trust: &crate::procscan::Trust) {
     let found = crate::procscan::scan(socket, trust);
-    let mut reg = registry.lock().expect("registry");
     for p in &found {
-        if let Err(e) = reg.register(
+        if let Err(e) = registry.register(
             p.mapping,
             OwnerProcess::of(p.pid),
             None,
@@ -367,10 +370,10 @@ fn recover(registry: &Shared, socket: &std::path::Path, trust: &crate::procscan:
     tracing::info!("recovered {} mapping(s) from running proxies", found.len());
 }
 
-async fn reap(registry: Shared) {
+async fn reap(registrar: Registrar) {
     let mut tick = tokio::time::interval(REAP_EVERY);
     loop {
         tick.tick().await;
-        registry.lock().expect("registry").reap();
+        registrar.tell(Input::Reap);
     }
 }

@@ -7,8 +7,8 @@
 //! connections are not affected.
 
 use super::docker::{self, client::Docker};
+use super::keeper::{Input, Read, Registrar};
 use super::liveness::OwnerProcess;
-use super::state::Shared;
 use crate::procscan::Trust;
 use crate::protocol::{ConnError, Connection, Owner, Reply, Request, PROTOCOL_VERSION};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
@@ -85,29 +85,35 @@ pub const FRAME_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5
 /// How long a registration may wait for Docker to name its container.
 const LOOKUP_BUDGET: std::time::Duration = std::time::Duration::from_millis(1500);
 
-/// Accepts connections until the process ends.
+/// Accepts connections until the caller drops this future, which ends
+/// every connection it serves with it.
 pub async fn serve(
     listener: UnixListener,
-    registry: Shared,
+    registrar: Registrar,
     docker: Option<Arc<Docker>>,
     trust: Arc<Trust>,
 ) {
     static NEXT: AtomicU64 = AtomicU64::new(1);
+    let mut connections = tokio::task::JoinSet::new();
     loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                let id = NEXT.fetch_add(1, Ordering::Relaxed);
-                let registry = registry.clone();
-                let docker = docker.clone();
-                let trust = trust.clone();
-                tokio::spawn(async move {
-                    serve_connection(stream, id, &registry, docker.as_deref(), &trust).await;
-                });
-            }
-            Err(e) => {
-                tracing::warn!("accept on the registrar socket: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let id = NEXT.fetch_add(1, Ordering::Relaxed);
+                    let registrar = registrar.clone();
+                    let docker = docker.clone();
+                    let trust = trust.clone();
+                    connections.spawn(async move {
+                        serve_connection(stream, id, &registrar, docker.as_deref(), &trust).await;
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!("accept on the registrar socket: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+            // Reap finished connections as they end.
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
         }
     }
 }
@@ -117,14 +123,14 @@ pub async fn serve(
 pub async fn serve_connection(
     stream: UnixStream,
     id: u64,
-    registry: &Shared,
+    registrar: &Registrar,
     docker: Option<&Docker>,
     trust: &Trust,
 ) {
-    if let Err(e) = handle(stream, id, registry, docker, trust).await {
+    if let Err(e) = handle(stream, id, registrar, docker, trust).await {
         tracing::debug!("registrar connection {id}: {e}");
     }
-    registry.lock().expect("registry").connection_closed(id);
+    registrar.tell(Input::ConnectionClosed(id));
 }
 
 fn may_change(uid: u32) -> bool {
@@ -134,7 +140,7 @@ fn may_change(uid: u32) -> bool {
 async fn handle(
     stream: UnixStream,
     id: u64,
-    registry: &Shared,
+    registrar: &Registrar,
     docker: Option<&Docker>,
     trust: &Trust,
 ) -> Result<(), ConnError> {
@@ -175,7 +181,7 @@ async fn handle(
 
     // Orders for this connection's proxy arrive here from the registry.
     let (outbox, mut orders) = tokio::sync::mpsc::unbounded_channel();
-    registry.lock().expect("registry").link_opened(id, outbox);
+    registrar.tell(Input::LinkOpened(id, outbox));
     loop {
         let next = tokio::select! {
             next = conn.read_frame::<Request>() => next,
@@ -201,15 +207,18 @@ async fn handle(
                     .await
             }
             Request::Envoys => {
-                let envoys = registry.lock().expect("registry").envoys();
+                let envoys = registrar.ask(Read::Envoys).await.unwrap_or_default();
                 conn.write_frame(&Reply::Envoys(envoys)).await?;
             }
             Request::Ports => {
-                let ports = registry.lock().expect("registry").ports_state();
+                let ports = registrar
+                    .ask(Read::Ports)
+                    .await
+                    .unwrap_or(crate::nft::PortsState::Starting);
                 conn.write_frame(&Reply::Ports(ports)).await?;
             }
             Request::Fleet => {
-                let view = registry.lock().expect("registry").fleet_view();
+                let view = registrar.ask(Read::Fleet).await.flatten();
                 let Some((host_id, etcd, catalog)) = view else {
                     conn.write_frame(&Reply::Error(
                         "this registrar is not in a fleet (serve runs without --catalog)".into(),
@@ -232,7 +241,7 @@ async fn handle(
                 }
             }
             Request::List => {
-                let all = registry.lock().expect("registry").list();
+                let all = registrar.ask(Read::List).await.unwrap_or_default();
                 for (items, more) in chunked(&all) {
                     conn.write_frame(&Reply::Mappings { items, more }).await?;
                 }
@@ -251,13 +260,16 @@ async fn handle(
                 server,
                 relayed,
             } => {
-                registry
-                    .lock()
-                    .expect("registry")
-                    .serving(id, &key, server, relayed);
+                registrar.tell(Input::Serving {
+                    conn: id,
+                    key,
+                    server,
+                    relayed,
+                });
             }
             Request::Deregister(key) => {
-                let closed = registry.lock().expect("registry").deregister(&key);
+                let (tx, closed) = tokio::sync::oneshot::channel();
+                registrar.tell(Input::Deregister { key, closed: tx });
                 // Answer once Envoy has closed the port, as docker-proxy
                 // closes its listener before it exits; bounded, so a stuck
                 // Envoy cannot hold up `docker stop`.
@@ -294,13 +306,9 @@ async fn handle(
                     Some(d) => name_container(d, reg.mapping.backend.container_ip).await,
                     None => None,
                 };
-                let result = registry.lock().expect("registry").register(
-                    reg.mapping,
-                    owner,
-                    tied,
-                    reg.server,
-                    meta,
-                );
+                let result = registrar
+                    .register(reg.mapping, owner, tied, reg.server, meta)
+                    .await;
                 let reply = match result {
                     Ok(()) => Reply::Accepted,
                     Err(e) => Reply::Error(e),

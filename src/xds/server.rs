@@ -44,8 +44,8 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// snapshots from a watch channel and reports through this.
 pub trait Control: Send + Sync + 'static {
     /// A stream named the right node and asked for something: it is an
-    /// Envoy from now on. Returns the id the other calls use for it.
-    fn connected(&self, stream: u64) -> u64;
+    /// Envoy from now on, known to the other calls by the stream's number.
+    fn connected(&self, stream: u64);
     /// An ACK or NACK, or what a first request says Envoy holds.
     fn feedback(&self, envoy: u64, fb: Feedback);
     /// The Envoy stopped answering in time, or caught up again.
@@ -102,7 +102,8 @@ impl XdsListener {
         }
     }
 
-    /// Serves ADS until `shutdown` resolves.
+    /// Serves ADS until `shutdown` resolves; then every stream ends, the
+    /// listener closes (and its socket file goes), and this returns.
     pub async fn serve(
         self,
         control: Arc<dyn Control>,
@@ -110,10 +111,18 @@ impl XdsListener {
         node_id: String,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), String> {
+        // Tells every stream to end: Envoy's ADS streams never end by
+        // themselves, and a graceful shutdown waits for them.
+        let (closing_tx, closing) = watch::channel(false);
+        let shutdown = async move {
+            shutdown.await;
+            let _ = closing_tx.send(true);
+        };
         let ads = AggregatedDiscoveryServiceServer::new(Ads {
             control,
             snapshots,
             node_id,
+            closing,
         });
         let router = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(KEEPALIVE_EVERY))
@@ -158,6 +167,8 @@ struct Ads {
     control: Arc<dyn Control>,
     snapshots: watch::Receiver<Arc<Snapshot>>,
     node_id: String,
+    /// Set when the server shuts down (or dropped with it).
+    closing: watch::Receiver<bool>,
 }
 
 type Outbox<T> = mpsc::Sender<Result<T, Status>>;
@@ -204,6 +215,7 @@ struct Context {
     control: Arc<dyn Control>,
     snapshots: watch::Receiver<Arc<Snapshot>>,
     node_id: String,
+    closing: watch::Receiver<bool>,
 }
 
 impl Ads {
@@ -212,6 +224,7 @@ impl Ads {
             control: self.control.clone(),
             snapshots: self.snapshots.clone(),
             node_id: self.node_id.clone(),
+            closing: self.closing.clone(),
         }
     }
 }
@@ -302,6 +315,7 @@ async fn pump<Req, Resp>(
     let mut lagging = false;
     let deadline = tokio::time::sleep(ANSWER_DEADLINE);
     tokio::pin!(deadline);
+    let mut closing = ctx.closing.clone();
     tracing::info!("Envoy stream {stream} opened ({flavor:?})");
     'stream: loop {
         tokio::select! {
@@ -327,9 +341,9 @@ async fn pump<Req, Resp>(
                             let _ = tx.send(Err(Status::permission_denied(msg))).await;
                             break;
                         }
-                        let id = ctx.control.connected(stream);
-                        envoy = Some(id);
-                        id
+                        ctx.control.connected(stream);
+                        envoy = Some(stream);
+                        stream
                     }
                 };
                 let Some(kind) = Kind::from_type_url(&req.type_url) else {
@@ -351,6 +365,7 @@ async fn pump<Req, Resp>(
                     ctx.control.feedback(id, fb);
                 }
             }
+            _ = async { let _ = closing.wait_for(|c| *c).await; } => break,
             changed = ctx.snapshots.changed() => {
                 if changed.is_err() {
                     break;
@@ -417,7 +432,13 @@ where
             let Ok(permit) = permits.clone().acquire_owned().await else {
                 return;
             };
-            match accept().await {
+            // The server dropped the stream (it shut down): stop, and let
+            // go of the listener now, not after one more connection.
+            let accepted = tokio::select! {
+                a = accept() => a,
+                _ = tx.closed() => return,
+            };
+            match accepted {
                 Ok(io) => {
                     let c = Capped {
                         io,

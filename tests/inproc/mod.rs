@@ -75,13 +75,18 @@ impl InProcess {
             task: Some(task),
         };
         // The admin endpoint is bound before `run` starts; it says 503
-        // until xDS is served, which takes a moment on a busy machine.
-        for _ in 0..1000 {
-            if r.get("/healthz").await.0 == 200 {
-                break;
+        // until xDS is served, which takes a moment on a busy machine. A
+        // registrar that never gets there fails the test, loudly.
+        let healthy = tokio::time::timeout(Duration::from_secs(30), async {
+            while r.get("/healthz").await.0 != 200 {
+                tokio::task::yield_now().await;
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        })
+        .await;
+        assert!(
+            healthy.is_ok(),
+            "the in-process registrar never got healthy"
+        );
         r
     }
 
@@ -271,4 +276,49 @@ async fn two_registrars_in_one_process_share_nothing() {
         Some(0.0)
     );
     drop(p);
+}
+
+/// Descriptors this process has open.
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registrar_started_and_stopped_twenty_times_leaves_nothing_behind() {
+    let rt = tokio::runtime::Handle::current();
+    // One run first: whatever the process sets up once (the runtime's own
+    // descriptors, lazily made statics) is not a leak.
+    InProcess::start("warm").await.stop().await.unwrap();
+    let (tasks, fds) = (rt.metrics().num_alive_tasks(), open_fds());
+    for i in 0..20 {
+        let r = InProcess::start(&format!("loop{i}")).await;
+        // A proxy connection and an admin connection open while it stops.
+        let mut conn = r.connect().await;
+        let _ = conn.call(&register(mapping(40000 + i))).await.unwrap();
+        let admin = TcpStream::connect(r.admin).await.unwrap();
+        let socket = r.socket.clone();
+        let stopping = std::time::Instant::now();
+        r.stop().await.unwrap();
+        let took = stopping.elapsed();
+        assert!(!socket.exists(), "run {i} left its socket file");
+        assert!(
+            took < Duration::from_secs(5),
+            "run {i} took {took:?} to stop"
+        );
+        drop((conn, admin));
+    }
+    // What the runs spawned has ended: poll until the counts settle, with a
+    // bound, since a task's end is seen a moment after it is aborted.
+    let settled = tokio::time::timeout(Duration::from_secs(10), async {
+        while rt.metrics().num_alive_tasks() > tasks || open_fds() > fds {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert!(
+        settled.is_ok(),
+        "left behind: {} task(s) (was {tasks}), {} descriptor(s) (was {fds})",
+        rt.metrics().num_alive_tasks(),
+        open_fds()
+    );
 }

@@ -21,7 +21,7 @@
 pub mod client;
 pub mod meta;
 
-use super::state::Shared;
+use super::keeper::{Input, Registrar};
 use client::{percent_encode, Docker};
 use meta::ContainerMeta;
 use std::net::IpAddr;
@@ -84,11 +84,11 @@ async fn inspect(docker: &Docker, id: &str) -> Result<ContainerMeta, String> {
 
 /// Runs the watcher; `synced` turns true after the first full listing, or
 /// once it is clear that Docker cannot be reached.
-pub async fn watch(docker: Arc<Docker>, registry: Shared, synced: watch::Sender<bool>) {
+pub async fn watch(docker: Arc<Docker>, registrar: Registrar, synced: watch::Sender<bool>) {
     let mut warned = false;
     let mut pause = Duration::from_millis(500);
     loop {
-        match follow(&docker, &registry, &synced).await {
+        match follow(&docker, &registrar, &synced).await {
             Ok(()) => {
                 tracing::warn!("Docker closed its event stream; reconnecting");
                 warned = false;
@@ -115,7 +115,7 @@ pub async fn watch(docker: Arc<Docker>, registry: Shared, synced: watch::Sender<
 /// between the listing and the stream is missed), then the listing.
 async fn follow(
     docker: &Docker,
-    registry: &Shared,
+    registrar: &Registrar,
     synced: &watch::Sender<bool>,
 ) -> Result<(), String> {
     let mut events = timeout(REQUEST_BUDGET, docker.events())
@@ -134,7 +134,7 @@ async fn follow(
         .unwrap_or_default();
     for id in &ids {
         match inspect(docker, id).await {
-            Ok(m) => registry.lock().expect("registry").apply_container(m),
+            Ok(m) => registrar.tell(Input::Container(m)),
             Err(e) => tracing::warn!("{e}"),
         }
     }
@@ -160,17 +160,17 @@ async fn follow(
             continue;
         };
         tracing::debug!("Docker event {action} for {id}");
-        registry.lock().expect("registry").metrics().docker_event();
+        registrar.metrics().docker_event();
         match action {
             // "health_status: healthy" and the like; moby's filter matches
             // the part before the colon (daemon/events/filter.go).
             a if a == "start" || a == "rename" || a.starts_with("health_status") => {
                 match inspect(docker, id).await {
-                    Ok(m) => registry.lock().expect("registry").apply_container(m),
+                    Ok(m) => registrar.tell(Input::Container(m)),
                     Err(e) => tracing::warn!("{e}"),
                 }
             }
-            "die" | "destroy" => registry.lock().expect("registry").forget_container(id),
+            "die" | "destroy" => registrar.tell(Input::ForgetContainer(id.to_string())),
             _ => {}
         }
     }

@@ -4,7 +4,6 @@
 
 use super::super::metrics::Metrics;
 use super::entry::Entry;
-use super::Outbox;
 use crate::mapping::{MappingState, Proto, Server};
 use crate::protocol::Reply;
 use crate::xds::session::Versions;
@@ -63,7 +62,8 @@ impl EnvoyView {
 /// What a mapping is judged against.
 pub(super) struct World<'a> {
     pub envoys: &'a BTreeMap<u64, EnvoyView>,
-    pub links: &'a BTreeMap<u64, Outbox>,
+    /// The proxy connections that can take orders.
+    pub links: &'a std::collections::BTreeSet<u64>,
     pub snap: &'a Snapshot,
     pub metrics: &'a Metrics,
     /// Still in the reconnect grace, with no Envoy seen yet.
@@ -75,9 +75,10 @@ pub(super) struct World<'a> {
     pub claimed: Option<&'a crate::nft::ruleset::Claims>,
 }
 
-/// Settles one mapping: its state from what the Envoys hold, and an order
-/// to its proxy if who should serve it changed.
-pub(super) fn judge(e: &mut Entry, w: &World) {
+/// Settles one mapping: its state from what the Envoys hold, and the order
+/// for its proxy's connection if who should serve it changed. Pure: the
+/// order is returned, not sent.
+pub(super) fn judge(e: &mut Entry, w: &World) -> Option<(u64, Reply)> {
     let World {
         envoys,
         links,
@@ -88,7 +89,7 @@ pub(super) fn judge(e: &mut Entry, w: &World) {
     } = *w;
     if e.mapping.key.proto != Proto::Tcp {
         e.state = MappingState::Active;
-        return;
+        return None;
     }
     let name = e.listener();
     // A stalled Envoy counts neither for nor against readiness.
@@ -108,13 +109,11 @@ pub(super) fn judge(e: &mut Entry, w: &World) {
     let order = match e.server {
         Server::Relay if served && claimed => Server::Envoy,
         Server::Handover | Server::Envoy if !may_hold => Server::Relay,
-        _ => return,
+        _ => return None,
     };
     // Nobody to tell (a mapping recovered or replayed for a pid): what the
     // proxy does is unknown until it registers again.
-    let Some(outbox) = e.conn.and_then(|c| links.get(&c)) else {
-        return;
-    };
+    let conn = e.conn.filter(|c| links.contains(c))?;
     if order == Server::Relay {
         metrics.took_back();
         tracing::info!(
@@ -126,5 +125,5 @@ pub(super) fn judge(e: &mut Entry, w: &World) {
         Server::Envoy => Server::Handover,
         o => o,
     };
-    let _ = outbox.send(Reply::Serve(order));
+    Some((conn, Reply::Serve(order)))
 }

@@ -1,6 +1,10 @@
 //! The registrar's state: every live mapping, who owns it, what each
 //! connected Envoy has accepted, and so who should serve each port. Every
-//! change publishes a new xDS snapshot and sends the proxies their orders.
+//! change publishes a new xDS snapshot; the orders for the proxies, the
+//! connections to close and the owners to watch are left in [`Outputs`]
+//! for the owning task (`registrar::keeper`) to carry out. The registry
+//! does no I/O of its own, so its decisions are tested by feeding it
+//! inputs and reading what it asks for.
 //!
 //! A mapping is keyed by (proto, host ip, host port). It dies when its
 //! proxy deregisters, when the proxy's connection closes, or (for mappings
@@ -50,36 +54,47 @@ use containers::Containers;
 use entry::Entry;
 use envoys::{judge, EnvoyView, World};
 use publish::Publisher;
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 
 /// How long after its start the registrar waits for Envoys to reconnect
 /// before it takes ports back from Envoys it has not heard from.
 pub const RECONNECT_GRACE: Duration = Duration::from_secs(5);
 
-/// Where the registrar sends a proxy's orders: its connection's outbox.
-pub type Outbox = mpsc::UnboundedSender<Reply>;
+/// What the registry asks of its owner after a change: the registry
+/// itself does no I/O and holds no channel to a proxy, so that what it
+/// decides can be tested by feeding it inputs and reading these.
+#[derive(Debug, Default, PartialEq)]
+pub struct Outputs {
+    /// Orders to the proxies, by connection.
+    pub orders: Vec<(u64, Reply)>,
+    /// Connections to close, so that their proxies register again.
+    pub close: Vec<u64>,
+    /// Owner processes to watch: their exit ends the mapping (see
+    /// [`Registry::owner_exited`]).
+    pub watch: Vec<(MappingKey, OwnerProcess)>,
+}
 
 #[derive(Debug)]
 pub struct Registry {
     entries: BTreeMap<MappingKey, Entry>,
     default_mode: Mode,
+    /// The Envoys, by the number of their xDS stream.
     envoys: BTreeMap<u64, EnvoyView>,
-    next_envoy: u64,
     publisher: Publisher,
     /// Deregistrations waiting for every Envoy to drop their listener.
     closing: Vec<(MappingKey, oneshot::Sender<()>)>,
     containers: Containers,
-    /// Open proxy connections, by id, for their orders.
-    links: BTreeMap<u64, Outbox>,
+    /// Open proxy connections, by id: those that can take orders.
+    links: BTreeSet<u64>,
     started: Instant,
     grace: Duration,
     /// Set once any Envoy has connected: the grace is only for the first.
     seen_envoy: bool,
-    /// Where pidfd watches report owners that exited.
-    exits: Option<super::liveness::Exits>,
+    /// What the owner is to carry out, since the last `take_outputs`.
+    out: Outputs,
     metrics: Arc<Metrics>,
     /// Set once start-up is over and Envoys are served.
     serving_envoys: bool,
@@ -95,23 +110,20 @@ pub struct Registry {
     applied: Option<Claims>,
 }
 
-pub type Shared = Arc<Mutex<Registry>>;
-
 impl Registry {
     pub fn new(default_mode: Mode) -> Registry {
         Registry {
             entries: BTreeMap::new(),
             default_mode,
             envoys: BTreeMap::new(),
-            next_envoy: 0,
             publisher: Publisher::new(),
             closing: Vec::new(),
             containers: Containers::default(),
-            links: BTreeMap::new(),
+            links: BTreeSet::new(),
             started: Instant::now(),
             grace: RECONNECT_GRACE,
             seen_envoy: false,
-            exits: None,
+            out: Outputs::default(),
             metrics: Arc::default(),
             serving_envoys: false,
             fleet: None,
@@ -185,8 +197,28 @@ impl Registry {
         self.send();
     }
 
-    pub fn etcd_state(&mut self) -> Option<&mut fleet::EtcdState> {
-        self.fleet.as_mut().map(|f| &mut f.etcd)
+    /// How the last etcd call went: `None` if it answered, else why not.
+    pub fn etcd_report(&mut self, error: Option<String>) {
+        let Some(state) = self.fleet.as_mut().map(|f| &mut f.etcd) else {
+            return;
+        };
+        match error {
+            None => {
+                if state.error.take().is_some() {
+                    tracing::info!("fleet: etcd answers again");
+                }
+                state.seen = true;
+            }
+            Some(e) => {
+                if state.error.is_none() {
+                    tracing::warn!("fleet: etcd: {e}; serving the last catalog and retrying");
+                } else {
+                    tracing::debug!("fleet: etcd still failing: {e}");
+                }
+                state.error = Some(e);
+                state.errors += 1;
+            }
+        }
     }
 
     /// For `status --fleet`: host id, etcd's state, and the catalog.
@@ -210,11 +242,10 @@ impl Registry {
         self.metrics.clone()
     }
 
-    /// Watches the owners of mappings held for a pid, reporting exits on
-    /// `exits` (see [`Registry::owner_exited`]).
-    pub fn with_exit_watch(mut self, exits: super::liveness::Exits) -> Registry {
-        self.exits = Some(exits);
-        self
+    /// What to carry out since the last call: orders, connections to
+    /// close, owners to watch.
+    pub fn take_outputs(&mut self) -> Outputs {
+        std::mem::take(&mut self.out)
     }
 
     /// Sets how long Envoys get to reconnect after start (tests use zero).
@@ -229,17 +260,13 @@ impl Registry {
         self
     }
 
-    pub fn shared(self) -> Shared {
-        Arc::new(Mutex::new(self))
-    }
-
     pub fn snapshots(&self) -> watch::Receiver<Arc<Snapshot>> {
         self.publisher.subscribe()
     }
 
-    /// A proxy connection opened: its orders go to `outbox`.
-    pub fn link_opened(&mut self, conn: u64, outbox: Outbox) {
-        self.links.insert(conn, outbox);
+    /// A proxy connection opened: it can take orders from now on.
+    pub fn link_opened(&mut self, conn: u64) {
+        self.links.insert(conn);
     }
 
     /// Adds a mapping or confirms an identical one. `meta` is the container
@@ -290,15 +317,15 @@ impl Registry {
         let watch = conn.is_none() && (fresh || entry.owner != owner || entry.conn.is_some());
         entry.owner = owner;
         entry.conn = conn;
-        if let (true, Some(exits)) = (watch, &self.exits) {
-            super::liveness::watch(mapping.key, owner, exits);
+        if watch {
+            self.out.watch.push((mapping.key, owner));
         }
         entry.server = server;
         // With no Envoy to wait for, a relaying (or starting) proxy hears
         // at once that it is to go on relaying.
         if server == Server::Relay && self.envoys.is_empty() {
-            if let Some(tx) = conn.and_then(|c| self.links.get(&c)) {
-                let _ = tx.send(Reply::Serve(Server::Relay));
+            if let Some(c) = conn.filter(|c| self.links.contains(c)) {
+                self.out.orders.push((c, Reply::Serve(Server::Relay)));
             }
         }
         if fresh {
@@ -328,16 +355,14 @@ impl Registry {
         self.evaluate_keys([*key]);
     }
 
-    /// Removes a mapping. The receiver resolves once no connected Envoy
-    /// holds its listener any more, so the port is closed.
-    pub fn deregister(&mut self, key: &MappingKey) -> oneshot::Receiver<()> {
-        let (tx, rx) = oneshot::channel();
-        self.closing.push((*key, tx));
+    /// Removes a mapping. `closed` is told once no connected Envoy holds
+    /// its listener any more, so the port is closed.
+    pub fn deregister(&mut self, key: &MappingKey, closed: oneshot::Sender<()>) {
+        self.closing.push((*key, closed));
         if self.remove(key, "deregistered", true) {
             self.send();
         }
         self.evaluate_keys([]);
-        rx
     }
 
     /// A registrar connection closed: its mappings go with it.
@@ -397,7 +422,9 @@ impl Registry {
         tracing::info!("removed {} ({why})", e.mapping);
         self.refresh(key);
         if let (false, Some(c)) = (by_owner, e.conn) {
-            self.links.remove(&c);
+            if self.links.remove(&c) {
+                self.out.close.push(c);
+            }
         }
         true
     }
@@ -455,17 +482,16 @@ impl Registry {
     }
 
     /// An xDS stream named the right node in its first request: from now
-    /// on it counts as an Envoy.
+    /// on it counts as an Envoy, known by the stream's number.
     pub fn envoy_connected(&mut self, stream: u64) -> u64 {
-        self.next_envoy += 1;
         let view = EnvoyView {
             stream,
             ..Default::default()
         };
-        self.envoys.insert(self.next_envoy, view);
+        self.envoys.insert(stream, view);
         self.seen_envoy = true;
         self.evaluate();
-        self.next_envoy
+        stream
     }
 
     pub fn envoy_gone(&mut self, id: u64) {
@@ -574,7 +600,9 @@ impl Registry {
                 waiting_for_envoys,
                 claimed: self.applied.as_ref(),
             };
-            judge(e, &world);
+            if let Some(order) = judge(e, &world) {
+                self.out.orders.push(order);
+            }
         }
     }
 

@@ -48,7 +48,7 @@ fn ack(r: &mut Registry, envoy: u64, kind: Kind) {
 
 #[test]
 fn an_ack_naming_one_mapping_settles_that_one_only() {
-    let (mut r, mut rx) = with_link(1);
+    let mut r = with_link(1);
     let envoy = r.envoy_connected(1);
     let (a, b) = (mapping(86, "10.0.0.2"), mapping(87, "10.0.0.3"));
     r.register(a, me(), Some(1), Server::Relay, None).unwrap();
@@ -79,28 +79,28 @@ fn an_ack_naming_one_mapping_settles_that_one_only() {
             },
         );
     }
-    assert_eq!(orders(&mut rx), [Server::Envoy]);
+    assert_eq!(orders(&mut r), [Server::Envoy]);
     assert_eq!(server_of(&r, 86), Server::Handover);
     assert_eq!(server_of(&r, 87), Server::Relay);
 }
 
 /// A registry without the reconnect grace, and one proxy connection.
-fn with_link(conn: u64) -> (Registry, mpsc::UnboundedReceiver<Reply>) {
+fn with_link(conn: u64) -> Registry {
     let mut r = Registry::new(Mode::Http).with_grace(Duration::ZERO);
-    let (tx, rx) = mpsc::unbounded_channel();
-    r.link_opened(conn, tx);
-    (r, rx)
+    r.link_opened(conn);
+    r
 }
 
-fn orders(rx: &mut mpsc::UnboundedReceiver<Reply>) -> Vec<Server> {
-    let mut out = Vec::new();
-    while let Ok(r) = rx.try_recv() {
-        match r {
-            Reply::Serve(s) => out.push(s),
+/// The orders the registry has given since the last look.
+fn orders(r: &mut Registry) -> Vec<Server> {
+    r.take_outputs()
+        .orders
+        .into_iter()
+        .map(|(_, reply)| match reply {
+            Reply::Serve(s) => s,
             other => panic!("not an order: {other:?}"),
-        }
-    }
-    out
+        })
+        .collect()
 }
 
 fn server_of(r: &Registry, port: u16) -> Server {
@@ -136,73 +136,73 @@ fn same_backend_is_a_no_op_and_another_is_a_conflict() {
 
 #[test]
 fn with_no_envoy_a_starting_proxy_is_told_to_relay_at_once() {
-    let (mut r, mut rx) = with_link(1);
+    let mut r = with_link(1);
     r.register(mapping(80, "10.0.0.2"), me(), Some(1), Server::Relay, None)
         .unwrap();
-    assert_eq!(orders(&mut rx), [Server::Relay]);
+    assert_eq!(orders(&mut r), [Server::Relay]);
     assert_eq!(server_of(&r, 80), Server::Relay);
 }
 
 #[test]
 fn hand_over_needs_listener_and_endpoints_then_take_back_when_envoy_goes() {
-    let (mut r, mut rx) = with_link(1);
+    let mut r = with_link(1);
     let envoy = r.envoy_connected(1);
     r.register(mapping(81, "10.0.0.2"), me(), Some(1), Server::Relay, None)
         .unwrap();
-    assert_eq!(orders(&mut rx), []);
+    assert_eq!(orders(&mut r), []);
     // The listener alone is not enough: its endpoints must be there too.
     ack(&mut r, envoy, Kind::Listener);
-    assert_eq!(orders(&mut rx), []);
+    assert_eq!(orders(&mut r), []);
     ack(&mut r, envoy, Kind::Endpoint);
-    assert_eq!(orders(&mut rx), [Server::Envoy]);
+    assert_eq!(orders(&mut r), [Server::Envoy]);
     assert_eq!(server_of(&r, 81), Server::Handover);
     r.serving(1, &mapping(81, "10.0.0.2").key, Server::Envoy, 0);
     assert_eq!(server_of(&r, 81), Server::Envoy);
     assert_eq!(r.list()[0].state, MappingState::Active);
     // The Envoy's stream ends: nobody holds the port, take it back.
     r.envoy_gone(envoy);
-    assert_eq!(orders(&mut rx), [Server::Relay]);
+    assert_eq!(orders(&mut r), [Server::Relay]);
     assert_eq!(server_of(&r, 81), Server::Relay);
     // A new Envoy that holds nothing yet keeps the proxy relaying; its
     // ACKs hand the port over again.
     let again = r.envoy_connected(2);
-    assert_eq!(orders(&mut rx), []);
+    assert_eq!(orders(&mut r), []);
     ack(&mut r, again, Kind::Listener);
     ack(&mut r, again, Kind::Endpoint);
-    assert_eq!(orders(&mut rx), [Server::Envoy]);
+    assert_eq!(orders(&mut r), [Server::Envoy]);
 }
 
 #[test]
 fn every_envoy_must_serve_before_hand_over_and_one_left_is_enough_to_stay() {
-    let (mut r, mut rx) = with_link(1);
+    let mut r = with_link(1);
     let a = r.envoy_connected(1);
     let b = r.envoy_connected(2);
     r.register(mapping(82, "10.0.0.2"), me(), Some(1), Server::Relay, None)
         .unwrap();
     ack(&mut r, a, Kind::Listener);
     ack(&mut r, a, Kind::Endpoint);
-    assert_eq!(orders(&mut rx), [], "b has not ACKed yet");
+    assert_eq!(orders(&mut r), [], "b has not ACKed yet");
     ack(&mut r, b, Kind::Listener);
     ack(&mut r, b, Kind::Endpoint);
-    assert_eq!(orders(&mut rx), [Server::Envoy]);
+    assert_eq!(orders(&mut r), [Server::Envoy]);
     r.envoy_gone(a);
-    assert_eq!(orders(&mut rx), [], "b still listens on the port");
+    assert_eq!(orders(&mut r), [], "b still listens on the port");
     r.envoy_gone(b);
-    assert_eq!(orders(&mut rx), [Server::Relay]);
+    assert_eq!(orders(&mut r), [Server::Relay]);
 }
 
 #[test]
 fn a_stalled_envoy_counts_neither_for_nor_against_a_hand_over() {
-    let (mut r, mut rx) = with_link(1);
+    let mut r = with_link(1);
     let real = r.envoy_connected(1);
     let rogue = r.envoy_connected(2);
     r.register(mapping(85, "10.0.0.2"), me(), Some(1), Server::Relay, None)
         .unwrap();
     ack(&mut r, real, Kind::Listener);
     ack(&mut r, real, Kind::Endpoint);
-    assert_eq!(orders(&mut rx), [], "the rogue has not ACKed");
+    assert_eq!(orders(&mut r), [], "the rogue has not ACKed");
     r.envoy_stalled(rogue, true);
-    assert_eq!(orders(&mut rx), [Server::Envoy]);
+    assert_eq!(orders(&mut r), [Server::Envoy]);
     assert_eq!(
         r.envoys()
             .iter()
@@ -213,40 +213,38 @@ fn a_stalled_envoy_counts_neither_for_nor_against_a_hand_over() {
     // The real one goes: a stalled peer that never said what it holds
     // does not keep the proxy from taking its port back.
     r.envoy_gone(real);
-    assert_eq!(orders(&mut rx), [Server::Relay]);
+    assert_eq!(orders(&mut r), [Server::Relay]);
 }
 
 #[test]
 fn a_restarted_registrar_leaves_handed_over_proxies_alone_during_the_grace() {
     let mut r = Registry::new(Mode::Http).with_grace(Duration::from_secs(3600));
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    r.link_opened(1, tx);
+    r.link_opened(1);
     // The proxy registers again, saying Envoy serves its port.
     r.register(mapping(83, "10.0.0.2"), me(), Some(1), Server::Envoy, None)
         .unwrap();
-    assert_eq!(orders(&mut rx), []);
+    assert_eq!(orders(&mut r), []);
     // An Envoy reconnects; until it says what it holds, it may hold it.
     let envoy = r.envoy_connected(1);
-    assert_eq!(orders(&mut rx), []);
+    assert_eq!(orders(&mut r), []);
     // It reports holding the listener (delta's initial versions).
     ack(&mut r, envoy, Kind::Listener);
-    assert_eq!(orders(&mut rx), []);
+    assert_eq!(orders(&mut r), []);
     assert_eq!(server_of(&r, 83), Server::Envoy);
 }
 
 #[test]
 fn after_the_grace_a_proxy_with_no_envoy_takes_its_port_back() {
     let mut r = Registry::new(Mode::Http).with_grace(Duration::ZERO);
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    r.link_opened(1, tx);
+    r.link_opened(1);
     r.register(mapping(84, "10.0.0.2"), me(), Some(1), Server::Envoy, None)
         .unwrap();
-    assert_eq!(orders(&mut rx), [Server::Relay]);
+    assert_eq!(orders(&mut r), [Server::Relay]);
 }
 
 #[test]
 fn a_nack_marks_the_mapping_failed_and_keeps_it_relayed() {
-    let (mut r, mut rx) = with_link(1);
+    let mut r = with_link(1);
     let envoy = r.envoy_connected(1);
     let m = mapping(80, "10.0.0.2");
     r.register(m, me(), Some(1), Server::Relay, None).unwrap();
@@ -267,7 +265,7 @@ fn a_nack_marks_the_mapping_failed_and_keeps_it_relayed() {
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0].state, MappingState::Failed(error));
     assert_eq!(rows[0].server, Server::Relay);
-    assert_eq!(orders(&mut rx), []);
+    assert_eq!(orders(&mut r), []);
 }
 
 #[test]
@@ -445,7 +443,7 @@ fn fleet_instances_follow_mappings_containers_and_health() {
     assert_eq!(i.health, crate::catalog::Health::Unhealthy);
 
     // The mapping goes: so does the instance.
-    drop(r.deregister(&mapping(8080, "172.17.0.2").key));
+    r.deregister(&mapping(8080, "172.17.0.2").key, oneshot::channel().0);
     assert!(local.borrow_and_update().is_empty());
 }
 
@@ -499,7 +497,7 @@ fn egress_follows_the_catalog_and_local_instances_once_it_has_an_address() {
     assert_ne!(rx.borrow().get(Kind::Endpoint)[cluster].version, before);
     // The catalog empties and the local instance goes: so does egress.
     r.set_catalog(Arc::default());
-    drop(r.deregister(&mapping(8080, "172.17.0.2").key));
+    r.deregister(&mapping(8080, "172.17.0.2").key, oneshot::channel().0);
     assert!(!rx.borrow().get(Kind::Listener).contains_key("egress_10080"));
     // Moving egress moves the listener.
     r.set_catalog(catalog);
@@ -513,7 +511,7 @@ fn egress_follows_the_catalog_and_local_instances_once_it_has_an_address() {
 
 #[test]
 fn a_port_is_handed_over_only_once_the_table_claims_it_and_claims_follow_mappings() {
-    let (mut r, mut rx) = with_link(1);
+    let mut r = with_link(1);
     let claims = r.claims();
     // Ports are claimed in nftables, so far for nothing.
     r.claims_applied(Some(Claims::new()));
@@ -528,9 +526,9 @@ fn a_port_is_handed_over_only_once_the_table_claims_it_and_claims_follow_mapping
         ack(&mut r, envoy, kind);
     }
     // Envoy serves it, but the table does not claim it yet.
-    assert_eq!(orders(&mut rx), []);
+    assert_eq!(orders(&mut r), []);
     r.claims_applied(Some(claims.borrow().clone()));
-    assert_eq!(orders(&mut rx), [Server::Envoy]);
+    assert_eq!(orders(&mut r), [Server::Envoy]);
     // Nothing claims a port no mapping holds.
     r.connection_closed(1);
     assert!(claims.borrow().is_empty());
@@ -538,7 +536,7 @@ fn a_port_is_handed_over_only_once_the_table_claims_it_and_claims_follow_mapping
 
 #[test]
 fn without_a_claiming_table_hand_overs_go_ahead() {
-    let (mut r, mut rx) = with_link(1);
+    let mut r = with_link(1);
     r.claims_applied(None);
     let envoy = r.envoy_connected(1);
     r.register(mapping(89, "10.0.0.5"), me(), Some(1), Server::Relay, None)
@@ -546,5 +544,5 @@ fn without_a_claiming_table_hand_overs_go_ahead() {
     for kind in [Kind::Cluster, Kind::Endpoint, Kind::Listener] {
         ack(&mut r, envoy, kind);
     }
-    assert_eq!(orders(&mut rx), [Server::Envoy]);
+    assert_eq!(orders(&mut r), [Server::Envoy]);
 }
