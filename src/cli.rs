@@ -89,7 +89,7 @@ pub fn serve(args: Vec<OsString>) -> Result<Parsed<ServeArgs>, String> {
                 let urls = v
                     .strip_prefix("etcd=")
                     .ok_or_else(|| format!("want etcd=http://IP:PORT[,...], not {v:?}"))?;
-                crate::etcd::Etcd::new(urls).map_err(|e| e.to_string())?;
+                crate::etcd::endpoints(urls).map_err(|e| e.to_string())?;
                 fleet.etcd = Some(urls.to_string());
             }
             "--advertise" => {

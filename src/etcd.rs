@@ -1,35 +1,51 @@
-//! A minimal etcd v3 client over etcd's HTTP/JSON gateway (issue 12,
-//! second slice, not wired in yet): leases (grant, keep-alive, revoke),
-//! put under a lease, delete, read a prefix, and watch it from a revision.
+//! The etcd v3 calls the fleet makes, over etcd's gRPC API through the
+//! `etcd-client` crate: leases (grant, a kept-alive lease stream, revoke),
+//! puts and deletes batched in transactions, a prefix read, and a watch on
+//! the prefix from a revision.
 //!
-//! Why the gateway: etcd serves it on the client port of every member (3.4
-//! and later), it needs nothing beyond the hyper client already in the
-//! tree, and it keeps one gRPC stack (tonic 0.14 for xDS) in the binary.
-//! Keys and values travel base64-encoded; 64-bit numbers as strings.
-//!
-//! Every call goes to the members in turn until one answers, with a time
-//! limit per member, so one dead member costs one timeout, not the call.
+//! - **One kept connection, member failover.** Calls, leases and watches
+//!   go to one member at a time, the current one, over one kept HTTP/2
+//!   connection. A member that cannot serve a call (refused, down, no
+//!   answer in time, no leader) hands the call to the next member, which
+//!   becomes the current one. HTTP/2 pings (every 5 s, the least etcd
+//!   accepts by default, with 2 s to answer) find a connection whose peer
+//!   went silent, such as a member whose link is down. (Not tonic's
+//!   balanced channel across members: it keeps sending calls to a member
+//!   it cannot connect to.)
+//! - **Leader required.** Every call carries etcd's `hasleader` header: a
+//!   member that is alive but cut off from the quorum refuses calls and
+//!   ends its watches instead of answering from a stale store.
+//! - **Watches** ask for progress notifications; `Watch::next` also hands
+//!   out the empty batches, so the caller can tell a quiet catalog from a
+//!   silent stream, and resume from `Watch::revision` after a failure.
+//! - **Time limits.** Each unary call has `CALL_LIMIT`; a member that does
+//!   not answer is an `Unreachable` error, never a hang.
 
-use base64::engine::general_purpose::STANDARD as B64;
-use base64::Engine;
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
-use serde_json::{json, Value};
-use std::time::Duration;
+use etcd_client::{
+    Client, ConnectOptions, DeleteOptions, EventType, GetOptions, LeaseKeepAliveStream,
+    LeaseKeeper, PutOptions, Txn, TxnOp, WatchOptions, WatchStream,
+};
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How long one unary call (or one lease renewal) may take.
+const CALL_LIMIT: Duration = Duration::from_secs(3);
+
+/// etcd refuses a transaction of more operations than this
+/// (`--max-txn-ops`, 128 by default).
+const TXN_OPS: usize = 128;
 
 /// Longest answer accepted from etcd (a prefix read of a big fleet).
-const MAX_BODY: usize = 64 << 20;
-
-/// How long one member gets to answer one call.
-const PER_MEMBER: Duration = Duration::from_secs(2);
+const MAX_MESSAGE: usize = 64 << 20;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Error {
     #[error("bad etcd endpoint {0:?}: want http://IP:PORT")]
     BadEndpoint(String),
-    #[error("no etcd member answered: {0}")]
-    Unreachable(String),
+    #[error("no etcd member answered {call}: {detail}")]
+    Unreachable { call: &'static str, detail: String },
     #[error("etcd refused {call}: {detail}")]
     Refused { call: &'static str, detail: String },
     #[error("etcd's answer to {call} is not understood: {detail}")]
@@ -47,91 +63,6 @@ pub enum Event {
     Delete(String),
 }
 
-/// A watch on a prefix: `next` gives the changes one etcd revision at a
-/// time, in order.
-pub struct Watch {
-    body: hyper::body::Incoming,
-    buf: Vec<u8>,
-}
-
-impl Watch {
-    /// The next batch of changes and its revision. An error ends the
-    /// watch; the caller reads the prefix again and watches anew.
-    pub async fn next(&mut self) -> Result<(i64, Vec<Event>), Error> {
-        loop {
-            while let Some(nl) = self.buf.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = self.buf.drain(..=nl).collect();
-                let v: Value = serde_json::from_slice(&line).map_err(|e| Error::BadAnswer {
-                    call: "watch",
-                    detail: e.to_string(),
-                })?;
-                if let Some(batch) = watch_batch(&v)? {
-                    return Ok(batch);
-                }
-            }
-            if self.buf.len() > MAX_BODY {
-                return Err(Error::WatchEnded("an answer line is too long".into()));
-            }
-            match self.body.frame().await {
-                Some(Ok(frame)) => {
-                    if let Ok(data) = frame.into_data() {
-                        self.buf.extend_from_slice(&data);
-                    }
-                }
-                Some(Err(e)) => return Err(Error::WatchEnded(e.to_string())),
-                None => return Err(Error::WatchEnded("etcd closed the stream".into())),
-            }
-        }
-    }
-}
-
-/// One line of the watch stream: a batch of events, or `None` for the
-/// lines that carry none (created, progress).
-fn watch_batch(v: &Value) -> Result<Option<(i64, Vec<Event>)>, Error> {
-    let r = &v["result"];
-    if let Some(rev) = int(&r["compact_revision"]).filter(|r| *r > 0) {
-        return Err(Error::Compacted(rev));
-    }
-    if r["canceled"].as_bool() == Some(true) {
-        let why = r["cancel_reason"].as_str().unwrap_or("canceled by etcd");
-        return Err(Error::WatchEnded(why.into()));
-    }
-    if !v["error"].is_null() {
-        return Err(Error::WatchEnded(v["error"].to_string()));
-    }
-    let Some(events) = r["events"].as_array() else {
-        return Ok(None);
-    };
-    let revision = int(&r["header"]["revision"]).ok_or_else(|| bad("watch", v))?;
-    let mut out = Vec::new();
-    for e in events {
-        let kv = kv_of(&e["kv"]).ok_or_else(|| bad("watch", e))?;
-        out.push(match e["type"].as_str() {
-            Some("DELETE") => Event::Delete(kv.key),
-            // PUT is the default, so etcd leaves the type out.
-            None | Some("PUT") => Event::Put(kv),
-            Some(_) => return Err(bad("watch", e)),
-        });
-    }
-    Ok(Some((revision, out)))
-}
-
-/// A key-value from etcd's JSON, base64 decoded.
-fn kv_of(kv: &Value) -> Option<Kv> {
-    let text = |field: &str| B64.decode(kv[field].as_str().unwrap_or("")).ok();
-    Some(Kv {
-        key: String::from_utf8(text("key")?).ok()?,
-        value: text("value")?,
-        lease: int(&kv["lease"]).unwrap_or(0),
-    })
-}
-
-#[derive(Debug, Clone)]
-pub struct Etcd {
-    /// `host:port` of each member, in the order given.
-    members: Vec<String>,
-}
-
 /// One key and value read from etcd.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Kv {
@@ -140,204 +71,410 @@ pub struct Kv {
     pub lease: i64,
 }
 
+/// One write of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Write {
+    /// The key and value, put under the batch's lease.
+    Put(String, Vec<u8>),
+    Delete(String),
+}
+
+/// Checks `http://IP:PORT[,http://IP:PORT...]`, as `serve --catalog
+/// etcd=` takes it; the members' URLs.
+pub fn endpoints(list: &str) -> Result<Vec<String>, Error> {
+    list.split(',')
+        .map(|e| {
+            let e = e.trim();
+            e.strip_prefix("http://")
+                .map(|h| h.trim_end_matches('/'))
+                .filter(|h| h.parse::<std::net::SocketAddr>().is_ok())
+                .map(|h| format!("http://{h}"))
+                .ok_or_else(|| Error::BadEndpoint(e.into()))
+        })
+        .collect()
+}
+
+/// Sorts a failed call: a member that could not serve it (down, no
+/// leader, too slow) is `Unreachable`, and another try may work; etcd
+/// turning the request itself down is `Refused`.
+fn failed(call: &'static str, e: etcd_client::Error) -> Error {
+    use tonic::Code;
+    match e {
+        etcd_client::Error::GRpcStatus(s) => match s.code() {
+            Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::Cancelled
+            | Code::Unknown
+            | Code::Aborted
+            | Code::Internal => Error::Unreachable {
+                call,
+                detail: s.message().to_string(),
+            },
+            _ => Error::Refused {
+                call,
+                detail: s.message().to_string(),
+            },
+        },
+        other => Error::Unreachable {
+            call,
+            detail: other.to_string(),
+        },
+    }
+}
+
+/// Runs one call within `CALL_LIMIT`.
+async fn limited<T>(
+    call: &'static str,
+    f: impl Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, Error> {
+    match tokio::time::timeout(CALL_LIMIT, f).await {
+        Ok(r) => r.map_err(|e| failed(call, e)),
+        Err(_) => Err(Error::Unreachable {
+            call,
+            detail: format!("no answer in {CALL_LIMIT:?}"),
+        }),
+    }
+}
+
+fn kv_of(call: &'static str, kv: &etcd_client::KeyValue) -> Result<Kv, Error> {
+    let key = String::from_utf8(kv.key().to_vec()).map_err(|_| Error::BadAnswer {
+        call,
+        detail: format!("a key that is not UTF-8: {:?}", kv.key()),
+    })?;
+    Ok(Kv {
+        key,
+        value: kv.value().to_vec(),
+        lease: kv.lease(),
+    })
+}
+
+/// A client of one etcd cluster. Cheap to clone: clones share the
+/// connections and the choice of member.
+#[derive(Clone)]
+pub struct Etcd {
+    /// One client per member, in the order given; each connects lazily.
+    members: Arc<[(String, Client)]>,
+    /// The member calls go to first.
+    current: Arc<AtomicUsize>,
+}
+
 impl Etcd {
-    /// `http://IP:PORT[,http://IP:PORT...]`, as `serve --catalog etcd=` takes.
-    pub fn new(endpoints: &str) -> Result<Etcd, Error> {
-        let members = endpoints
-            .split(',')
-            .map(|e| {
-                let e = e.trim();
-                let hostport = e
-                    .strip_prefix("http://")
-                    .map(|h| h.trim_end_matches('/'))
-                    .filter(|h| h.parse::<std::net::SocketAddr>().is_ok())
-                    .ok_or_else(|| Error::BadEndpoint(e.into()))?;
-                Ok(hostport.to_string())
-            })
-            .collect::<Result<Vec<_>, Error>>()?;
-        Ok(Etcd { members })
+    /// A client of the members `list` (see `endpoints`). Connects lazily:
+    /// members that are down now are not an error.
+    pub async fn connect(list: &str) -> Result<Etcd, Error> {
+        let options = ConnectOptions::new()
+            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(2))
+            .with_keep_alive_while_idle(false)
+            .with_connect_timeout(Duration::from_secs(1))
+            .with_require_leader(true);
+        let mut members = Vec::new();
+        for url in endpoints(list)? {
+            let client = Client::connect([&url], Some(options.clone()))
+                .await
+                .map_err(|e| Error::BadEndpoint(format!("{url}: {e}")))?;
+            members.push((url, client));
+        }
+        Ok(Etcd {
+            members: members.into(),
+            current: Arc::new(AtomicUsize::new(0)),
+        })
     }
 
-    async fn call(&self, call: &'static str, path: &str, body: Value) -> Result<Value, Error> {
+    /// The URL of the member calls go to now.
+    pub fn member(&self) -> &str {
+        &self.members[self.current.load(Ordering::Relaxed) % self.members.len()].0
+    }
+
+    /// Moves off `url` if it is still the current member: something on
+    /// it (a watch) went silent, though calls may still get through.
+    pub fn shun(&self, url: &str) {
+        let now = self.current.load(Ordering::Relaxed) % self.members.len();
+        if self.members[now].0 == url {
+            let _ = self.current.compare_exchange(
+                now,
+                (now + 1) % self.members.len(),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
+    }
+
+    /// Runs `f` on the current member, then on each other in turn while
+    /// the failure is one another member could do better on.
+    async fn call<T, F, Fut>(&self, call: &'static str, f: F) -> Result<T, Error>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        self.call_on(call, f).await.map(|(v, _)| v)
+    }
+
+    /// `call`, and the URL of the member that served it.
+    async fn call_on<T, F, Fut>(&self, call: &'static str, f: F) -> Result<(T, String), Error>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let n = self.members.len();
+        let first = self.current.load(Ordering::Relaxed) % n;
         let mut failures = Vec::new();
-        for m in &self.members {
-            match tokio::time::timeout(PER_MEMBER, post(m, path, &body)).await {
-                Ok(Ok((200, v))) => return Ok(v),
-                // This member cannot serve now (no leader, cut off from
-                // the others): another may.
-                Ok(Ok((code, v))) if code >= 500 => failures.push(format!(
-                    "{m}: HTTP {code} {}",
-                    v["message"].as_str().unwrap_or("")
-                )),
-                Ok(Ok((code, v))) => {
-                    // A refusal of the request itself: another member
-                    // would say the same.
-                    let detail = v["message"]
-                        .as_str()
-                        .or(v["error"].as_str())
-                        .map(str::to_string)
-                        .unwrap_or_else(|| format!("HTTP {code}"));
-                    return Err(Error::Refused { call, detail });
+        for i in (0..n).map(|k| (first + k) % n) {
+            let (url, client) = &self.members[i];
+            match limited(call, f(client.clone())).await {
+                Ok(v) => {
+                    if i != first {
+                        self.current.store(i, Ordering::Relaxed);
+                        tracing::info!("etcd: now using member {url}");
+                    }
+                    return Ok((v, url.clone()));
                 }
-                Ok(Err(e)) => failures.push(format!("{m}: {e}")),
-                Err(_) => failures.push(format!("{m}: no answer in {PER_MEMBER:?}")),
+                Err(Error::Unreachable { detail, .. }) => failures.push(format!("{url}: {detail}")),
+                Err(e) => return Err(e),
             }
         }
-        Err(Error::Unreachable(failures.join("; ")))
+        Err(Error::Unreachable {
+            call,
+            detail: failures.join("; "),
+        })
     }
 
     /// A new lease of `ttl` seconds; its id.
     pub async fn grant(&self, ttl: u64) -> Result<i64, Error> {
-        let v = self
-            .call("lease grant", "/v3/lease/grant", json!({ "TTL": ttl }))
+        let ttl = i64::try_from(ttl).unwrap_or(i64::MAX);
+        let r = self
+            .call("lease grant", |mut c| async move {
+                c.lease_grant(ttl, None).await
+            })
             .await?;
-        int(&v["ID"]).ok_or_else(|| bad("lease grant", &v))
+        Ok(r.id())
     }
 
-    /// Renews a lease; the TTL left, which is 0 once the lease is gone.
-    pub async fn keep_alive(&self, lease: i64) -> Result<i64, Error> {
-        let v = self
-            .call(
-                "lease keep-alive",
-                "/v3/lease/keepalive",
-                json!({ "ID": lease.to_string() }),
-            )
+    /// Opens the keep-alive stream of `lease`, which renews it once;
+    /// `None` if the lease is gone (expired or revoked).
+    pub async fn keep_alive(&self, lease: i64) -> Result<Option<Lease>, Error> {
+        let (kept, member) = self
+            .call_on("lease keep-alive", |mut c| async move {
+                match c.lease_keep_alive(lease).await {
+                    Ok((keeper, stream)) => Ok(Some((keeper, stream))),
+                    // The crate's word for a first renewal that found no TTL.
+                    Err(etcd_client::Error::LeaseKeepAliveError(m)) if m.contains("not found") => {
+                        Ok(None)
+                    }
+                    Err(e) => Err(e),
+                }
+            })
             .await?;
-        // The gateway wraps the streamed answer in "result"; an expired
-        // lease comes back without a TTL.
-        Ok(int(&v["result"]["TTL"]).unwrap_or(0))
+        Ok(kept.map(|(keeper, stream)| Lease {
+            keeper,
+            stream,
+            member,
+        }))
     }
 
     pub async fn revoke(&self, lease: i64) -> Result<(), Error> {
-        self.call(
-            "lease revoke",
-            "/v3/lease/revoke",
-            json!({ "ID": lease.to_string() }),
-        )
+        self.call("lease revoke", |mut c| async move {
+            c.lease_revoke(lease).await
+        })
         .await
         .map(drop)
+    }
+
+    /// Carries out `writes` in order, puts under `lease` if not 0, in as
+    /// few transactions as etcd takes.
+    pub async fn write(&self, writes: &[Write], lease: i64) -> Result<(), Error> {
+        for chunk in writes.chunks(TXN_OPS) {
+            let ops: Vec<TxnOp> = chunk
+                .iter()
+                .map(|w| match w {
+                    Write::Put(k, v) => {
+                        let o = (lease != 0).then(|| PutOptions::new().with_lease(lease));
+                        TxnOp::put(k.as_bytes(), v.clone(), o)
+                    }
+                    Write::Delete(k) => TxnOp::delete(k.as_bytes(), None::<DeleteOptions>),
+                })
+                .collect();
+            self.call("txn", |mut c| {
+                let txn = Txn::new().and_then(ops.clone());
+                async move { c.txn(txn).await }
+            })
+            .await?;
+        }
+        Ok(())
     }
 
     /// Puts `key` = `value`, under `lease` if not 0.
     pub async fn put(&self, key: &str, value: &[u8], lease: i64) -> Result<(), Error> {
-        let mut body = json!({ "key": B64.encode(key), "value": B64.encode(value) });
-        if lease != 0 {
-            body["lease"] = json!(lease.to_string());
-        }
-        self.call("put", "/v3/kv/put", body).await.map(drop)
+        self.write(&[Write::Put(key.into(), value.to_vec())], lease)
+            .await
     }
 
     pub async fn delete(&self, key: &str) -> Result<(), Error> {
-        self.call(
-            "delete",
-            "/v3/kv/deleterange",
-            json!({ "key": B64.encode(key) }),
-        )
-        .await
-        .map(drop)
+        self.write(&[Write::Delete(key.into())], 0).await
     }
 
     /// Everything under `prefix`, and the store's revision at that moment.
     pub async fn get_prefix(&self, prefix: &str) -> Result<(i64, Vec<Kv>), Error> {
-        let v = self
-            .call(
-                "range",
-                "/v3/kv/range",
-                json!({ "key": B64.encode(prefix), "range_end": B64.encode(prefix_end(prefix)) }),
-            )
+        let r = self
+            .call("range", |c| async move {
+                let mut kv = c.kv_client().max_decoding_message_size(MAX_MESSAGE);
+                kv.get(prefix, Some(GetOptions::new().with_prefix())).await
+            })
             .await?;
-        let revision = int(&v["header"]["revision"]).ok_or_else(|| bad("range", &v))?;
-        let mut out = Vec::new();
-        for kv in v["kvs"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
-            out.push(kv_of(kv).ok_or_else(|| bad("range", kv))?);
-        }
-        Ok((revision, out))
+        let revision = r.header().map(|h| h.revision()).ok_or(Error::BadAnswer {
+            call: "range",
+            detail: "no header".into(),
+        })?;
+        let kvs = r
+            .kvs()
+            .iter()
+            .map(|kv| kv_of("range", kv))
+            .collect::<Result<_, _>>()?;
+        Ok((revision, kvs))
     }
 
     /// Watches everything under `prefix` from `revision` on (the one after
-    /// a `get_prefix`), on the first member that takes the request.
+    /// a `get_prefix`). Returns once etcd has taken the watch; history it
+    /// has compacted away is `Error::Compacted`.
     pub async fn watch_prefix(&self, prefix: &str, revision: i64) -> Result<Watch, Error> {
-        let body = json!({ "create_request": {
-            "key": B64.encode(prefix),
-            "range_end": B64.encode(prefix_end(prefix)),
-            "start_revision": revision.to_string(),
-        }});
-        let mut failures = Vec::new();
-        for m in &self.members {
-            match tokio::time::timeout(PER_MEMBER, open(m, "/v3/watch", &body)).await {
-                Ok(Ok(resp)) if resp.status() == 200 => {
-                    return Ok(Watch {
-                        body: resp.into_body(),
-                        buf: Vec::new(),
-                    })
-                }
-                Ok(Ok(resp)) => failures.push(format!("{m}: HTTP {}", resp.status())),
-                Ok(Err(e)) => failures.push(format!("{m}: {e}")),
-                Err(_) => failures.push(format!("{m}: no answer in {PER_MEMBER:?}")),
+        let ((stream, first), member) = self
+            .call_on("watch", |c| async move {
+                let mut w = c.watch_client().max_decoding_message_size(MAX_MESSAGE);
+                let options = WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(revision)
+                    .with_progress_notify();
+                let mut stream = w.watch(prefix, Some(options)).await?;
+                let first = stream.message().await?;
+                Ok((stream, first))
+            })
+            .await?;
+        let w = Watch {
+            stream,
+            member,
+            revision: revision - 1,
+            heard: Instant::now(),
+        };
+        match first {
+            Some(r) if r.created() => {
+                w.check(&r)?;
+                Ok(w)
             }
+            Some(r) => Err(w.check(&r).err().unwrap_or(Error::BadAnswer {
+                call: "watch",
+                detail: "the first answer does not create the watch".into(),
+            })),
+            None => Err(Error::WatchEnded("etcd closed the stream".into())),
         }
-        Err(Error::Unreachable(failures.join("; ")))
+    }
+}
+
+/// A lease's keep-alive stream.
+pub struct Lease {
+    keeper: LeaseKeeper,
+    stream: LeaseKeepAliveStream,
+    /// The member the stream is on.
+    member: String,
+}
+
+impl Lease {
+    pub fn id(&self) -> i64 {
+        self.keeper.id()
+    }
+
+    /// The URL of the member the stream is on.
+    pub fn member(&self) -> &str {
+        &self.member
+    }
+
+    /// Renews the lease; the TTL left, which is 0 once it is gone.
+    pub async fn renew(&mut self) -> Result<i64, Error> {
+        let call = "lease keep-alive";
+        limited(call, self.keeper.keep_alive()).await?;
+        match limited(call, self.stream.message()).await? {
+            Some(r) => Ok(r.ttl().max(0)),
+            None => Err(Error::Unreachable {
+                call,
+                detail: "etcd closed the lease stream".into(),
+            }),
+        }
     }
 }
 
-/// The end of a prefix range: the prefix with its last byte plus one.
-fn prefix_end(prefix: &str) -> Vec<u8> {
-    let mut end = prefix.as_bytes().to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
+/// A watch on a prefix.
+pub struct Watch {
+    stream: WatchStream,
+    /// The member it is on.
+    member: String,
+    /// The last revision whose changes have all been handed out.
+    revision: i64,
+    /// When etcd last said anything on this watch.
+    heard: Instant,
+}
+
+impl Watch {
+    /// The next batch of changes and its revision; an empty batch is a
+    /// progress notification. An error ends the watch: the caller
+    /// watches again from `revision() + 1`.
+    pub async fn next(&mut self) -> Result<(i64, Vec<Event>), Error> {
+        let r = match self.stream.message().await {
+            Ok(Some(r)) => r,
+            Ok(None) => return Err(Error::WatchEnded("etcd closed the stream".into())),
+            Err(e) => return Err(Error::WatchEnded(failed("watch", e).to_string())),
+        };
+        self.heard = Instant::now();
+        self.check(&r)?;
+        let mut out = Vec::with_capacity(r.events().len());
+        for e in r.events() {
+            let kv = e.kv().ok_or(Error::BadAnswer {
+                call: "watch",
+                detail: "an event without a key".into(),
+            })?;
+            let kv = kv_of("watch", kv)?;
+            out.push(match e.event_type() {
+                EventType::Put => Event::Put(kv),
+                EventType::Delete => Event::Delete(kv.key),
+            });
         }
+        if let Some(h) = r.header() {
+            self.revision = self.revision.max(h.revision());
+        }
+        Ok((self.revision, out))
     }
-    // All 0xff (or empty): to the end of the key space.
-    vec![0]
-}
 
-/// etcd's 64-bit numbers come as strings; a few as numbers.
-fn int(v: &Value) -> Option<i64> {
-    v.as_str()
-        .and_then(|s| s.parse().ok())
-        .or_else(|| v.as_i64())
-}
+    /// Asks etcd to say where the watch stands; the answer comes through
+    /// `next` as an empty batch.
+    pub async fn request_progress(&mut self) -> Result<(), Error> {
+        limited("watch progress", self.stream.request_progress()).await
+    }
 
-fn bad(call: &'static str, v: &Value) -> Error {
-    let mut detail = v.to_string();
-    detail.truncate(200);
-    Error::BadAnswer { call, detail }
-}
+    /// The last revision whose changes have all been handed out.
+    pub fn revision(&self) -> i64 {
+        self.revision
+    }
 
-async fn post(member: &str, path: &str, body: &Value) -> Result<(u16, Value), String> {
-    let resp = open(member, path, body).await?;
-    let code = resp.status().as_u16();
-    let bytes = http_body_util::Limited::new(resp.into_body(), MAX_BODY)
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
-    let v = serde_json::from_slice(&bytes).map_err(|e| format!("not JSON: {e}"))?;
-    Ok((code, v))
-}
+    /// The URL of the member the watch is on.
+    pub fn member(&self) -> &str {
+        &self.member
+    }
 
-/// Sends one POST; the answer's head, with its body still to read.
-async fn open(
-    member: &str,
-    path: &str,
-    body: &Value,
-) -> Result<hyper::Response<hyper::body::Incoming>, String> {
-    let stream = tokio::net::TcpStream::connect(member)
-        .await
-        .map_err(|e| e.to_string())?;
-    let _ = stream.set_nodelay(true);
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
-    let req = hyper::Request::post(path)
-        .header("host", member)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_string())))
-        .map_err(|e| e.to_string())?;
-    sender.send_request(req).await.map_err(|e| e.to_string())
+    /// How long etcd has said nothing on this watch.
+    pub fn quiet_for(&self) -> Duration {
+        self.heard.elapsed()
+    }
+
+    fn check(&self, r: &etcd_client::WatchResponse) -> Result<(), Error> {
+        if r.compact_revision() > 0 {
+            return Err(Error::Compacted(r.compact_revision()));
+        }
+        if r.canceled() {
+            let why = match r.cancel_reason() {
+                "" => "canceled by etcd",
+                why => why,
+            };
+            return Err(Error::WatchEnded(why.into()));
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -345,68 +482,50 @@ mod tests {
     use super::*;
 
     #[test]
-    fn endpoints_and_prefix_ranges() {
-        assert!(Etcd::new("http://10.0.0.1:2379, http://[::1]:2379/").is_ok());
+    fn endpoints_are_checked() {
+        assert_eq!(
+            endpoints("http://10.0.0.1:2379, http://[::1]:2379/").unwrap(),
+            ["http://10.0.0.1:2379", "http://[::1]:2379"]
+        );
         for bad in [
             "",
             "10.0.0.1:2379",
             "https://10.0.0.1:2379",
             "http://etcd:2379",
         ] {
-            assert!(Etcd::new(bad).is_err(), "{bad:?}");
+            assert!(endpoints(bad).is_err(), "{bad:?}");
         }
-        assert_eq!(prefix_end("/a/"), b"/a0");
-        assert_eq!(prefix_end("ab"), b"ac");
-        assert_eq!(prefix_end(""), vec![0]);
-        assert_eq!(int(&json!("42")), Some(42));
-        assert_eq!(int(&json!(7)), Some(7));
-        assert_eq!(int(&json!("x")), None);
     }
 
     #[test]
-    fn watch_lines_become_events_or_errors() {
-        let created = json!({"result": {"header": {"revision": "2"}, "created": true}});
-        assert_eq!(watch_batch(&created), Ok(None));
-        let put = json!({"result": {"header": {"revision": "3"}, "events": [
-            {"kv": {"key": "L3AvYQ==", "value": "MQ==", "lease": "7"}},
-            {"type": "DELETE", "kv": {"key": "L3AvYg=="}}
-        ]}});
+    fn failures_are_sorted_by_what_a_retry_could_change() {
+        let unavailable = etcd_client::Error::GRpcStatus(tonic::Status::unavailable("no leader"));
+        assert!(matches!(
+            failed("put", unavailable),
+            Error::Unreachable { call: "put", .. }
+        ));
+        let refused = etcd_client::Error::GRpcStatus(tonic::Status::not_found("lease not found"));
         assert_eq!(
-            watch_batch(&put),
-            Ok(Some((
-                3,
-                vec![
-                    Event::Put(Kv {
-                        key: "/p/a".into(),
-                        value: b"1".to_vec(),
-                        lease: 7
-                    }),
-                    Event::Delete("/p/b".into())
-                ]
-            )))
+            failed("put", refused),
+            Error::Refused {
+                call: "put",
+                detail: "lease not found".into()
+            }
         );
-        let compacted = json!({"result": {"compact_revision": "9", "canceled": true}});
-        assert_eq!(watch_batch(&compacted), Err(Error::Compacted(9)));
-        let odd = json!({"result": {"header": {"revision": "3"}, "events": [
-            {"type": "MOVE", "kv": {"key": "L3AvYQ=="}}
-        ]}});
-        assert!(matches!(watch_batch(&odd), Err(Error::BadAnswer { .. })));
-        let bad_key = json!({"result": {"header": {"revision": "3"}, "events": [
-            {"kv": {"key": "!!!"}}
-        ]}});
-        assert!(watch_batch(&bad_key).is_err());
     }
 
     #[tokio::test]
-    async fn no_member_answering_is_an_error_naming_each() {
+    async fn no_member_answering_is_an_error_not_a_hang() {
         // Ports nothing listens on: connections are refused at once.
-        let etcd = Etcd::new("http://127.0.0.1:1,http://127.0.0.1:2").unwrap();
-        let Err(Error::Unreachable(why)) = etcd.grant(10).await else {
-            panic!()
-        };
-        assert!(
-            why.contains("127.0.0.1:1") && why.contains("127.0.0.1:2"),
-            "{why}"
-        );
+        let etcd = Etcd::connect("http://127.0.0.1:1,http://127.0.0.1:2")
+            .await
+            .unwrap();
+        assert!(matches!(
+            etcd.grant(10).await,
+            Err(Error::Unreachable {
+                call: "lease grant",
+                ..
+            })
+        ));
     }
 }

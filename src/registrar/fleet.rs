@@ -8,14 +8,20 @@
 //!   the local instances puts what changed and deletes what went. A dead
 //!   host's keys expire with its lease; a clean shutdown revokes it.
 //! - **Follow.** Read the prefix, then watch it from the next revision;
-//!   every batch of changes gives the registry a new catalog.
+//!   every batch of changes gives the registry a new catalog. Puts and
+//!   deletes go in transactions of up to 128 writes.
 //! - **Faults.** A failed call marks etcd down (`status`, `/healthz`,
-//!   `/metrics`), drops the watch and retries with backoff (0.5 s to 5 s).
+//!   `/metrics`), ends the session and retries with backoff (0.5 s to
+//!   5 s), starting on another member than the one that failed.
 //!   Meanwhile the last catalog stays and local ports keep working. A
-//!   watch cannot tell a partition from a quiet catalog, so the renewals
-//!   double as the heartbeat. Back up, the registrar renews its lease, or
-//!   takes a new one if it expired, puts every instance again, and reads
-//!   the catalog afresh.
+//!   watch cannot tell a cut-off member from a quiet catalog, so the task
+//!   asks it for progress every second and gives up on it after 4 s of
+//!   silence; the lease renewals, on the same member, time out as well.
+//!   Back up, the registrar keeps its lease (or takes a new one if it
+//!   expired), puts every instance again, and resumes the watch after the
+//!   last revision it saw, so that the changes made meanwhile arrive in
+//!   order; only if etcd has compacted that history is the catalog read
+//!   afresh.
 //! - **Restart.** A new registrar puts its instances (on its own lease)
 //!   as soon as Docker has named its mappings, within the old lease's TTL,
 //!   so no instance leaves the catalog. Keys of the old run that are no
@@ -23,9 +29,9 @@
 
 use super::docker::client::Docker;
 use super::keeper::{Input, Registrar};
-use super::state::fleet::{EtcdState, Instances};
+use super::state::fleet::{EtcdReport, EtcdState, Instances};
 use crate::catalog::{self, Instance};
-use crate::etcd::{Error as EtcdError, Etcd, Event, Watch};
+use crate::etcd::{Error as EtcdError, Etcd, Event, Lease, Watch, Write};
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -35,7 +41,7 @@ use tokio::sync::watch;
 /// `serve`'s fleet flags.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
-    /// `http://IP:PORT[,...]`, checked by `Etcd::new`.
+    /// `http://IP:PORT[,...]`, checked by `etcd::endpoints`.
     pub etcd: String,
     pub advertise: IpAddr,
     pub host_id: String,
@@ -56,9 +62,14 @@ pub const DEFAULT_TTL: Duration = Duration::from_secs(10);
 const MIN_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
+/// How often the watch is asked where it stands, and how long it may
+/// stay silent after that before it is taken for dead.
+const HEARTBEAT: Duration = Duration::from_secs(1);
+const SILENT: Duration = Duration::from_secs(4);
+
 /// What the task holds while etcd answers.
 struct Session {
-    lease: i64,
+    lease: Lease,
     watch: Watch,
 }
 
@@ -77,7 +88,11 @@ pub async fn run(
     tokio::pin!(egress);
     let mut egress_done = false;
     let ttl = cfg.ttl.max(Duration::from_secs(2));
+    // The lease this run holds, and the last revision the catalog has
+    // every change of: both outlive a session, so that a reconnect keeps
+    // the lease and resumes the watch.
     let mut lease: Option<i64> = None;
+    let mut revision: Option<i64> = None;
     // What this run has put, by key: the value's bytes.
     let mut published: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     let mut catalog: BTreeMap<String, Instance> = BTreeMap::new();
@@ -85,16 +100,26 @@ pub async fn run(
     let mut backoff = MIN_BACKOFF;
     let mut renew = tokio::time::interval(ttl / 3);
     renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut heartbeat = tokio::time::interval(HEARTBEAT);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         if *stop.borrow() {
             break;
         }
         let Some(s) = session.as_mut() else {
-            let attempt = connect(&etcd, ttl, lease, &mut local, &mut published, &mut catalog);
+            let attempt = connect(
+                &etcd,
+                ttl,
+                (lease, revision),
+                &mut local,
+                &mut published,
+                &mut catalog,
+            );
             match attempt.await {
                 Ok(s) => {
-                    lease = Some(s.lease);
-                    report(&registry, None);
+                    lease = Some(s.lease.id());
+                    revision = Some(s.watch.revision());
+                    report(&registry, Ok(&s.watch));
                     registry.tell(Input::Catalog(Arc::new(catalog.clone())));
                     tracing::info!(
                         "fleet: published {} instance(s) as {:?}; the catalog has {}",
@@ -105,10 +130,11 @@ pub async fn run(
                     backoff = MIN_BACKOFF;
                     session = Some(s);
                     renew.reset();
+                    heartbeat.reset();
                 }
                 Err((e, kept)) => {
                     lease = kept;
-                    report(&registry, Some(&e));
+                    report(&registry, Err(&e));
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = stop.changed() => {}
@@ -119,38 +145,60 @@ pub async fn run(
             }
             continue;
         };
-        let failed: Option<EtcdError> = tokio::select! {
+        // A failure, and the member it came from.
+        let failed: Option<(EtcdError, Option<&str>)> = tokio::select! {
             _ = stop.changed() => None,
             _ = &mut egress, if !egress_done => {
                 egress_done = true;
                 None
             }
             r = local.changed() => match r {
-                Ok(()) => sync(&etcd, s.lease, &mut local, &mut published).await.err(),
+                Ok(()) => sync(&etcd, s.lease.id(), &mut local, &mut published)
+                    .await
+                    .err()
+                    .map(|e| (e, None)),
                 Err(_) => break,
             },
-            _ = renew.tick() => match etcd.keep_alive(s.lease).await {
+            _ = renew.tick() => match s.lease.renew().await {
                 Ok(0) => {
                     // Expired (etcd was away too long): everything again.
-                    tracing::warn!("fleet: lease {:x} expired; publishing again", s.lease);
+                    tracing::warn!("fleet: lease {:x} expired; publishing again", s.lease.id());
                     lease = None;
                     published.clear();
-                    Some(EtcdError::Refused { call: "lease keep-alive", detail: "lease expired".into() })
+                    let detail = "lease expired".into();
+                    Some((EtcdError::Refused { call: "lease keep-alive", detail }, None))
                 }
                 Ok(_) => None,
-                Err(e) => Some(e),
+                Err(e) => Some((e, Some(s.lease.member()))),
+            },
+            // A watch on a member that went away says nothing: ask it
+            // where it stands, and give up on it if it stays silent.
+            _ = heartbeat.tick() => match s.watch.quiet_for() {
+                quiet if quiet > SILENT => {
+                    let why = format!("{} said nothing on the watch for {}s", s.watch.member(), quiet.as_secs());
+                    Some((EtcdError::WatchEnded(why), Some(s.watch.member())))
+                }
+                _ => s.watch.request_progress().await.err().map(|e| (e, Some(s.watch.member()))),
             },
             r = s.watch.next() => match r {
-                Ok((_, events)) => {
-                    apply(&mut catalog, events);
-                    registry.tell(Input::Catalog(Arc::new(catalog.clone())));
+                Ok((rev, events)) => {
+                    revision = Some(rev);
+                    if !events.is_empty() {
+                        apply(&mut catalog, events);
+                        registry.tell(Input::Catalog(Arc::new(catalog.clone())));
+                    }
                     None
                 }
-                Err(e) => Some(e),
+                Err(e) => Some((e, Some(s.watch.member()))),
             },
         };
-        if let Some(e) = failed {
-            report(&registry, Some(&e));
+        if let Some((e, member)) = failed {
+            // What failed there may still look alive: start elsewhere.
+            if let Some(m) = member {
+                etcd.shun(m);
+            }
+            tracing::warn!("fleet: {e}; connecting again");
+            report(&registry, Err(&e));
             session = None;
         }
     }
@@ -164,53 +212,84 @@ pub async fn run(
     }
 }
 
-/// Takes or renews the lease, publishes every local instance, reads the
-/// catalog and starts watching it. On failure, the lease that may still be
-/// alive is given back.
+/// Renews the lease `kept.0` (or takes a new one if it expired),
+/// publishes every local instance, and watches the catalog: from the
+/// revision after `kept.1` if there is one and etcd still has its
+/// history, else from a fresh read. On failure, the lease that may still
+/// be alive is given back.
 async fn connect(
     etcd: &Etcd,
     ttl: Duration,
-    lease: Option<i64>,
+    kept: (Option<i64>, Option<i64>),
     local: &mut watch::Receiver<Instances>,
     published: &mut BTreeMap<String, Vec<u8>>,
     catalog: &mut BTreeMap<String, Instance>,
 ) -> Result<Session, (EtcdError, Option<i64>)> {
-    let lease = match lease {
-        Some(l) => match etcd.keep_alive(l).await {
-            Ok(0) => None,
-            Ok(_) => Some(l),
-            Err(e) => return Err((e, Some(l))),
-        },
+    let (lease, revision) = kept;
+    let renewed = match lease {
+        Some(l) => etcd.keep_alive(l).await.map_err(|e| (e, Some(l)))?,
         None => None,
     };
-    let lease = match lease {
+    let lease = match renewed {
         Some(l) => l,
         None => {
-            published.clear();
-            etcd.grant(ttl.as_secs()).await.map_err(|e| (e, None))?
+            let id = etcd.grant(ttl.as_secs()).await.map_err(|e| (e, None))?;
+            etcd.keep_alive(id)
+                .await
+                .map_err(|e| (e, Some(id)))?
+                .ok_or_else(|| {
+                    let detail = "a new lease was gone at once".to_string();
+                    (
+                        EtcdError::Refused {
+                            call: "lease keep-alive",
+                            detail,
+                        },
+                        None,
+                    )
+                })?
         }
     };
+    let id = lease.id();
     // Everything again: puts are idempotent, and etcd may have lost or
     // never seen some of them.
     published.clear();
-    sync(etcd, lease, local, published)
+    sync(etcd, id, local, published)
         .await
-        .map_err(|e| (e, Some(lease)))?;
-    let (revision, kvs) = etcd
-        .get_prefix(catalog::PREFIX)
-        .await
-        .map_err(|e| (e, Some(lease)))?;
-    catalog.clear();
-    apply(catalog, kvs.into_iter().map(Event::Put).collect());
-    let watch = etcd
-        .watch_prefix(catalog::PREFIX, revision + 1)
-        .await
-        .map_err(|e| (e, Some(lease)))?;
+        .map_err(|e| (e, Some(id)))?;
+    let resumed = match revision {
+        Some(r) => match etcd.watch_prefix(catalog::PREFIX, r + 1).await {
+            Ok(w) => Some(w),
+            Err(EtcdError::Compacted(c)) => {
+                tracing::info!(
+                    "fleet: etcd compacted past revision {c}; reading the catalog afresh"
+                );
+                None
+            }
+            Err(e) => return Err((e, Some(id))),
+        },
+        None => None,
+    };
+    let watch = match resumed {
+        Some(w) => w,
+        None => {
+            let (revision, kvs) = etcd
+                .get_prefix(catalog::PREFIX)
+                .await
+                .map_err(|e| (e, Some(id)))?;
+            let watch = etcd
+                .watch_prefix(catalog::PREFIX, revision + 1)
+                .await
+                .map_err(|e| (e, Some(id)))?;
+            catalog.clear();
+            apply(catalog, kvs.into_iter().map(Event::Put).collect());
+            watch
+        }
+    };
     Ok(Session { lease, watch })
 }
 
 /// Puts the local instances that changed since they were published and
-/// deletes those that are gone.
+/// deletes those that are gone, in as few transactions as etcd takes.
 async fn sync(
     etcd: &Etcd,
     lease: i64,
@@ -222,22 +301,26 @@ async fn sync(
         .iter()
         .map(|(k, i)| (k.clone(), catalog::encode(i)))
         .collect();
-    let gone: Vec<String> = published
+    let writes = changes(published, &want);
+    if writes.is_empty() {
+        return Ok(());
+    }
+    etcd.write(&writes, lease).await?;
+    *published = want;
+    Ok(())
+}
+
+/// The writes that take etcd from `published` to `want`.
+fn changes(published: &BTreeMap<String, Vec<u8>>, want: &BTreeMap<String, Vec<u8>>) -> Vec<Write> {
+    let gone = published
         .keys()
         .filter(|k| !want.contains_key(*k))
-        .cloned()
-        .collect();
-    for key in gone {
-        etcd.delete(&key).await?;
-        published.remove(&key);
-    }
-    for (key, value) in want {
-        if published.get(&key) != Some(&value) {
-            etcd.put(&key, &value, lease).await?;
-            published.insert(key, value);
-        }
-    }
-    Ok(())
+        .map(|k| Write::Delete(k.clone()));
+    let put = want
+        .iter()
+        .filter(|(k, v)| published.get(*k) != Some(*v))
+        .map(|(k, v)| Write::Put(k.clone(), v.clone()));
+    gone.chain(put).collect()
 }
 
 /// Applies changes to the catalog; keys and values that are not ours to
@@ -273,8 +356,15 @@ fn apply(catalog: &mut BTreeMap<String, Instance>, events: Vec<Event>) {
     }
 }
 
-fn report(registry: &Registrar, error: Option<&EtcdError>) {
-    registry.tell(Input::Etcd(error.map(|e| e.to_string())));
+/// Tells the registry that etcd answers (the catalog's watch is
+/// `watching`) or what failed.
+fn report(registry: &Registrar, how: Result<&Watch, &EtcdError>) {
+    registry.tell(Input::Etcd(match how {
+        Ok(w) => EtcdReport::Answers {
+            member: w.member().to_string(),
+        },
+        Err(e) => EtcdReport::Fails(e.to_string()),
+    }));
 }
 
 /// Sets where egress listens: the flag's address, or Docker's bridge
@@ -342,7 +432,10 @@ async fn bridge_gateway(docker: &Docker) -> Result<IpAddr, String> {
 /// For `/healthz` and `status`: one line on etcd.
 pub fn describe(state: &EtcdState) -> String {
     match (&state.error, state.seen) {
-        (None, true) => "connected".into(),
+        (None, true) => match &state.member {
+            Some(m) => format!("connected, watching through {m}"),
+            None => "connected".into(),
+        },
         (None, false) => "connecting".into(),
         (Some(e), _) => format!("unreachable: {e}"),
     }
@@ -407,6 +500,26 @@ mod tests {
         apply(&mut cat, vec![put(&good, &catalog::encode(&instance("b")))]);
         apply(&mut cat, vec![Event::Delete(good.clone())]);
         assert!(cat.is_empty());
+    }
+
+    #[test]
+    fn only_what_changed_is_written_and_deletes_come_first() {
+        let map = |kv: &[(&str, &str)]| -> BTreeMap<String, Vec<u8>> {
+            kv.iter()
+                .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+                .collect()
+        };
+        let published = map(&[("a", "1"), ("b", "1"), ("c", "1")]);
+        let want = map(&[("a", "1"), ("b", "2"), ("d", "1")]);
+        assert_eq!(
+            changes(&published, &want),
+            [
+                Write::Delete("c".into()),
+                Write::Put("b".into(), b"2".to_vec()),
+                Write::Put("d".into(), b"1".to_vec()),
+            ]
+        );
+        assert!(changes(&want, &want).is_empty());
     }
 
     #[test]

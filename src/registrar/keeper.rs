@@ -13,7 +13,7 @@
 
 use super::liveness::{self, OwnerProcess};
 use super::metrics::Metrics;
-use super::state::fleet::{EtcdState, Instances};
+use super::state::fleet::{EtcdReport, EtcdState, Instances};
 use super::state::Registry;
 use crate::mapping::{EnvoyStatus, Mapping, MappingKey, MappingStatus, Server};
 use crate::nft::ruleset::Claims;
@@ -74,8 +74,8 @@ pub enum Input {
     Catalog(Instances),
     /// Where egress listens.
     EgressIp(Option<std::net::IpAddr>),
-    /// How the last etcd call went: `None` if it answered.
-    Etcd(Option<String>),
+    /// How the fleet's last etcd calls went.
+    Etcd(EtcdReport),
     /// What the nftables table claims now (`None`: ports not claimed).
     ClaimsApplied(Option<Claims>),
     /// A question; the answer goes back on its oneshot.

@@ -182,7 +182,11 @@ pub async fn run(
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let (ports_tx, ports) = tokio::sync::watch::channel(crate::nft::PortsState::Starting);
     let etcd = match &args.fleet {
-        Some(f) => Some(crate::etcd::Etcd::new(&f.etcd).map_err(|e| Error::Bind(e.to_string()))?),
+        Some(f) => Some(
+            crate::etcd::Etcd::connect(&f.etcd)
+                .await
+                .map_err(|e| Error::Bind(e.to_string()))?,
+        ),
         None => None,
     };
     let mut registry = Registry::new(args.default_mode)

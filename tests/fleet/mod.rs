@@ -5,10 +5,11 @@
 //! costly part).
 
 mod hosts;
+mod partition;
 
 use crate::harness::{free_port, wait_until, TempDir};
 use envoy_docker::catalog::{self, ContainerInfo, Health, Instance};
-use envoy_docker::etcd::{Etcd, Event};
+use envoy_docker::etcd::{Etcd, Event, Write};
 use envoy_docker::mapping::Mode;
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
@@ -93,10 +94,13 @@ fn instance(host: &str, port: u16) -> Instance {
 async fn etcd_client_leases_and_catalog_records_on_a_real_etcd() {
     let server = EtcdServer::start();
     // A dead member first: the client goes on to the live one.
-    let etcd = Etcd::new(&format!("http://127.0.0.1:1,{}", server.url)).unwrap();
+    let etcd = Etcd::connect(&format!("http://127.0.0.1:1,{}", server.url))
+        .await
+        .unwrap();
 
     let lease = etcd.grant(10).await.unwrap();
-    assert!(etcd.keep_alive(lease).await.unwrap() > 0);
+    let mut kept = etcd.keep_alive(lease).await.unwrap().expect("a live lease");
+    assert!(kept.renew().await.unwrap() > 0);
     let a = instance("host-a", 8080);
     let b = instance("host-b", 8081);
     let key_a = catalog::key("web", "host-a", "tcp_0-0-0-0_8080").unwrap();
@@ -133,7 +137,8 @@ async fn etcd_client_leases_and_catalog_records_on_a_real_etcd() {
 
     // Revoking the lease takes its keys with it; the other stays.
     etcd.revoke(lease).await.unwrap();
-    assert_eq!(etcd.keep_alive(lease).await.unwrap(), 0);
+    assert_eq!(kept.renew().await.unwrap(), 0);
+    assert!(etcd.keep_alive(lease).await.unwrap().is_none());
     let (_, kvs) = etcd.get_prefix(catalog::PREFIX).await.unwrap();
     assert_eq!(
         kvs.iter().map(|k| k.key.as_str()).collect::<Vec<_>>(),
@@ -191,6 +196,16 @@ async fn etcd_client_leases_and_catalog_records_on_a_real_etcd() {
         Err(envoy_docker::etcd::Error::Compacted(_))
     ));
 
+    // More writes than one transaction takes go in several, in order.
+    let many: Vec<Write> = (0..300)
+        .map(|i| Write::Put(format!("{}batch/{i:03}", catalog::PREFIX), b"x".to_vec()))
+        .chain((0..150).map(|i| Write::Delete(format!("{}batch/{i:03}", catalog::PREFIX))))
+        .collect();
+    etcd.write(&many, 0).await.unwrap();
+    let (_, kvs) = etcd.get_prefix(catalog::PREFIX).await.unwrap();
+    assert_eq!(kvs.len(), 150);
+    assert!(kvs[0].key.ends_with("batch/150"), "{:?}", kvs[0]);
+
     // etcd's own refusals are errors, not panics.
     assert!(etcd.put(&key_a, b"x", 12345).await.is_err());
     drop(server);
@@ -203,7 +218,7 @@ fn catalog_now(urls: &str) -> Vec<Instance> {
         .enable_all()
         .build()
         .unwrap();
-    let etcd = Etcd::new(urls).unwrap();
+    let etcd = rt.block_on(Etcd::connect(urls)).unwrap();
     let (_, kvs) = rt.block_on(etcd.get_prefix(catalog::PREFIX)).unwrap();
     kvs.iter()
         .map(|kv| catalog::decode(&kv.value).unwrap())
@@ -297,7 +312,7 @@ fn watch_events(urls: &str, stop: std::sync::mpsc::Receiver<()>) -> Vec<Event> {
         .enable_all()
         .build()
         .unwrap();
-    let etcd = Etcd::new(urls).unwrap();
+    let etcd = rt.block_on(Etcd::connect(urls)).unwrap();
     rt.block_on(async move {
         let (rev, _) = etcd.get_prefix(catalog::PREFIX).await.unwrap();
         let mut watch = etcd.watch_prefix(catalog::PREFIX, rev + 1).await.unwrap();
@@ -595,7 +610,7 @@ fn fleet_three_hosts_etcd_health_faults_and_traces() {
         fleet
             .host("c")
             .registrar_get("/healthz")
-            .contains(r#""etcd":"connected""#)
+            .contains(r#""etcd":"connected"#)
             && has(&catalog_now(&all), "web", c_id)
     });
     assert!(

@@ -30,10 +30,21 @@ pub type Instances = Arc<BTreeMap<String, Instance>>;
 pub struct EtcdState {
     /// The last error, while etcd cannot be reached; `None` once it answers.
     pub error: Option<String>,
+    /// The member the catalog's watch is on, once etcd answers.
+    pub member: Option<String>,
     /// Set once etcd has answered at least once.
     pub seen: bool,
     /// Failed calls to etcd, in all.
     pub errors: u64,
+}
+
+/// How the fleet task's last dealings with etcd went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EtcdReport {
+    /// etcd answers; the catalog's watch is on `member`.
+    Answers { member: String },
+    /// A call failed, with why.
+    Fails(String),
 }
 
 #[derive(Debug)]

@@ -198,18 +198,19 @@ impl Registry {
     }
 
     /// How the last etcd call went: `None` if it answered, else why not.
-    pub fn etcd_report(&mut self, error: Option<String>) {
+    pub fn etcd_report(&mut self, report: fleet::EtcdReport) {
         let Some(state) = self.fleet.as_mut().map(|f| &mut f.etcd) else {
             return;
         };
-        match error {
-            None => {
+        match report {
+            fleet::EtcdReport::Answers { member } => {
                 if state.error.take().is_some() {
-                    tracing::info!("fleet: etcd answers again");
+                    tracing::info!("fleet: etcd answers again, through {member}");
                 }
                 state.seen = true;
+                state.member = Some(member);
             }
-            Some(e) => {
+            fleet::EtcdReport::Fails(e) => {
                 if state.error.is_none() {
                     tracing::warn!("fleet: etcd: {e}; serving the last catalog and retrying");
                 } else {
