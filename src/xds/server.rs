@@ -509,3 +509,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Capped<S> {
         self.io.is_write_vectored()
     }
 }
+
+#[cfg(test)]
+#[path = "server_tests.rs"]
+mod tests;

@@ -206,7 +206,9 @@ fn registrar_down_at_start_then_envoy_takes_over_with_nothing_failed() {
     let proxy = proxy.ready();
     let took = started.elapsed();
     eprintln!("ready {took:?} after spawn with the registrar down");
-    assert!(took < Duration::from_secs(1), "{took:?}");
+    // A ceiling that only a proxy waiting on the dead registrar misses
+    // (dockerd waits 16 s); the figure is the benchmarks'.
+    assert!(took < Duration::from_secs(8), "{took:?}");
     assert!(listens_on(proxy.pid(), port));
     let load = ConnectLoop::start(v4(port), "registrar optional");
     load.run_for(200, Duration::from_secs(20));
@@ -238,7 +240,7 @@ fn a_hung_registrar_does_not_hold_up_a_new_proxy() {
     eprintln!("ready {took:?} after spawn with the registrar stopped");
     kill(pid, Signal::SIGCONT).unwrap();
     assert_eq!(status, "0\n");
-    assert!(took < Duration::from_secs(2), "{took:?}");
+    assert!(took < Duration::from_secs(8), "{took:?}");
     assert_eq!(
         http_get(v4(port), "/").unwrap(),
         (200, "despite a hung registrar".into())

@@ -14,22 +14,23 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+/// Longer than any of the proxy's own waits, shorter than dockerd's 16 s.
+const READY_CEILING: Duration = Duration::from_secs(8);
+
 fn v4(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
-/// A new proxy, spawned as dockerd spawns it, reports ready within 2 s and
-/// serves; returns it with its port.
+/// A new proxy, spawned as dockerd spawns it, reports ready well inside
+/// the 16 s dockerd waits (the figure is bench/'s; the ceiling only
+/// catches a proxy that waits on the registrar) and serves; returns it
+/// with its port.
 fn new_proxy_serves(stack: &Stack, ip: &str, body: &str) -> (Proxy, u16) {
     let be = backend::http(ip, body);
     let port = free_port();
     let started = Instant::now();
     let p = stack.proxy(ProxySpec::tcp("127.0.0.1", port, be)).ready();
-    assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "{:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < READY_CEILING, "{:?}", started.elapsed());
     assert_eq!(http_get(v4(port), "/").unwrap(), (200, body.to_string()));
     (p, port)
 }
@@ -368,12 +369,14 @@ fn hardening_5_proxies_are_taken_before_a_hung_docker_answers() {
     let port = free_port();
     let started = Instant::now();
     let _p = stack.proxy(ProxySpec::tcp("127.0.0.1", port, be)).ready();
-    // Listed before the registrar's 5 s wait for Docker is over (the
-    // registration itself waits 1.5 s at most for Docker to name it).
-    assert!(wait_until(Duration::from_secs(3), || stack.status().len() == 1));
+    // Listed before the registrar's 5 s wait for Docker is over, which
+    // ends with its "serving proxies" line (the registration itself waits
+    // 1.5 s at most for Docker to name it).
+    assert!(wait_until(Duration::from_secs(10), || stack.status().len() == 1));
+    let log = stack.log();
     assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "{:?}",
+        !log.contains("serving proxies on"),
+        "listed only after the wait for Docker ({:?}):\n{log}",
         started.elapsed()
     );
     assert_eq!(

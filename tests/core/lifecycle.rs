@@ -98,14 +98,15 @@ fn registrar_restart_keeps_everything_served(ads: Ads) {
     }
     let before = stack.status();
     let watch = Watch::start(&stack, &ports);
-    std::thread::sleep(Duration::from_millis(300));
+    watch.wait_served(30);
     // Frozen proxies cannot register again by themselves, so what Envoy
     // sees after the restart comes from the registrar's own recovery.
     for p in &proxies {
         p.signal(Signal::SIGSTOP);
     }
     stack.kill_registrar();
-    std::thread::sleep(Duration::from_millis(500));
+    // Served while the registrar is gone.
+    watch.wait_served(30);
     stack.start_registrar();
     assert_eq!(stack.status().len(), 3, "{}", stack.log());
     // Envoy reconnects within its backoff and must find every listener.
@@ -118,11 +119,11 @@ fn registrar_restart_keeps_everything_served(ads: Ads) {
         "Envoy did not reconnect: {}",
         stack.log()
     );
-    std::thread::sleep(Duration::from_millis(500));
+    watch.wait_served(30);
     for p in &proxies {
         p.signal(Signal::SIGCONT);
     }
-    std::thread::sleep(Duration::from_millis(500));
+    watch.wait_served(30);
     let (ok, failures) = watch.finish();
     assert!(failures.is_empty(), "{failures:#?}\n{}", stack.log());
     // Same state, same versions: the reconnected Envoy was sent nothing.

@@ -321,11 +321,12 @@ fn docker_9_registrar_restart_keeps_serving_and_naming(setup: Setup) {
     let before = env.stack.status();
     let addrs: Vec<SocketAddr> = ports.iter().map(|p| env.addr(*p)).collect();
     let watch = Watch::start_at(&env.stack, &addrs);
-    std::thread::sleep(Duration::from_millis(300));
+    watch.wait_served(30);
     env.stack.kill_registrar();
-    std::thread::sleep(Duration::from_millis(500));
+    // Served while the registrar is gone, and after it is back.
+    watch.wait_served(30);
     env.stack.start_registrar();
-    std::thread::sleep(Duration::from_secs(2));
+    watch.wait_served(60);
     let (ok, failures) = watch.finish();
     assert!(failures.is_empty(), "{failures:#?}");
     assert!(ok > 10);
@@ -517,7 +518,7 @@ fn docker_17_every_port_keeps_answering_when_envoy_is_killed(setup: Setup) {
     assert!(env
         .stack
         .wait_served_by(&ports, "envoy", Duration::from_secs(10)));
-    std::thread::sleep(Duration::from_millis(300));
+    watch.wait_served(30);
     let (ok, failures) = watch.finish();
     assert!(failures.is_empty(), "{failures:#?}");
     assert!(ok > 10);

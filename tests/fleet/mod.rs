@@ -423,9 +423,16 @@ fn fleet_three_hosts_etcd_health_faults_and_traces() {
     // 3. Health: an instance whose /health fails gets no requests within
     // two check intervals, and gets them again once healthy.
     exec(fleet.host("a"), "web-a", "echo sick > /tmp/health");
-    std::thread::sleep(Duration::from_millis(2000 + 1000));
+    let t = Instant::now();
+    let ok = wait_until(WAIT, || {
+        only(&spread(fleet.host("c"), c_egress, 10), &[web_b])
+    });
+    eprintln!(
+        "fleet: a sick instance stopped getting requests after {:?}",
+        t.elapsed()
+    );
     let seen = spread(fleet.host("c"), c_egress, 50);
-    assert!(only(&seen, &[web_b]), "sick A still served: {seen:?}");
+    assert!(ok && only(&seen, &[web_b]), "sick A still served: {seen:?}");
     exec(fleet.host("a"), "web-a", "echo ok > /tmp/health");
     let ok = wait_until(WAIT, || {
         only(&spread(fleet.host("c"), c_egress, 20), &[web_a, web_b])

@@ -92,6 +92,21 @@ impl Watch {
         }
     }
 
+    /// Waits until `n` more requests have succeeded: the loop has run
+    /// through whatever happens meanwhile. Panics after 60 s, loudly, with
+    /// the failures so far.
+    pub fn wait_served(&self, n: u64) {
+        let target = self.ok.load(Ordering::Relaxed) + n;
+        let reached = super::wait_until(Duration::from_secs(60), || {
+            self.ok.load(Ordering::Relaxed) >= target
+        });
+        assert!(
+            reached,
+            "the request loop never got {n} more answers; failures: {:?}",
+            self.failures.lock().unwrap()
+        );
+    }
+
     pub fn finish(self) -> (u64, Vec<String>) {
         self.stop.store(true, Ordering::Relaxed);
         for t in self.threads {

@@ -36,7 +36,7 @@ fn restart_with(
     let removed = "listener_manager.listener_removed";
     let (updated0, removed0) = (env.stack.stat(in_place), env.stack.stat(removed));
     let watch = Watch::start(&env.stack, ports);
-    std::thread::sleep(Duration::from_millis(200));
+    watch.wait_served(20);
     env.stack.kill_registrar();
     env.stack.serve_args = base.into_iter().chain(extra.iter().cloned()).collect();
     env.stack.start_registrar();
@@ -52,7 +52,7 @@ fn restart_with(
             crate::harness::dockerd::tail(&env.stack.log(), 15)
         );
     }
-    std::thread::sleep(Duration::from_millis(500));
+    watch.wait_served(20);
     let (ok, failures) = watch.finish();
     assert!(failures.is_empty(), "{failures:#?}");
     assert!(ok > 5);
