@@ -26,6 +26,37 @@ pub fn socket_path(flag: Option<PathBuf>) -> PathBuf {
     .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
 }
 
+/// Why a listener could not be set up: `what` says which (the registrar
+/// socket, xDS, the admin endpoint), `at` where.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    #[error("{at} is already being served ({what}: another registrar?)")]
+    InUse { what: &'static str, at: String },
+    #[error("cannot set up {what} on {at}")]
+    Io {
+        what: &'static str,
+        at: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} takes {want}, not {at}")]
+    Kind {
+        what: &'static str,
+        at: String,
+        want: &'static str,
+    },
+}
+
+impl ListenError {
+    pub fn io(
+        what: &'static str,
+        at: impl std::fmt::Display,
+    ) -> impl FnOnce(std::io::Error) -> ListenError {
+        let at = at.to_string();
+        move |source| ListenError::Io { what, at, source }
+    }
+}
+
 /// A place to listen on or connect to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Addr {

@@ -3,6 +3,7 @@
 
 use crate::xds::bootstrap::{render, Bootstrap};
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -11,21 +12,21 @@ pub struct Config {
     pub output: Option<PathBuf>,
 }
 
-pub fn run(args: Config) -> i32 {
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot write {0}")]
+    Write(PathBuf, #[source] std::io::Error),
+}
+
+pub fn run(args: Config) -> Result<ExitCode, Error> {
     let yaml = render(&args.bootstrap);
     let Some(path) = &args.output else {
         print!("{yaml}");
-        return 0;
+        return Ok(ExitCode::SUCCESS);
     };
     let tmp = path.with_extension("yaml.tmp");
-    match std::fs::write(&tmp, yaml).and_then(|()| std::fs::rename(&tmp, path)) {
-        Ok(()) => 0,
-        Err(e) => {
-            eprintln!(
-                "envoy-docker bootstrap: cannot write {}: {e}",
-                path.display()
-            );
-            1
-        }
-    }
+    std::fs::write(&tmp, yaml)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| Error::Write(path.clone(), e))?;
+    Ok(ExitCode::SUCCESS)
 }

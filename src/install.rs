@@ -7,6 +7,7 @@
 
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 
 const REGISTRAR_UNIT: &str = include_str!("../packaging/systemd/envoy-docker.service");
 const ENVOY_UNIT: &str = include_str!("../packaging/systemd/envoy-docker-envoy.service");
@@ -72,20 +73,41 @@ Docker's DNAT. Remove the key to get Docker's networking back.",
     )
 }
 
+/// Why `install` stopped; what it did before stays done and was said.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot find this binary")]
+    NoExe(#[source] std::io::Error),
+    /// A file or directory that could not be read, written or moved.
+    #[error("{0}")]
+    File(String, #[source] std::io::Error),
+    #[error("{0} exists and is not a file; remove it first")]
+    NotAFile(PathBuf),
+    #[error("{0} is a regular file, and {1} exists already; move one of them away first")]
+    AsideTaken(PathBuf, PathBuf),
+    #[error("daemon.json is not a JSON object")]
+    NotAnObject,
+    #[error("daemon.json is not valid JSON")]
+    BadJson(#[source] serde_json::Error),
+}
+
+fn file_error(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> Error {
+    move |e| Error::File(what.to_string(), e)
+}
+
 /// Merges our keys into an existing daemon.json, keeping every other key.
-pub fn merge_daemon_json(existing: Option<&str>, prefix: &Path) -> Result<String, String> {
+pub fn merge_daemon_json(existing: Option<&str>, prefix: &Path) -> Result<String, Error> {
     let mut doc = match existing.map(str::trim).filter(|s| !s.is_empty()) {
         None => Map::new(),
-        Some(text) => match serde_json::from_str::<Value>(text) {
-            Ok(Value::Object(m)) => m,
-            Ok(_) => return Err("daemon.json is not a JSON object".into()),
-            Err(e) => return Err(format!("daemon.json is not valid JSON: {e}")),
+        Some(text) => match serde_json::from_str::<Value>(text).map_err(Error::BadJson)? {
+            Value::Object(m) => m,
+            _ => return Err(Error::NotAnObject),
         },
     };
     doc.extend(daemon_settings(prefix));
     serde_json::to_string_pretty(&Value::Object(doc))
         .map(|s| s + "\n")
-        .map_err(|e| e.to_string())
+        .map_err(Error::BadJson)
 }
 
 pub fn plan(args: &InstallArgs, exe: &Path) -> Vec<Step> {
@@ -113,12 +135,12 @@ pub fn plan(args: &InstallArgs, exe: &Path) -> Vec<Step> {
     steps
 }
 
-fn apply(step: &Step) -> Result<(), String> {
+fn apply(step: &Step) -> Result<(), Error> {
     let parent = |p: &Path| {
         if let Some(dir) = p.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            std::fs::create_dir_all(dir).map_err(file_error(dir.display()))?;
         }
-        Ok::<(), String>(())
+        Ok::<(), Error>(())
     };
     match step {
         Step::Copy { from, to } => {
@@ -127,13 +149,17 @@ fn apply(step: &Step) -> Result<(), String> {
             let tmp = to.with_extension("new");
             std::fs::copy(from, &tmp)
                 .and_then(|_| std::fs::rename(&tmp, to))
-                .map_err(|e| format!("{} -> {}: {e}", from.display(), to.display()))
+                .map_err(file_error(format!(
+                    "{} -> {}",
+                    from.display(),
+                    to.display()
+                )))
         }
         Step::Symlink { link, target } => {
             parent(link)?;
             set_aside(link)?;
             let _ = std::fs::remove_file(link);
-            std::os::unix::fs::symlink(target, link).map_err(|e| format!("{}: {e}", link.display()))
+            std::os::unix::fs::symlink(target, link).map_err(file_error(link.display()))
         }
         Step::Write { path, content } => {
             parent(path)?;
@@ -144,7 +170,7 @@ fn apply(step: &Step) -> Result<(), String> {
 
 /// A regular file where a symlink goes (a real docker-proxy, say) is moved
 /// to `<name>.before-envoy-docker`, never overwriting an earlier one.
-fn set_aside(link: &Path) -> Result<(), String> {
+fn set_aside(link: &Path) -> Result<(), Error> {
     let Ok(meta) = std::fs::symlink_metadata(link) else {
         return Ok(());
     };
@@ -152,20 +178,13 @@ fn set_aside(link: &Path) -> Result<(), String> {
         return Ok(());
     }
     if !meta.is_file() {
-        return Err(format!(
-            "{} exists and is not a file; remove it first",
-            link.display()
-        ));
+        return Err(Error::NotAFile(link.to_path_buf()));
     }
     let aside = PathBuf::from(format!("{}.before-envoy-docker", link.display()));
     if aside.exists() {
-        return Err(format!(
-            "{} is a regular file, and {} exists already; move one of them away first",
-            link.display(),
-            aside.display()
-        ));
+        return Err(Error::AsideTaken(link.to_path_buf(), aside));
     }
-    std::fs::rename(link, &aside).map_err(|e| format!("{}: {e}", link.display()))?;
+    std::fs::rename(link, &aside).map_err(file_error(link.display()))?;
     println!(
         "moved the regular file {} aside to {}",
         link.display(),
@@ -176,24 +195,18 @@ fn set_aside(link: &Path) -> Result<(), String> {
 
 /// Writes through a temporary file and a rename, so that a crash leaves
 /// either the old file or the new one, never half of one.
-fn write_atomic(path: &Path, content: &str) -> Result<(), String> {
+fn write_atomic(path: &Path, content: &str) -> Result<(), Error> {
     let tmp = PathBuf::from(format!("{}.envoy-docker-tmp", path.display()));
     std::fs::write(&tmp, content)
         .and_then(|()| std::fs::rename(&tmp, path))
         .map_err(|e| {
             let _ = std::fs::remove_file(&tmp);
-            format!("{}: {e}", path.display())
+            Error::File(path.display().to_string(), e)
         })
 }
 
-pub fn run(args: InstallArgs) -> i32 {
-    let exe = match std::env::current_exe() {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("envoy-docker install: cannot find this binary: {e}");
-            return 1;
-        }
-    };
+pub fn run(args: InstallArgs) -> Result<ExitCode, Error> {
+    let exe = std::env::current_exe().map_err(Error::NoExe)?;
     let steps = plan(&args, &exe);
     let verb = if args.dry_run { "would " } else { "" };
     for step in &steps {
@@ -210,10 +223,7 @@ pub fn run(args: InstallArgs) -> i32 {
             }
         }
         if !args.dry_run {
-            if let Err(e) = apply(step) {
-                eprintln!("envoy-docker install: {e}");
-                return 1;
-            }
+            apply(step)?;
         }
     }
 
@@ -221,18 +231,9 @@ pub fn run(args: InstallArgs) -> i32 {
     let existing = match std::fs::read_to_string(json) {
         Ok(s) => Some(s),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => {
-            eprintln!("envoy-docker install: cannot read {}: {e}", json.display());
-            return 1;
-        }
+        Err(e) => return Err(Error::File(format!("cannot read {}", json.display()), e)),
     };
-    let merged = match merge_daemon_json(existing.as_deref(), &args.prefix) {
-        Ok(m) => m,
-        Err(e) => {
-            eprintln!("envoy-docker install: {}: {e}", json.display());
-            return 1;
-        }
-    };
+    let merged = merge_daemon_json(existing.as_deref(), &args.prefix)?;
     let settings = serde_json::to_string_pretty(&Value::Object(daemon_settings(&args.prefix)))
         .unwrap_or_default();
     if let Some(cost) = iptables_off_cost(existing.as_deref()) {
@@ -255,20 +256,13 @@ pub fn run(args: InstallArgs) -> i32 {
             println!("keeping the existing backup {}", backup.display());
         }
         if !args.dry_run {
-            let done = existing
-                .as_ref()
-                .filter(|_| back_up)
-                .map_or(Ok(()), |old| write_atomic(&backup, old))
-                .and_then(|()| {
-                    if let Some(dir) = json.parent() {
-                        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
-                    }
-                    write_atomic(json, &merged)
-                });
-            if let Err(e) = done {
-                eprintln!("envoy-docker install: {}: {e}", json.display());
-                return 1;
+            if let Some(old) = existing.as_ref().filter(|_| back_up) {
+                write_atomic(&backup, old)?;
             }
+            if let Some(dir) = json.parent() {
+                std::fs::create_dir_all(dir).map_err(file_error(dir.display()))?;
+            }
+            write_atomic(json, &merged)?;
         }
     } else {
         println!("\ndockerd needs these keys in {} (run again with --apply to merge them, keeping the rest and a backup):", json.display());
@@ -277,7 +271,7 @@ pub fn run(args: InstallArgs) -> i32 {
     if !args.dry_run {
         println!("\nthen: systemctl daemon-reload && systemctl enable --now envoy-docker envoy-docker-envoy && systemctl restart docker");
     }
-    0
+    Ok(ExitCode::SUCCESS)
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
-//! The `envoy-docker` binary: maps the chosen role's result to an exit code.
+//! The `envoy-docker` binary: runs the chosen role and exits with its
+//! status.
 
-fn main() {
-    std::process::exit(envoy_docker::run(std::env::args_os().collect()));
+fn main() -> std::process::ExitCode {
+    envoy_docker::run(std::env::args_os().collect())
 }

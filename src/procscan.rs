@@ -70,25 +70,34 @@ impl Trust {
     }
 
     /// Whether process `pid` may own mappings; the error says why not.
-    pub fn admits(&self, pid: u32) -> Result<(), String> {
-        let p = procfs::process::Process::new(pid as i32).map_err(|e| format!("pid {pid}: {e}"))?;
-        let uid = p.uid().map_err(|e| format!("pid {pid}: {e}"))?;
+    pub fn admits(&self, pid: u32) -> Result<(), Untrusted> {
+        let unreadable = |e: procfs::ProcError| Untrusted::Unreadable(pid, e.to_string());
+        let p = procfs::process::Process::new(pid as i32).map_err(unreadable)?;
+        let uid = p.uid().map_err(unreadable)?;
         if uid != 0 && uid != self.uid {
-            return Err(format!("pid {pid} runs as uid {uid}, not as root"));
+            return Err(Untrusted::NotRoot(pid, uid));
         }
-        let exe = p.exe().map_err(|e| format!("pid {pid}: {e}"))?;
+        let exe = p.exe().map_err(unreadable)?;
         // A binary replaced by an upgrade reads as "PATH (deleted)".
         let shown = exe.to_string_lossy();
         let exe = PathBuf::from(shown.strip_suffix(" (deleted)").unwrap_or(&shown));
         if self.exes.contains(&exe) {
             Ok(())
         } else {
-            Err(format!(
-                "pid {pid} runs {}, which is not envoy-docker (see --proxy-exe)",
-                exe.display()
-            ))
+            Err(Untrusted::OtherBinary(pid, exe))
         }
     }
+}
+
+/// Why a process may not own mappings.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Untrusted {
+    #[error("pid {0}: {1}")]
+    Unreadable(u32, String),
+    #[error("pid {0} runs as uid {1}, not as root")]
+    NotRoot(u32, u32),
+    #[error("pid {0} runs {path}, which is not envoy-docker (see --proxy-exe)", path = .1.display())]
+    OtherBinary(u32, PathBuf),
 }
 
 /// Every trusted proxy on this host that talks to the registrar at

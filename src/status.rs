@@ -2,9 +2,28 @@
 //! one row each, or the same data as JSON.
 
 use crate::mapping::{EnvoyStatus, MappingStatus, Row};
-use crate::protocol::{Reply, Request};
+use crate::protocol::client::Failure;
+use crate::protocol::{CallError, Reply, Request};
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
+
+/// Why `status` has nothing to show.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No registrar, or none that answers.
+    #[error(transparent)]
+    Unreachable(#[from] Failure),
+    /// It answered, but not with what was asked for.
+    #[error(transparent)]
+    Call(#[from] CallError),
+    #[error("cannot write JSON")]
+    Json(#[from] serde_json::Error),
+}
+
+fn unexpected(r: Reply) -> CallError {
+    CallError::BadAnswer(format!("{r:?}"))
+}
 
 /// What `status` needs: the registrar's socket and the output form.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,7 +43,7 @@ pub struct FleetView {
 }
 
 /// Fetches the catalog from the registrar at `path`.
-pub async fn fetch_fleet(path: &std::path::Path) -> Result<FleetView, String> {
+pub async fn fetch_fleet(path: &std::path::Path) -> Result<FleetView, Error> {
     let mut conn = crate::protocol::client::connect(path, Duration::from_secs(2)).await?;
     let mut view = FleetView {
         host_id: String::new(),
@@ -43,7 +62,7 @@ pub async fn fetch_fleet(path: &std::path::Path) -> Result<FleetView, String> {
             view.instances.extend(items);
             Ok(more)
         }
-        other => Err(format!("unexpected reply {other:?}")),
+        other => Err(unexpected(other)),
     })
     .await?;
     Ok(view)
@@ -54,21 +73,17 @@ pub async fn fetch_fleet(path: &std::path::Path) -> Result<FleetView, String> {
 async fn read_chunks(
     conn: &mut crate::protocol::Connection<tokio::net::UnixStream>,
     request: &Request,
-    mut take: impl FnMut(Reply) -> Result<bool, String>,
-) -> Result<(), String> {
+    mut take: impl FnMut(Reply) -> Result<bool, CallError>,
+) -> Result<(), CallError> {
     let mut reply = conn.call(request).await?;
     loop {
         if let Reply::Error(e) = reply {
-            return Err(e);
+            return Err(CallError::Refused(e));
         }
         if !take(reply)? {
             return Ok(());
         }
-        reply = match conn.read_frame::<Reply>().await {
-            Ok(Some(r)) => r,
-            Ok(None) => return Err("the registrar closed the connection".into()),
-            Err(e) => return Err(e.to_string()),
-        };
+        reply = conn.read_frame::<Reply>().await?.ok_or(CallError::Closed)?;
     }
 }
 
@@ -163,12 +178,12 @@ pub fn render_table(rows: &[Row]) -> String {
 
 /// Fetches every mapping, and the Envoy streams, from the registrar at
 /// `path`.
-pub async fn fetch(path: &std::path::Path) -> Result<Status, String> {
+pub async fn fetch(path: &std::path::Path) -> Result<Status, Error> {
     let mut conn = crate::protocol::client::connect(path, Duration::from_secs(2)).await?;
     let envoys = match conn.call(&Request::Envoys).await? {
         Reply::Envoys(e) => e,
-        Reply::Error(e) => return Err(e),
-        other => return Err(format!("unexpected reply {other:?}")),
+        Reply::Error(e) => return Err(CallError::Refused(e).into()),
+        other => return Err(unexpected(other).into()),
     };
     let mut all = Vec::new();
     read_chunks(&mut conn, &Request::List, |reply| match reply {
@@ -176,7 +191,7 @@ pub async fn fetch(path: &std::path::Path) -> Result<Status, String> {
             all.extend(items);
             Ok(more)
         }
-        other => Err(format!("unexpected reply {other:?}")),
+        other => Err(unexpected(other)),
     })
     .await?;
     // Asked last: a registrar older than the question closes the
@@ -200,60 +215,25 @@ pub struct Status {
     pub ports: Option<crate::nft::PortsState>,
 }
 
-pub fn run(args: Config) -> i32 {
+pub async fn run(args: Config) -> Result<ExitCode, Error> {
     let path = crate::addr::socket_path(args.socket);
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("envoy-docker status: {e}");
-            return 1;
-        }
-    };
     if args.fleet {
-        return match rt.block_on(fetch_fleet(&path)) {
-            Ok(v) if args.json => match serde_json::to_string_pretty(&v) {
-                Ok(s) => {
-                    println!("{s}");
-                    0
-                }
-                Err(e) => {
-                    eprintln!("envoy-docker status: {e}");
-                    1
-                }
-            },
-            Ok(v) => {
-                print!("{}", render_fleet(&v));
-                0
-            }
-            Err(e) => {
-                eprintln!("envoy-docker status: {e}");
-                1
-            }
-        };
+        let v = fetch_fleet(&path).await?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        } else {
+            print!("{}", render_fleet(&v));
+        }
+        return Ok(ExitCode::SUCCESS);
     }
     let Status {
         mappings: all,
         envoys,
         ports,
-    } = match rt.block_on(fetch(&path)) {
-        Ok(x) => x,
-        Err(e) => {
-            eprintln!("envoy-docker status: {e}");
-            return 1;
-        }
-    };
+    } = fetch(&path).await?;
     let rows: Vec<Row> = all.iter().map(Row::from).collect();
     if args.json {
-        match serde_json::to_string_pretty(&rows) {
-            Ok(s) => println!("{s}"),
-            Err(e) => {
-                eprintln!("envoy-docker status: {e}");
-                return 1;
-            }
-        }
+        println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
         print!("{}", render_table(&rows));
         print!("{}", render_envoys(&envoys));
@@ -264,7 +244,7 @@ pub fn run(args: Config) -> i32 {
             ),
         }
     }
-    0
+    Ok(ExitCode::SUCCESS)
 }
 
 /// One line on the Envoys, plus one per stalled stream.

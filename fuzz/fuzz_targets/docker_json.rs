@@ -3,11 +3,13 @@
 #![no_main]
 
 use envoy_docker::registrar::docker::client::EventLines;
-use envoy_docker::registrar::docker::meta;
+use envoy_docker::registrar::docker::{api, meta};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) {
+    // Each answer as the client reads it: into its struct, then into a
+    // container's metadata.
+    if let Ok(v) = serde_json::from_slice::<api::ContainerSummary>(data) {
         if let Ok(m) = meta::from_list_item(&v) {
             let _ = m.naming();
             let _ = m.label_problems();
@@ -15,10 +17,14 @@ fuzz_target!(|data: &[u8]| {
             let _ = m.mode_for(port);
             let _ = m.proxy_protocol();
         }
+    }
+    if let Ok(v) = serde_json::from_slice::<api::ContainerInspect>(data) {
         if let Ok(m) = meta::from_inspect(&v) {
             let _ = m.naming();
             let _ = m.label_problems();
         }
+    }
+    if let Ok(v) = serde_json::from_slice::<api::Network>(data) {
         let _ = meta::container_with_ip(&v, "172.17.0.2".parse().unwrap());
     }
     // The event stream in two pieces, split where the first byte says.

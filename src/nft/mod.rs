@@ -123,7 +123,7 @@ impl Nft {
             serde_json::from_str(&out).map_err(|e| NftError::BadOutput(e.to_string()))?;
         ruleset::parse_listing(&doc)
             .map(Some)
-            .map_err(NftError::BadOutput)
+            .map_err(|e| NftError::BadOutput(e.to_string()))
     }
 
     async fn run(&self, args: &[&str], input: Option<String>) -> Result<String, NftError> {

@@ -199,13 +199,22 @@ pub struct Listing {
     pub intact: bool,
 }
 
+/// Why a listing of our table does not read as one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ListingError {
+    #[error("no \"nftables\" array in nft's output")]
+    NoArray,
+    #[error("unexpected {0} in our table")]
+    Unexpected(String),
+}
+
 /// Reads a listing of the table. Elements that do not parse are an error:
 /// the table is ours, so anything odd in it means it must be rebuilt.
-pub fn parse_listing(doc: &Value) -> Result<Listing, String> {
+pub fn parse_listing(doc: &Value) -> Result<Listing, ListingError> {
     let items = doc
         .get("nftables")
         .and_then(Value::as_array)
-        .ok_or("no \"nftables\" array in nft's output")?;
+        .ok_or(ListingError::NoArray)?;
     let mut claims = Claims::new();
     let (mut sets, mut chains, mut rules) = (BTreeSet::new(), BTreeSet::new(), 0usize);
     let mut hooks_ok = true;
@@ -213,7 +222,7 @@ pub fn parse_listing(doc: &Value) -> Result<Listing, String> {
         if let Some(set) = item.get("set") {
             let name = set.get("name").and_then(Value::as_str).unwrap_or("");
             let Some(&(_, proto, _, at)) = SETS.iter().find(|s| s.0 == name) else {
-                return Err(format!("unexpected set {name:?}"));
+                return Err(ListingError::Unexpected(format!("set {name:?}")));
             };
             sets.insert(name.to_string());
             let proto = Proto::parse(proto).expect("tcp or udp");
@@ -223,8 +232,9 @@ pub fn parse_listing(doc: &Value) -> Result<Listing, String> {
                 .into_iter()
                 .flatten()
             {
-                let key = parse_element(e, proto, name, at)
-                    .ok_or_else(|| format!("unexpected element {e} in set {name}"))?;
+                let key = parse_element(e, proto, name, at).ok_or_else(|| {
+                    ListingError::Unexpected(format!("element {e} in set {name}"))
+                })?;
                 claims.insert(key);
             }
         } else if let Some(chain) = item.get("chain") {

@@ -11,14 +11,20 @@ use tokio::time::{sleep, timeout, Instant};
 /// The most one step (connect, hello, register, report) may take.
 pub const STEP_BUDGET: Duration = Duration::from_secs(2);
 
-/// Why an attempt failed.
+/// Why an attempt failed. Each carries the whole message for the user.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Failure {
     /// Nobody listens on the socket (missing or refused): the registrar is
     /// not running, and waiting would not help a starting proxy.
     #[error("{0}")]
     Unreachable(String),
-    /// Anything else: a timeout, a refusal, a protocol error.
+    /// Connected, but no answer in time: a hung registrar.
+    #[error("{0}")]
+    Hung(String),
+    /// The registrar said no.
+    #[error("{0}")]
+    Refused(String),
+    /// Anything else: a broken connection, an answer that does not fit.
     #[error("{0}")]
     Other(String),
 }
@@ -26,7 +32,20 @@ pub enum Failure {
 impl Failure {
     pub fn text(&self) -> &str {
         match self {
-            Failure::Unreachable(t) | Failure::Other(t) => t,
+            Failure::Unreachable(t)
+            | Failure::Hung(t)
+            | Failure::Refused(t)
+            | Failure::Other(t) => t,
+        }
+    }
+
+    /// A failed call, sorted by kind.
+    pub fn of_call(what: &str, e: super::CallError) -> Failure {
+        match e {
+            super::CallError::Refused(why) => {
+                Failure::Refused(format!("the registrar refused {what}: {why}"))
+            }
+            other => Failure::Other(format!("{what}: {other}")),
         }
     }
 }
@@ -44,13 +63,17 @@ pub async fn connect_once(path: &Path) -> Result<Connection<UnixStream>, Failure
                 _ => Failure::Other(msg),
             });
         }
-        Err(_) => return Err(Failure::Other(unreachable_text(path, "connect timed out"))),
+        Err(_) => return Err(Failure::Hung(unreachable_text(path, "connect timed out"))),
     };
     let mut conn = Connection::new(stream);
     match timeout(STEP_BUDGET, conn.client_hello()).await {
         Ok(Ok(())) => Ok(conn),
-        Ok(Err(e)) => Err(Failure::Other(unreachable_text(path, &e))),
-        Err(_) => Err(Failure::Other(unreachable_text(
+        Ok(Err(super::CallError::Refused(e))) => Err(Failure::Refused(format!(
+            "the registrar at {} refused the hello: {e}",
+            path.display()
+        ))),
+        Ok(Err(e)) => Err(Failure::Other(unreachable_text(path, &e.to_string()))),
+        Err(_) => Err(Failure::Hung(unreachable_text(
             path,
             "no answer to hello (is the registrar hung?)",
         ))),
@@ -67,7 +90,7 @@ fn unreachable_text(path: &Path, err: &str) -> String {
 
 /// Connects and says hello, retrying with backoff until `budget` is spent.
 /// For the short-lived commands (`status`, `resync`).
-pub async fn connect(path: &Path, budget: Duration) -> Result<Connection<UnixStream>, String> {
+pub async fn connect(path: &Path, budget: Duration) -> Result<Connection<UnixStream>, Failure> {
     let deadline = Instant::now() + budget;
     let mut pause = Duration::from_millis(25);
     loop {
@@ -75,8 +98,9 @@ pub async fn connect(path: &Path, budget: Duration) -> Result<Connection<UnixStr
             Ok(conn) => return Ok(conn),
             Err(e) => e,
         };
-        if Instant::now() + pause > deadline {
-            return Err(err.text().to_string());
+        // A refusal will not change by waiting.
+        if Instant::now() + pause > deadline || matches!(err, Failure::Refused(_)) {
+            return Err(err);
         }
         sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(500));

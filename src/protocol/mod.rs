@@ -172,6 +172,21 @@ pub enum ConnError {
     Truncated,
 }
 
+/// Why a request to the registrar got no usable reply, by kind: the
+/// connection failed, the registrar said no, or it answered something
+/// that does not fit.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("the registrar closed the connection")]
+    Closed,
+    #[error(transparent)]
+    Conn(#[from] ConnError),
+    #[error("the registrar refused: {0}")]
+    Refused(String),
+    #[error("unexpected reply from the registrar: {0}")]
+    BadAnswer(String),
+}
+
 /// A framed, buffered stream. `read_frame` is cancel-safe: bytes read before
 /// a cancelled call stay in the buffer for the next one.
 #[derive(Debug)]
@@ -248,31 +263,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     }
 
     /// Client side of the handshake: send `Hello`, expect `Hello` back.
-    pub async fn client_hello(&mut self) -> Result<(), String> {
+    pub async fn client_hello(&mut self) -> Result<(), CallError> {
         self.write_frame(&Request::Hello {
             version: PROTOCOL_VERSION,
         })
-        .await
-        .map_err(|e| e.to_string())?;
-        match self.read_frame::<Reply>().await {
-            Ok(Some(Reply::Hello { .. })) => Ok(()),
-            Ok(Some(Reply::Error(e))) => Err(e),
-            Ok(Some(other)) => Err(format!("unexpected reply to hello: {other:?}")),
-            Ok(None) => Err("the registrar closed the connection".into()),
-            Err(e) => Err(e.to_string()),
+        .await?;
+        match self.read_frame::<Reply>().await? {
+            Some(Reply::Hello { .. }) => Ok(()),
+            Some(Reply::Error(e)) => Err(CallError::Refused(e)),
+            Some(other) => Err(CallError::BadAnswer(format!("{other:?} to hello"))),
+            None => Err(CallError::Closed),
         }
     }
 
     /// Sends one request and reads its reply. `Serve` frames that the
     /// registrar pushed meanwhile are not replies and are skipped.
-    pub async fn call(&mut self, req: &Request) -> Result<Reply, String> {
-        self.write_frame(req).await.map_err(|e| e.to_string())?;
+    /// A `Reply::Error` is a reply, for the caller to read.
+    pub async fn call(&mut self, req: &Request) -> Result<Reply, CallError> {
+        self.write_frame(req).await?;
         loop {
-            match self.read_frame::<Reply>().await {
-                Ok(Some(Reply::Serve(_))) => continue,
-                Ok(Some(reply)) => return Ok(reply),
-                Ok(None) => return Err("the registrar closed the connection".into()),
-                Err(e) => return Err(e.to_string()),
+            match self.read_frame::<Reply>().await? {
+                Some(Reply::Serve(_)) => continue,
+                Some(reply) => return Ok(reply),
+                None => return Err(CallError::Closed),
             }
         }
     }

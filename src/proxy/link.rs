@@ -33,14 +33,14 @@ impl Link {
                 conn,
                 key: mapping.key,
             }),
-            Ok(Ok(Reply::Error(e))) => Err(Failure::Other(format!(
+            Ok(Ok(Reply::Error(e))) => Err(Failure::Refused(format!(
                 "the registrar refused {mapping}: {e}"
             ))),
             Ok(Ok(other)) => Err(Failure::Other(format!(
                 "unexpected reply from the registrar: {other:?}"
             ))),
-            Ok(Err(e)) => Err(Failure::Other(e)),
-            Err(_) => Err(Failure::Other(
+            Ok(Err(e)) => Err(Failure::of_call("the registration", e)),
+            Err(_) => Err(Failure::Hung(
                 "the registrar did not answer the registration".into(),
             )),
         }

@@ -48,6 +48,7 @@ use std::net::TcpListener as StdTcpListener;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -67,23 +68,46 @@ const RELAY_RETRY: Duration = Duration::from_millis(100);
 
 const LISTEN_FD: i32 = 4;
 
-/// Runs the proxy role with the arguments after argv[0]; returns the exit
-/// status.
-pub fn run(args: &[OsString]) -> i32 {
+/// A proxy that has its flags, its status pipe and (with
+/// `-use-listen-fd`) its socket, ready to serve on a runtime.
+pub struct Prepared {
+    flags: ProxyFlags,
+    listen_fd: Option<OwnedFd>,
+    status: StatusPipe,
+}
+
+impl Prepared {
+    /// Says on the status pipe that the proxy cannot start, as
+    /// docker-proxy does; dockerd shows the text.
+    pub fn fail(mut self, why: &str) -> ExitCode {
+        self.status.fail(why);
+        ExitCode::FAILURE
+    }
+
+    pub async fn serve(self) -> ExitCode {
+        ExitCode::from(serve(self.flags, self.listen_fd, self.status).await)
+    }
+}
+
+/// The proxy role's first step, before any runtime: takes fd 3 (and fd 4)
+/// and reads the flags. Errors go to dockerd on fd 3, not to stderr: that
+/// is docker-proxy's contract. `Err` is the exit status of a proxy that is
+/// done (it printed its version or usage, or failed).
+pub fn prepare(args: &[OsString]) -> Result<Prepared, ExitCode> {
     let mut status = StatusPipe::take();
     let flags = match flags::parse(args) {
         Ok(Command::Run(f)) => f,
         Ok(Command::Version) => {
             println!("{}", crate::version::line());
-            return 0;
+            return Err(ExitCode::SUCCESS);
         }
         Ok(Command::Help) => {
             println!("{}", flags::USAGE);
-            return 0;
+            return Err(ExitCode::SUCCESS);
         }
         Err(e) => {
             status.fail(&e);
-            return 1;
+            return Err(ExitCode::FAILURE);
         }
     };
     let listen_fd = if flags.use_listen_fd {
@@ -91,23 +115,17 @@ pub fn run(args: &[OsString]) -> i32 {
             Some(fd) => Some(fd),
             None => {
                 status.fail("-use-listen-fd was given but fd 4 is not open");
-                return 1;
+                return Err(ExitCode::FAILURE);
             }
         }
     } else {
         None
     };
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            status.fail(&format!("cannot start: {e}"));
-            return 1;
-        }
-    };
-    rt.block_on(serve(flags, listen_fd, status))
+    Ok(Prepared {
+        flags,
+        listen_fd,
+        status,
+    })
 }
 
 fn take_listen_fd() -> Option<OwnedFd> {
@@ -117,7 +135,7 @@ fn take_listen_fd() -> Option<OwnedFd> {
     open.then(|| unsafe { OwnedFd::from_raw_fd(LISTEN_FD) })
 }
 
-async fn serve(flags: ProxyFlags, listen_fd: Option<OwnedFd>, mut status: StatusPipe) -> i32 {
+async fn serve(flags: ProxyFlags, listen_fd: Option<OwnedFd>, mut status: StatusPipe) -> u8 {
     let mapping = flags.mapping;
     let (mut sigint, mut sigterm) = match (
         signal(SignalKind::interrupt()),

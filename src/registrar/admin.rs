@@ -12,12 +12,19 @@ use hyper_util::rt::TokioIo;
 use std::convert::Infallible;
 use std::sync::Arc;
 
-pub async fn bind(addr: &crate::addr::Addr) -> Result<tokio::net::TcpListener, String> {
+pub async fn bind(
+    addr: &crate::addr::Addr,
+) -> Result<tokio::net::TcpListener, crate::addr::ListenError> {
+    const WHAT: &str = "the admin endpoint";
     match addr {
         crate::addr::Addr::Tcp(sa) => tokio::net::TcpListener::bind(sa)
             .await
-            .map_err(|e| format!("cannot listen for the admin endpoint on {sa}: {e}")),
-        crate::addr::Addr::Unix(_) => Err("--admin takes HOST:PORT".into()),
+            .map_err(crate::addr::ListenError::io(WHAT, sa)),
+        crate::addr::Addr::Unix(p) => Err(crate::addr::ListenError::Kind {
+            what: WHAT,
+            at: p.display().to_string(),
+            want: "HOST:PORT",
+        }),
     }
 }
 

@@ -27,7 +27,8 @@
 //!   so no instance leaves the catalog. Keys of the old run that are no
 //!   longer true expire with the old lease.
 
-use super::docker::client::Docker;
+use super::docker::api::Network;
+use super::docker::client::{Docker, DockerError};
 use super::keeper::{Input, Registrar};
 use super::state::fleet::{EtcdReport, EtcdState, Instances};
 use crate::catalog::{self, Instance};
@@ -401,32 +402,42 @@ async fn resolve_egress(at: EgressAt, registry: Registrar, docker: Option<Arc<Do
 /// The IPv4 gateway of Docker's default `bridge` network; when Docker
 /// leaves it blank (a bridge given with `--bridge`), the bridge
 /// interface's own address.
-async fn bridge_gateway(docker: &Docker) -> Result<IpAddr, String> {
-    let net = tokio::time::timeout(Duration::from_secs(3), docker.get_json("/networks/bridge"))
+async fn bridge_gateway(docker: &Docker) -> Result<IpAddr, EgressError> {
+    let get = docker.get::<Network>("/networks/bridge");
+    let net = tokio::time::timeout(Duration::from_secs(3), get)
         .await
-        .map_err(|_| "GET /networks/bridge timed out".to_string())??;
-    let configured = net["IPAM"]["Config"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|c| c["Gateway"].as_str())
-        .filter_map(|g| g.split('/').next()?.parse::<IpAddr>().ok())
+        .map_err(|_| DockerError::Timeout("GET /networks/bridge".into()))??;
+    let configured = net
+        .ipam
+        .config
+        .iter()
+        .filter_map(|c| c.gateway.split('/').next()?.parse::<IpAddr>().ok())
         .find(IpAddr::is_ipv4);
     if let Some(ip) = configured {
         return Ok(ip);
     }
-    let name = net["Options"]["com.docker.network.bridge.name"]
-        .as_str()
-        .unwrap_or("docker0");
-    let addrs = nix::ifaddrs::getifaddrs().map_err(|e| e.to_string())?;
+    let name = net
+        .options
+        .get("com.docker.network.bridge.name")
+        .map_or("docker0", String::as_str);
+    let addrs = nix::ifaddrs::getifaddrs().map_err(EgressError::Interfaces)?;
     for a in addrs.filter(|a| a.interface_name == name) {
         if let Some(sin) = a.address.as_ref().and_then(|s| s.as_sockaddr_in()) {
             return Ok(IpAddr::V4(sin.ip()));
         }
     }
-    Err(format!(
-        "the bridge network has no gateway, and {name} no IPv4 address"
-    ))
+    Err(EgressError::NoAddress(name.to_string()))
+}
+
+/// Why the egress address is not known yet.
+#[derive(Debug, thiserror::Error)]
+enum EgressError {
+    #[error(transparent)]
+    Docker(#[from] DockerError),
+    #[error("cannot list the network interfaces")]
+    Interfaces(#[source] nix::Error),
+    #[error("the bridge network has no gateway, and {0} no IPv4 address")]
+    NoAddress(String),
 }
 
 /// For `/healthz` and `status`: one line on etcd.

@@ -14,6 +14,7 @@
 use super::liveness::{self, OwnerProcess};
 use super::metrics::Metrics;
 use super::state::fleet::{EtcdReport, EtcdState, Instances};
+use super::state::Refusal;
 use super::state::Registry;
 use crate::mapping::{EnvoyStatus, Mapping, MappingKey, MappingStatus, Server};
 use crate::nft::ruleset::Claims;
@@ -41,7 +42,7 @@ pub enum Input {
         conn: Option<u64>,
         server: Server,
         meta: Option<super::docker::meta::ContainerMeta>,
-        reply: oneshot::Sender<Result<(), String>>,
+        reply: oneshot::Sender<Result<(), Refusal>>,
     },
     /// A proxy says who serves its mapping now.
     Serving {
@@ -135,7 +136,7 @@ impl Registrar {
         conn: Option<u64>,
         server: Server,
         meta: Option<super::docker::meta::ContainerMeta>,
-    ) -> Result<(), String> {
+    ) -> Result<(), Refusal> {
         let (reply, answer) = oneshot::channel();
         self.tell(Input::Register {
             mapping,
@@ -145,9 +146,7 @@ impl Registrar {
             meta,
             reply,
         });
-        answer
-            .await
-            .unwrap_or_else(|_| Err("the registrar is shutting down".into()))
+        answer.await.unwrap_or(Err(Refusal::Stopping))
     }
 
     /// The counters the registry and the xDS server keep (atomics, read

@@ -81,42 +81,29 @@ const DOCKER_SYNC_BUDGET: Duration = Duration::from_secs(5);
 /// Why the registrar could not start or stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{0}")]
-    Bind(String),
-    #[error("{0}")]
-    Docker(String),
-    #[error("cannot start: {0}")]
-    Runtime(std::io::Error),
-    #[error("xDS server: {0}")]
-    Xds(String),
+    #[error(transparent)]
+    Listen(#[from] crate::addr::ListenError),
+    #[error("--docker")]
+    Docker(#[source] docker::client::DockerError),
+    #[error("--catalog")]
+    Etcd(#[from] crate::etcd::Error),
+    #[error("cannot handle signals")]
+    Signals(#[source] std::io::Error),
+    #[error("the xDS server failed")]
+    Xds(#[source] tonic::transport::Error),
 }
 
-/// The role's entry: what belongs to the process (logging, the runtime, the
-/// open-file limit, the kernel switch, signals), then [`run`]. Errors end
-/// here, as one message and exit status 1.
-pub fn main(config: Config) -> i32 {
+/// The role's entry, on the runtime `lib::run` built: what belongs to the
+/// process (logging, the open-file limit, the kernel switch, signals),
+/// then [`run`].
+pub async fn main(config: Config) -> Result<std::process::ExitCode, Error> {
     crate::logging::init();
-    let result = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(Error::Runtime)
-        .and_then(|rt| {
-            rt.block_on(async {
-                crate::fdlimit::raise();
-                let listeners = Listeners::bind(&config).await?;
-                migrate_queued_connections();
-                let stop = signals().map_err(Error::Runtime)?;
-                run(config, listeners, stop).await
-            })
-        });
-    match result {
-        Ok(()) => 0,
-        Err(e) => {
-            eprintln!("envoy-docker serve: {e}");
-            1
-        }
-    }
+    crate::fdlimit::raise();
+    let listeners = Listeners::bind(&config).await?;
+    migrate_queued_connections();
+    let stop = signals().map_err(Error::Signals)?;
+    run(config, listeners, stop).await?;
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -143,10 +130,10 @@ pub struct Listeners {
 impl Listeners {
     pub async fn bind(config: &Config) -> Result<Listeners, Error> {
         let socket_path = crate::addr::socket_path(config.socket.clone());
-        let socket = socket::bind(&socket_path).map_err(Error::Bind)?;
-        let xds = XdsListener::bind(&config.xds).await.map_err(Error::Bind)?;
+        let socket = socket::bind(&socket_path)?;
+        let xds = XdsListener::bind(&config.xds).await?;
         let admin = match &config.admin {
-            Some(a) => Some(admin::bind(a).await.map_err(Error::Bind)?),
+            Some(a) => Some(admin::bind(a).await?),
             None => None,
         };
         Ok(Listeners {
@@ -182,11 +169,7 @@ pub async fn run(
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let (ports_tx, ports) = tokio::sync::watch::channel(crate::nft::PortsState::Starting);
     let etcd = match &args.fleet {
-        Some(f) => Some(
-            crate::etcd::Etcd::connect(&f.etcd)
-                .await
-                .map_err(|e| Error::Bind(e.to_string()))?,
-        ),
+        Some(f) => Some(crate::etcd::Etcd::connect(&f.etcd).await?),
         None => None,
     };
     let mut registry = Registry::new(args.default_mode)

@@ -9,6 +9,7 @@
 use super::docker::{self, client::Docker};
 use super::keeper::{Input, Read, Registrar};
 use super::liveness::OwnerProcess;
+use crate::addr::ListenError;
 use crate::procscan::Trust;
 use crate::protocol::{ConnError, Connection, Owner, Reply, Request, PROTOCOL_VERSION};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
@@ -40,7 +41,8 @@ fn chunked<T: Clone>(items: &[T]) -> Vec<(Vec<T>, bool)> {
 const CLOSE_BUDGET: std::time::Duration = std::time::Duration::from_millis(800);
 
 /// Prepares the directory, clears a stale socket and binds.
-pub fn bind(path: &Path) -> Result<UnixListener, String> {
+pub fn bind(path: &Path) -> Result<UnixListener, ListenError> {
+    const WHAT: &str = "the registrar socket";
     let shown = path.display();
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         if !dir.exists() {
@@ -48,7 +50,7 @@ pub fn bind(path: &Path) -> Result<UnixListener, String> {
                 .recursive(true)
                 .mode(0o750)
                 .create(dir)
-                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+                .map_err(ListenError::io(WHAT, dir.display()))?;
         }
         if let Ok(meta) = dir.metadata() {
             let me = nix::unistd::geteuid().as_raw();
@@ -69,13 +71,16 @@ pub fn bind(path: &Path) -> Result<UnixListener, String> {
     }
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(format!("another registrar is already serving {shown}"));
+            return Err(ListenError::InUse {
+                what: WHAT,
+                at: shown.to_string(),
+            });
         }
-        std::fs::remove_file(path).map_err(|e| format!("cannot remove stale {shown}: {e}"))?;
+        std::fs::remove_file(path).map_err(ListenError::io(WHAT, &shown))?;
     }
-    let listener = UnixListener::bind(path).map_err(|e| format!("cannot bind {shown}: {e}"))?;
+    let listener = UnixListener::bind(path).map_err(ListenError::io(WHAT, &shown))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
-        .map_err(|e| format!("cannot chmod {shown}: {e}"))?;
+        .map_err(ListenError::io(WHAT, &shown))?;
     Ok(listener)
 }
 
@@ -296,7 +301,7 @@ async fn handle(
                         // a real proxy may own one.
                         if let Err(why) = trust.admits(pid) {
                             tracing::warn!("refusing a registration for {}: {why}", reg.mapping);
-                            conn.write_frame(&refuse(why)).await?;
+                            conn.write_frame(&refuse(why.to_string())).await?;
                             continue;
                         }
                         (owner, None)
@@ -311,7 +316,7 @@ async fn handle(
                     .await;
                 let reply = match result {
                     Ok(()) => Reply::Accepted,
-                    Err(e) => Reply::Error(e),
+                    Err(e) => Reply::Error(e.to_string()),
                 };
                 conn.write_frame(&reply).await?;
             }

@@ -12,7 +12,7 @@
 use super::resource::Resource;
 use super::session::{Feedback, Flavor, Incoming, Outgoing, Session};
 use super::snapshot::{Kind, Snapshot};
-use crate::addr::Addr;
+use crate::addr::{Addr, ListenError};
 use envoy_types::pb::envoy::service::discovery::v3::{
     aggregated_discovery_service_server::{
         AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
@@ -65,7 +65,8 @@ pub enum XdsListener {
 }
 
 impl XdsListener {
-    pub async fn bind(addr: &Addr) -> Result<XdsListener, String> {
+    pub async fn bind(addr: &Addr) -> Result<XdsListener, ListenError> {
+        const WHAT: &str = "xDS";
         match addr {
             Addr::Tcp(sa) => {
                 if !sa.ip().is_loopback() {
@@ -76,11 +77,14 @@ impl XdsListener {
                 tokio::net::TcpListener::bind(sa)
                     .await
                     .map(XdsListener::Tcp)
-                    .map_err(|e| format!("cannot listen for xDS on {sa}: {e}"))
+                    .map_err(ListenError::io(WHAT, sa))
             }
             Addr::Unix(path) => {
                 if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                    return Err(format!("{} is already being served", path.display()));
+                    return Err(ListenError::InUse {
+                        what: WHAT,
+                        at: path.display().to_string(),
+                    });
                 }
                 if let Some(dir) = path.parent().filter(|d| !d.exists()) {
                     use std::os::unix::fs::DirBuilderExt;
@@ -88,15 +92,15 @@ impl XdsListener {
                         .recursive(true)
                         .mode(0o750)
                         .create(dir)
-                        .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+                        .map_err(ListenError::io(WHAT, dir.display()))?;
                 }
                 let _ = std::fs::remove_file(path);
                 let l = tokio::net::UnixListener::bind(path)
-                    .map_err(|e| format!("cannot listen for xDS on {}: {e}", path.display()))?;
+                    .map_err(ListenError::io(WHAT, path.display()))?;
                 // Only root (Envoy runs as root) may talk xDS.
                 use std::os::unix::fs::PermissionsExt;
                 std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-                    .map_err(|e| format!("cannot chmod {}: {e}", path.display()))?;
+                    .map_err(ListenError::io(WHAT, path.display()))?;
                 Ok(XdsListener::Unix(l, path.clone()))
             }
         }
@@ -110,7 +114,7 @@ impl XdsListener {
         snapshots: watch::Receiver<Arc<Snapshot>>,
         node_id: String,
         shutdown: impl Future<Output = ()> + Send,
-    ) -> Result<(), String> {
+    ) -> Result<(), tonic::transport::Error> {
         // Tells every stream to end: Envoy's ADS streams never end by
         // themselves, and a graceful shutdown waits for them.
         let (closing_tx, closing) = watch::channel(false);
@@ -159,7 +163,7 @@ impl XdsListener {
                 r
             }
         };
-        result.map_err(|e| format!("xDS server: {e}"))
+        result
     }
 }
 

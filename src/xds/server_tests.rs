@@ -73,7 +73,7 @@ struct Running {
     seen: mpsc::UnboundedReceiver<Seen>,
     snapshots: watch::Sender<Arc<Snapshot>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
-    served: tokio::task::JoinHandle<Result<(), String>>,
+    served: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
 }
 
 async fn start() -> Running {

@@ -3,17 +3,51 @@
 //! (hyper is already in the tree for gRPC, and it handles chunked bodies
 //! and framing that a hand-written client would get wrong).
 
+use super::api;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
-use serde_json::Value;
+use serde::de::DeserializeOwned;
 use std::path::PathBuf;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 /// Largest JSON answer accepted from Docker.
 const MAX_BODY: usize = 32 << 20;
+
+/// What went wrong talking to Docker, by kind.
+#[derive(Debug, thiserror::Error)]
+pub enum DockerError {
+    #[error("bad Docker address {0:?}: want unix:///PATH, tcp://HOST:PORT or none")]
+    BadAddress(String),
+    #[error("cannot connect to Docker: {0}")]
+    Connect(#[source] std::io::Error),
+    #[error("HTTP to Docker failed: {0}")]
+    Http(#[source] hyper::Error),
+    #[error("GET {path}: {status}: {body}")]
+    Status {
+        path: String,
+        status: u16,
+        body: String,
+    },
+    #[error("GET {path}: not an answer Docker's API gives: {source}")]
+    Json {
+        path: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("an answer from Docker over {MAX_BODY} bytes")]
+    TooLarge,
+    #[error("{0} timed out")]
+    Timeout(String),
+    #[error("an event line from Docker is too long; skipped")]
+    LongLine,
+    #[error("bad event from Docker: {0}")]
+    BadEvent(#[source] serde_json::Error),
+    #[error("Docker's answer lacks {0}")]
+    Missing(&'static str),
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Endpoint {
@@ -24,11 +58,13 @@ pub enum Endpoint {
 #[derive(Debug, Clone)]
 pub struct Docker {
     pub endpoint: Endpoint,
+    /// "/v1.47", once the daemon has said what it speaks.
+    prefix: std::sync::Arc<tokio::sync::OnceCell<String>>,
 }
 
 impl Docker {
     /// `--docker URL|none`, else `$DOCKER_HOST`, else the default socket.
-    pub fn from_setting(flag: Option<&str>) -> Result<Option<Docker>, String> {
+    pub fn from_setting(flag: Option<&str>) -> Result<Option<Docker>, DockerError> {
         let env = std::env::var("DOCKER_HOST").ok().filter(|v| !v.is_empty());
         let url = flag
             .map(str::to_string)
@@ -42,11 +78,12 @@ impl Docker {
         } else if let Some(addr) = url.strip_prefix("tcp://") {
             Endpoint::Tcp(addr.trim_end_matches('/').to_string())
         } else {
-            return Err(format!(
-                "bad Docker address {url:?}: want unix:///PATH, tcp://HOST:PORT or none"
-            ));
+            return Err(DockerError::BadAddress(url));
         };
-        Ok(Some(Docker { endpoint }))
+        Ok(Some(Docker {
+            endpoint,
+            prefix: Default::default(),
+        }))
     }
 
     pub fn describe(&self) -> String {
@@ -56,13 +93,13 @@ impl Docker {
         }
     }
 
-    async fn sender(&self) -> Result<SendRequest<Empty<Bytes>>, String> {
+    async fn sender(&self) -> Result<SendRequest<Empty<Bytes>>, DockerError> {
         match &self.endpoint {
             Endpoint::Unix(p) => {
                 handshake(
                     tokio::net::UnixStream::connect(p)
                         .await
-                        .map_err(|e| e.to_string())?,
+                        .map_err(DockerError::Connect)?,
                 )
                 .await
             }
@@ -70,68 +107,109 @@ impl Docker {
                 handshake(
                     tokio::net::TcpStream::connect(a)
                         .await
-                        .map_err(|e| e.to_string())?,
+                        .map_err(DockerError::Connect)?,
                 )
                 .await
             }
         }
     }
 
-    async fn send(&self, path: &str) -> Result<hyper::Response<Incoming>, String> {
+    /// The one HTTP/1 request this client makes: `GET path` (already
+    /// versioned or not), on a connection of its own; the answer's head,
+    /// or an error for any status but success.
+    async fn request(&self, path: &str) -> Result<hyper::Response<Incoming>, DockerError> {
         let mut sender = self.sender().await?;
         let req = hyper::Request::get(path)
             .header(hyper::header::HOST, "docker")
             .body(Empty::new())
-            .map_err(|e| e.to_string())?;
-        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+            .map_err(|_| DockerError::Status {
+                path: path.into(),
+                status: 0,
+                body: "not a request path".into(),
+            })?;
+        let resp = sender.send_request(req).await.map_err(DockerError::Http)?;
         if !resp.status().is_success() {
-            let status = resp.status();
+            let status = resp.status().as_u16();
             let body = collect(resp.into_body()).await.unwrap_or_default();
-            let text = String::from_utf8_lossy(&body);
-            return Err(format!("GET {path}: {status}: {}", text.trim()));
+            let body = String::from_utf8_lossy(&body).trim().to_string();
+            return Err(DockerError::Status {
+                path: path.into(),
+                status,
+                body,
+            });
         }
         Ok(resp)
     }
 
-    /// GETs `path` and parses the answer as JSON.
-    pub async fn get_json(&self, path: &str) -> Result<Value, String> {
-        let body = collect(self.send(path).await?.into_body()).await?;
-        serde_json::from_slice(&body).map_err(|e| format!("GET {path}: bad JSON from Docker: {e}"))
+    /// The API version prefix: the daemon's own version if it is older
+    /// than [`api::PINNED`], else that; asked once.
+    async fn prefix(&self) -> Result<&str, DockerError> {
+        self.prefix
+            .get_or_try_init(|| async {
+                let body = collect(self.request("/version").await?.into_body()).await?;
+                let v: api::Version =
+                    serde_json::from_slice(&body).map_err(|source| DockerError::Json {
+                        path: "/version".into(),
+                        source,
+                    })?;
+                let theirs = v
+                    .api_version
+                    .split_once('.')
+                    .and_then(|(a, b)| Some((a.parse::<u32>().ok()?, b.parse::<u32>().ok()?)));
+                let (major, minor) = theirs.map_or(api::PINNED, |t| t.min(api::PINNED));
+                Ok(format!("/v{major}.{minor}"))
+            })
+            .await
+            .map(String::as_str)
+    }
+
+    /// GETs `path` at the pinned API version and reads the answer into `T`.
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, DockerError> {
+        let full = format!("{}{path}", self.prefix().await?);
+        let body = collect(self.request(&full).await?.into_body()).await?;
+        serde_json::from_slice(&body).map_err(|source| DockerError::Json {
+            path: path.into(),
+            source,
+        })
     }
 
     /// Opens `GET /events` for container events.
-    pub async fn events(&self) -> Result<Events, String> {
+    pub async fn events(&self) -> Result<Events, DockerError> {
         let filters =
             r#"{"type":["container"],"event":["start","rename","die","destroy","health_status"]}"#;
-        let path = format!("/events?filters={}", percent_encode(filters));
+        let path = format!(
+            "{}/events?filters={}",
+            self.prefix().await?,
+            percent_encode(filters)
+        );
         Ok(Events {
-            body: self.send(&path).await?.into_body(),
+            body: self.request(&path).await?.into_body(),
             lines: EventLines::default(),
         })
     }
 }
 
-async fn handshake<S>(stream: S) -> Result<SendRequest<Empty<Bytes>>, String>
+async fn handshake<S>(stream: S) -> Result<SendRequest<Empty<Bytes>>, DockerError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(DockerError::Http)?;
     tokio::spawn(async move {
         let _ = conn.await;
     });
     Ok(sender)
 }
 
-async fn collect(mut body: Incoming) -> Result<Vec<u8>, String> {
+async fn collect(mut body: Incoming) -> Result<Vec<u8>, DockerError> {
     let mut out = Vec::new();
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| e.to_string())?;
+        let frame = frame.map_err(DockerError::Http)?;
         if let Ok(data) = frame.into_data() {
             out.extend_from_slice(&data);
             if out.len() > MAX_BODY {
-                return Err(format!("answer from Docker over {MAX_BODY} bytes"));
+                return Err(DockerError::TooLarge);
             }
         }
     }
@@ -159,7 +237,7 @@ pub struct Events {
 
 impl Events {
     /// The next event; `None` when Docker closes the stream.
-    pub async fn next(&mut self) -> Option<Result<Value, String>> {
+    pub async fn next(&mut self) -> Option<Result<api::Event, DockerError>> {
         loop {
             if let Some(event) = self.lines.next_event() {
                 return Some(event);
@@ -170,7 +248,7 @@ impl Events {
                         self.lines.push(&data);
                     }
                 }
-                Err(e) => return Some(Err(e.to_string())),
+                Err(e) => return Some(Err(DockerError::Http(e))),
             }
         }
     }
@@ -194,15 +272,15 @@ impl EventLines {
         self.buf.extend_from_slice(data);
     }
 
-    /// The next whole line as JSON, if one is buffered.
-    pub fn next_event(&mut self) -> Option<Result<Value, String>> {
+    /// The next whole line as an event, if one is buffered.
+    pub fn next_event(&mut self) -> Option<Result<api::Event, DockerError>> {
         loop {
             let Some(nl) = self.buf.iter().position(|b| *b == b'\n') else {
                 if self.buf.len() > MAX_EVENT_LINE {
                     self.buf.clear();
                     if !self.skipping {
                         self.skipping = true;
-                        return Some(Err("an event line from Docker is too long; skipped".into()));
+                        return Some(Err(DockerError::LongLine));
                     }
                 }
                 return None;
@@ -211,9 +289,7 @@ impl EventLines {
             if std::mem::take(&mut self.skipping) || line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            return Some(
-                serde_json::from_slice(&line).map_err(|e| format!("bad event from Docker: {e}")),
-            );
+            return Some(serde_json::from_slice(&line).map_err(DockerError::BadEvent));
         }
     }
 }
@@ -240,11 +316,11 @@ mod tests {
     #[test]
     fn event_lines_split_skip_blank_and_survive_an_overlong_line() {
         let mut l = EventLines::default();
-        l.push(b"{\"a\":1}\n\n{\"b\"");
-        assert_eq!(l.next_event().unwrap().unwrap()["a"], 1);
+        l.push(b"{\"Action\":\"start\"}\n\n{\"Action\"");
+        assert_eq!(l.next_event().unwrap().unwrap().action(), "start");
         assert!(l.next_event().is_none());
-        l.push(b":2}\nnot json\n");
-        assert_eq!(l.next_event().unwrap().unwrap()["b"], 2);
+        l.push(b":\"die\"}\nnot json\n");
+        assert_eq!(l.next_event().unwrap().unwrap().action(), "die");
         assert!(l.next_event().unwrap().is_err());
         // An endless line: reported once, memory stays bounded, and the
         // stream goes on after its newline.
@@ -259,7 +335,7 @@ mod tests {
             assert!(l.buf.len() <= MAX_EVENT_LINE + chunk.len());
         }
         assert_eq!(errors, 1);
-        l.push(b"tail of the long line\n{\"c\":3}\n");
-        assert_eq!(l.next_event().unwrap().unwrap()["c"], 3);
+        l.push(b"tail of the long line\n{\"status\":\"destroy\"}\n");
+        assert_eq!(l.next_event().unwrap().unwrap().action(), "destroy");
     }
 }

@@ -1,7 +1,7 @@
 //! What the registrar knows about a container, read from Docker's JSON, and
 //! the names and mode that follow from its labels. Pure code: Docker's
-//! answers come in as `serde_json::Value` and anything malformed is skipped
-//! with a reason, never a panic.
+//! answers come in as `api` structs and anything malformed is skipped with
+//! a reason, never a panic.
 //!
 //! Labels, as the original envoy-docker-shim defined them:
 //! - `ServiceName` and `EnvironmentName` name the service: the name shown
@@ -30,12 +30,25 @@
 //! A label whose value is not understood is reported by `label_problems`
 //! and otherwise ignored, so the default applies.
 
+use super::api;
+use super::client::DockerError;
 use crate::catalog::{Check, Health};
 use crate::mapping::{sanitize, Mode, Proto};
 use crate::xds::resource::ProxyProtocol;
-use serde_json::Value;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+
+/// A label whose value is not understood.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LabelError {
+    /// The text says which label and why.
+    #[error("{0}")]
+    Bad(String),
+    /// A check URL names a container port that this container does not
+    /// publish (or not yet, while it starts).
+    #[error("label {CHECK_ARGS_LABEL}={url:?}: container port {port} is not published")]
+    NotPublished { url: String, port: u16 },
+}
 
 pub const SERVICE_LABEL: &str = "ServiceName";
 pub const ENVIRONMENT_LABEL: &str = "EnvironmentName";
@@ -147,7 +160,8 @@ impl ContainerMeta {
             } else if key == CHECK_LABEL {
                 match self.check(0, 0) {
                     // A port the template names may be published later.
-                    Err(e) if !e.contains("not published") => out.push(e),
+                    Err(LabelError::NotPublished { .. }) => {}
+                    Err(e) => out.push(e.to_string()),
                     _ => {}
                 }
             } else if key == PROXY_PROTOCOL_LABEL && ProxyProtocol::parse(value).is_none() {
@@ -174,7 +188,7 @@ impl ContainerMeta {
     /// The active health check its labels ask for, for the mapping of
     /// `container_port` published on `host_port`. `Err` explains a label
     /// that is not understood (logged, and then no check is run).
-    pub fn check(&self, container_port: u16, host_port: u16) -> Result<Option<Check>, String> {
+    pub fn check(&self, container_port: u16, host_port: u16) -> Result<Option<Check>, LabelError> {
         let Some(kind) = label(&self.labels, CHECK_LABEL) else {
             return Ok(None);
         };
@@ -184,27 +198,32 @@ impl ContainerMeta {
                 .ok()
                 .flatten()
                 .map(|d| d.as_millis().clamp(100, 3_600_000) as u64)
-                .ok_or_else(|| format!("label {CHECK_INTERVAL_LABEL}={v:?} is not a duration"))?,
+                .ok_or_else(|| {
+                    LabelError::Bad(format!(
+                        "label {CHECK_INTERVAL_LABEL}={v:?} is not a duration"
+                    ))
+                })?,
         };
         let (http_path, port) = if kind.eq_ignore_ascii_case("HttpGet") {
-            let args = label(&self.labels, CHECK_ARGS_LABEL)
-                .ok_or_else(|| format!("{CHECK_LABEL}=HttpGet needs {CHECK_ARGS_LABEL}"))?;
+            let args = label(&self.labels, CHECK_ARGS_LABEL).ok_or_else(|| {
+                LabelError::Bad(format!("{CHECK_LABEL}=HttpGet needs {CHECK_ARGS_LABEL}"))
+            })?;
             let (port, path) = self.resolve_url(args, container_port, host_port)?;
             (Some(path), port)
         } else if kind.eq_ignore_ascii_case("tcp") {
             (None, host_port)
         } else if let Some(path) = kind.strip_prefix("http:") {
             if !path.starts_with('/') {
-                return Err(format!(
+                return Err(LabelError::Bad(format!(
                     "label {CHECK_LABEL}={kind:?}: the path must start with /"
-                ));
+                )));
             }
             (Some(path.to_string()), host_port)
         } else {
-            return Err(format!(
+            return Err(LabelError::Bad(format!(
                 "label {CHECK_LABEL}={kind:?} is not a check envoy-docker runs \
                  (HttpGet, http:<path> or tcp); no check"
-            ));
+            )));
         };
         Ok(Some(Check {
             http_path,
@@ -216,8 +235,13 @@ impl ContainerMeta {
     /// Sidecar's `HealthCheckArgs` URL: `{{ host }}` stands for the
     /// instance's address and `{{ tcp N }}` for the host port publishing
     /// container port N. Gives (port, path).
-    fn resolve_url(&self, url: &str, own: u16, host_port: u16) -> Result<(u16, String), String> {
-        let bad = |why: &str| format!("label {CHECK_ARGS_LABEL}={url:?}: {why}");
+    fn resolve_url(
+        &self,
+        url: &str,
+        own: u16,
+        host_port: u16,
+    ) -> Result<(u16, String), LabelError> {
+        let bad = |why: &str| LabelError::Bad(format!("label {CHECK_ARGS_LABEL}={url:?}: {why}"));
         let mut out = String::new();
         let mut rest = url;
         while let Some(start) = rest.find("{{") {
@@ -229,9 +253,12 @@ impl ContainerMeta {
                 ["tcp", n] => {
                     let n: u16 = n.parse().map_err(|_| bad("tcp wants a port"))?;
                     let bound = self.bindings.iter().find(|(c, _)| *c == n).map(|b| b.1);
-                    let hp = bound
-                        .or((n == own).then_some(host_port))
-                        .ok_or_else(|| bad(&format!("container port {n} is not published")))?;
+                    let hp = bound.or((n == own).then_some(host_port)).ok_or_else(|| {
+                        LabelError::NotPublished {
+                            url: url.to_string(),
+                            port: n,
+                        }
+                    })?;
                     out.push_str(&hp.to_string());
                 }
                 _ => return Err(bad("only {{ host }} and {{ tcp N }} are understood")),
@@ -257,19 +284,8 @@ impl ContainerMeta {
     }
 }
 
-fn labels_of(v: &Value) -> BTreeMap<String, String> {
-    v.as_object()
-        .map(|m| {
-            m.iter()
-                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn ip_of(v: &Value) -> Option<IpAddr> {
+fn ip_of(s: &str) -> Option<IpAddr> {
     // Network inspect gives "172.17.0.2/16"; container inspect gives bare IPs.
-    let s = v.as_str()?;
     let bare = s.split('/').next()?;
     bare.parse().ok()
 }
@@ -287,42 +303,35 @@ fn name_or_short_id(name: String, id: &str) -> String {
 
 /// One item of `GET /containers/json`. Its addresses are left empty: while
 /// a container starts they are still blank there.
-pub fn from_list_item(v: &Value) -> Result<ContainerMeta, String> {
-    let id = v["Id"].as_str().ok_or("container without Id")?.to_string();
-    let name = v["Names"]
-        .as_array()
-        .and_then(|n| n.first())
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .trim_start_matches('/')
+pub fn from_list_item(v: &api::ContainerSummary) -> Result<ContainerMeta, DockerError> {
+    if v.id.is_empty() {
+        return Err(DockerError::Missing("a container's Id"));
+    }
+    let id = v.id.clone();
+    let name = v
+        .names
+        .first()
+        .map_or("", |n| n.trim_start_matches('/'))
         .to_string();
     // The list shows health only in its status text: "Up 3 minutes
     // (healthy)", "(unhealthy)" or "(health: starting)".
-    let status = v["Status"].as_str().unwrap_or("");
-    let health = status
+    let health = v
+        .status
         .rsplit_once('(')
         .and_then(|(_, h)| h.strip_suffix(')'))
         .map(|h| h.trim_start_matches("health: "))
         .and_then(health_of);
-    let bindings = v["Ports"]
-        .as_array()
-        .map(|ps| {
-            ps.iter()
-                .filter(|p| p["Type"].as_str() == Some("tcp"))
-                .filter_map(|p| {
-                    Some((
-                        p["PrivatePort"].as_u64()? as u16,
-                        p["PublicPort"].as_u64()? as u16,
-                    ))
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    let bindings = v
+        .ports
+        .iter()
+        .filter(|p| p.kind == "tcp")
+        .filter_map(|p| Some((p.private_port, p.public_port?)))
+        .collect();
     Ok(ContainerMeta {
         name: name_or_short_id(name, &id),
         id,
-        image: v["Image"].as_str().unwrap_or("").to_string(),
-        labels: labels_of(&v["Labels"]),
+        image: v.image.clone(),
+        labels: v.labels.clone(),
         ips: Vec::new(),
         ports: Vec::new(),
         bindings,
@@ -331,42 +340,34 @@ pub fn from_list_item(v: &Value) -> Result<ContainerMeta, String> {
 }
 
 /// `GET /containers/{id}/json`.
-pub fn from_inspect(v: &Value) -> Result<ContainerMeta, String> {
-    let id = v["Id"].as_str().ok_or("inspect without Id")?.to_string();
-    let name = v["Name"]
-        .as_str()
-        .unwrap_or("")
-        .trim_start_matches('/')
-        .to_string();
-    let mut ips = Vec::new();
-    if let Some(nets) = v["NetworkSettings"]["Networks"].as_object() {
-        for net in nets.values() {
-            for key in ["IPAddress", "GlobalIPv6Address"] {
-                if let Some(ip) = ip_of(&net[key]) {
-                    ips.push(ip);
-                }
-            }
-        }
+pub fn from_inspect(v: &api::ContainerInspect) -> Result<ContainerMeta, DockerError> {
+    if v.id.is_empty() {
+        return Err(DockerError::Missing("the inspected container's Id"));
     }
+    let id = v.id.clone();
+    let name = v.name.trim_start_matches('/').to_string();
+    let settings = &v.network_settings;
+    let ips = settings
+        .networks
+        .values()
+        .flat_map(|n| [&n.ip_address, &n.global_ipv6_address])
+        .filter_map(|s| ip_of(s))
+        .collect();
     let mut ports = Vec::new();
-    if let Some(p) = v["NetworkSettings"]["Ports"].as_object() {
-        for key in p.keys() {
-            let (port, proto) = key.split_once('/').unwrap_or((key, "tcp"));
-            if let (Ok(port), Some(proto)) = (port.parse(), Proto::parse(proto)) {
-                ports.push((port, proto));
-            }
+    for key in settings.ports.keys() {
+        let (port, proto) = key.split_once('/').unwrap_or((key, "tcp"));
+        if let (Ok(port), Some(proto)) = (port.parse(), Proto::parse(proto)) {
+            ports.push((port, proto));
         }
     }
     let mut bindings = Vec::new();
-    if let Some(p) = v["NetworkSettings"]["Ports"].as_object() {
-        for (key, binds) in p {
-            let Some(port) = key.strip_suffix("/tcp").and_then(|p| p.parse().ok()) else {
-                continue;
-            };
-            for b in binds.as_array().map(Vec::as_slice).unwrap_or(&[]) {
-                if let Some(hp) = b["HostPort"].as_str().and_then(|h| h.parse().ok()) {
-                    bindings.push((port, hp));
-                }
+    for (key, binds) in &settings.ports {
+        let Some(port) = key.strip_suffix("/tcp").and_then(|p| p.parse().ok()) else {
+            continue;
+        };
+        for b in binds.iter().flatten() {
+            if let Ok(hp) = b.host_port.parse() {
+                bindings.push((port, hp));
             }
         }
     }
@@ -375,12 +376,12 @@ pub fn from_inspect(v: &Value) -> Result<ContainerMeta, String> {
     Ok(ContainerMeta {
         name: name_or_short_id(name, &id),
         id,
-        image: v["Config"]["Image"].as_str().unwrap_or("").to_string(),
-        labels: labels_of(&v["Config"]["Labels"]),
+        image: v.config.image.clone(),
+        labels: v.config.labels.clone(),
         ips,
         ports,
         bindings,
-        health: v["State"]["Health"]["Status"].as_str().and_then(health_of),
+        health: v.state.health.as_ref().and_then(|h| health_of(&h.status)),
     })
 }
 
@@ -395,12 +396,11 @@ fn health_of(s: &str) -> Option<Health> {
 }
 
 /// `GET /networks/{id}`: the container that has `ip` on this network.
-pub fn container_with_ip(network: &Value, ip: IpAddr) -> Option<String> {
-    let containers = network["Containers"].as_object()?;
-    containers.iter().find_map(|(id, c)| {
-        let hit = ["IPv4Address", "IPv6Address"]
+pub fn container_with_ip(network: &api::Network, ip: IpAddr) -> Option<String> {
+    network.containers.iter().find_map(|(id, c)| {
+        let hit = [&c.ipv4_address, &c.ipv6_address]
             .iter()
-            .any(|k| ip_of(&c[*k]) == Some(ip));
+            .any(|a| ip_of(a) == Some(ip));
         hit.then(|| id.clone())
     })
 }
@@ -418,7 +418,22 @@ mod tests {
     }
 
     use super::*;
-    use serde_json::json;
+    use serde_json::{json, Value};
+
+    // The tests write Docker's answers as JSON; these read them as the
+    // client does, then call the real functions.
+    fn parsed<T: serde::de::DeserializeOwned>(v: &Value) -> Result<T, DockerError> {
+        serde_json::from_value(v.clone()).map_err(DockerError::BadEvent)
+    }
+    fn from_inspect(v: &Value) -> Result<ContainerMeta, DockerError> {
+        super::from_inspect(&parsed(v)?)
+    }
+    fn from_list_item(v: &Value) -> Result<ContainerMeta, DockerError> {
+        super::from_list_item(&parsed(v)?)
+    }
+    fn container_with_ip(v: &Value, ip: IpAddr) -> Option<String> {
+        super::container_with_ip(&parsed(v).ok()?, ip)
+    }
 
     fn meta(labels: &[(&str, &str)]) -> ContainerMeta {
         ContainerMeta {
@@ -463,10 +478,10 @@ mod tests {
         // The mapping's own port resolves without bindings.
         sidecar.bindings.clear();
         assert!(sidecar.check(8081, 9000).unwrap().unwrap().port == 9000);
-        assert!(sidecar
-            .check(80, 8080)
-            .unwrap_err()
-            .contains("not published"));
+        assert!(matches!(
+            sidecar.check(80, 8080),
+            Err(LabelError::NotPublished { port: 8081, .. })
+        ));
         assert!(sidecar.label_problems().is_empty());
 
         let short = meta(&[("HealthCheck", "http:/ready")]);
@@ -497,7 +512,10 @@ mod tests {
             ),
         ] {
             let m = meta(&labels);
-            assert!(m.check(80, 8080).unwrap_err().contains(why), "{labels:?}");
+            assert!(
+                m.check(80, 8080).unwrap_err().to_string().contains(why),
+                "{labels:?}"
+            );
             assert_eq!(m.label_problems().len(), 1, "{labels:?}");
         }
     }

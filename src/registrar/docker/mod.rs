@@ -18,11 +18,12 @@
 //! If Docker is unreachable, one warning is logged, mappings keep default
 //! names, and the watcher retries in the background.
 
+pub mod api;
 pub mod client;
 pub mod meta;
 
 use super::keeper::{Input, Registrar};
-use client::{percent_encode, Docker};
+use client::{percent_encode, Docker, DockerError};
 use meta::ContainerMeta;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -35,17 +36,14 @@ const REQUEST_BUDGET: Duration = Duration::from_secs(3);
 
 /// Finds the (possibly still starting) container that has `ip`, without
 /// inspecting it.
-pub async fn lookup(docker: &Docker, ip: IpAddr) -> Result<Option<ContainerMeta>, String> {
-    let networks = docker.get_json("/networks").await?;
-    let ids: Vec<String> = networks
-        .as_array()
-        .ok_or("GET /networks: not a list")?
-        .iter()
-        .filter(|n| !matches!(n["Driver"].as_str(), Some("host") | Some("null")))
-        .filter_map(|n| n["Id"].as_str().map(str::to_string))
-        .collect();
+pub async fn lookup(docker: &Docker, ip: IpAddr) -> Result<Option<ContainerMeta>, DockerError> {
+    let networks: Vec<api::NetworkSummary> = docker.get("/networks").await?;
+    let ids = networks
+        .into_iter()
+        .filter(|n| !matches!(n.driver.as_str(), "host" | "null") && !n.id.is_empty())
+        .map(|n| n.id);
     for id in ids {
-        let net = match docker.get_json(&format!("/networks/{id}")).await {
+        let net: api::Network = match docker.get(&format!("/networks/{id}")).await {
             Ok(n) => n,
             Err(e) => {
                 tracing::debug!("{e}");
@@ -56,13 +54,10 @@ pub async fn lookup(docker: &Docker, ip: IpAddr) -> Result<Option<ContainerMeta>
             continue;
         };
         let filters = percent_encode(&format!(r#"{{"id":["{cid}"]}}"#));
-        let list = docker
-            .get_json(&format!("/containers/json?all=1&filters={filters}"))
+        let list: Vec<api::ContainerSummary> = docker
+            .get(&format!("/containers/json?all=1&filters={filters}"))
             .await?;
-        let item = list
-            .as_array()
-            .and_then(|l| l.iter().find(|c| c["Id"].as_str() == Some(cid.as_str())));
-        let Some(item) = item else {
+        let Some(item) = list.iter().find(|c| c.id == cid) else {
             return Ok(None);
         };
         let mut m = meta::from_list_item(item)?;
@@ -72,13 +67,13 @@ pub async fn lookup(docker: &Docker, ip: IpAddr) -> Result<Option<ContainerMeta>
     Ok(None)
 }
 
-async fn inspect(docker: &Docker, id: &str) -> Result<ContainerMeta, String> {
-    let v = timeout(
+async fn inspect(docker: &Docker, id: &str) -> Result<ContainerMeta, DockerError> {
+    let v: api::ContainerInspect = timeout(
         REQUEST_BUDGET,
-        docker.get_json(&format!("/containers/{id}/json")),
+        docker.get(&format!("/containers/{}/json", percent_encode(id))),
     )
     .await
-    .map_err(|_| format!("inspecting {id} timed out"))??;
+    .map_err(|_| DockerError::Timeout(format!("inspecting {id}")))??;
     meta::from_inspect(&v)
 }
 
@@ -117,21 +112,19 @@ async fn follow(
     docker: &Docker,
     registrar: &Registrar,
     synced: &watch::Sender<bool>,
-) -> Result<(), String> {
+) -> Result<(), DockerError> {
     let mut events = timeout(REQUEST_BUDGET, docker.events())
         .await
-        .map_err(|_| "timed out".to_string())??;
-    let running = timeout(REQUEST_BUDGET, docker.get_json("/containers/json"))
-        .await
-        .map_err(|_| "timed out".to_string())??;
+        .map_err(|_| DockerError::Timeout("GET /events".into()))??;
+    let running: Vec<api::ContainerSummary> =
+        timeout(REQUEST_BUDGET, docker.get("/containers/json"))
+            .await
+            .map_err(|_| DockerError::Timeout("GET /containers/json".into()))??;
     let ids: Vec<String> = running
-        .as_array()
-        .map(|l| {
-            l.iter()
-                .filter_map(|c| c["Id"].as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default();
+        .into_iter()
+        .map(|c| c.id)
+        .filter(|id| !id.is_empty())
+        .collect();
     for id in &ids {
         match inspect(docker, id).await {
             Ok(m) => registrar.tell(Input::Container(m)),
@@ -152,11 +145,8 @@ async fn follow(
                 continue;
             }
         };
-        let action = ev["Action"]
-            .as_str()
-            .or(ev["status"].as_str())
-            .unwrap_or("");
-        let Some(id) = ev["Actor"]["ID"].as_str().or(ev["id"].as_str()) else {
+        let action = ev.action();
+        let Some(id) = ev.container() else {
             continue;
         };
         tracing::debug!("Docker event {action} for {id}");

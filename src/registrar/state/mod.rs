@@ -77,6 +77,21 @@ pub struct Outputs {
     pub watch: Vec<(MappingKey, OwnerProcess)>,
 }
 
+/// Why a registration was turned down; the proxy gets the text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("SCTP is not supported")]
+    Sctp,
+    #[error("{key} is already registered by pid {pid} for {backend}")]
+    Taken {
+        key: MappingKey,
+        pid: u32,
+        backend: std::net::SocketAddr,
+    },
+    #[error("the registrar is shutting down")]
+    Stopping,
+}
+
 #[derive(Debug)]
 pub struct Registry {
     entries: BTreeMap<MappingKey, Entry>,
@@ -280,19 +295,18 @@ impl Registry {
         conn: Option<u64>,
         server: Server,
         meta: Option<ContainerMeta>,
-    ) -> Result<(), String> {
+    ) -> Result<(), Refusal> {
         if mapping.key.proto == Proto::Sctp {
-            return Err("SCTP is not supported".into());
+            return Err(Refusal::Sctp);
         }
         if let Some(e) = self.entries.get(&mapping.key) {
             if e.mapping.backend != mapping.backend {
                 if e.owner.pid != owner.pid && e.owner.alive() {
-                    return Err(format!(
-                        "{} is already registered by pid {} for {}",
-                        mapping.key,
-                        e.owner.pid,
-                        e.mapping.backend.addr()
-                    ));
+                    return Err(Refusal::Taken {
+                        key: mapping.key,
+                        pid: e.owner.pid,
+                        backend: e.mapping.backend.addr(),
+                    });
                 }
                 // The old owner is gone and has not been reaped yet.
                 self.remove(&mapping.key, "replaced by a new registration", false);

@@ -126,7 +126,11 @@ fn same_backend_is_a_no_op_and_another_is_a_conflict() {
     let err = r
         .register(mapping(80, "10.0.0.3"), other, None, Server::Relay, None)
         .unwrap_err();
-    assert!(err.contains("already registered"), "{err}");
+    assert!(matches!(err, Refusal::Taken { .. }), "{err}");
+    assert!(
+        err.to_string().contains("already registered by pid"),
+        "{err}"
+    );
     // The connection that registered last owns it now.
     r.connection_closed(1);
     assert_eq!(r.list().len(), 1);
