@@ -4,7 +4,7 @@
 
 use crate::mapping::Server;
 use crate::procscan::{scan, Trust};
-use crate::protocol::client::{self, Failure};
+use crate::protocol::client;
 use crate::protocol::{CallError, Owner, Registration, Reply, Request};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -19,13 +19,7 @@ pub struct Config {
 }
 
 /// Why `resync` stopped before it was through.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error(transparent)]
-    Unreachable(#[from] Failure),
-    #[error(transparent)]
-    Call(#[from] CallError),
-}
+pub type Error = client::Error;
 
 /// Exit status 0 if every mapping was replayed, 2 if some were refused.
 pub async fn run(args: Config) -> Result<ExitCode, Error> {

@@ -2,7 +2,7 @@
 //! one row each, or the same data as JSON.
 
 use crate::mapping::{EnvoyStatus, MappingStatus, Row};
-use crate::protocol::client::Failure;
+use crate::protocol::client;
 use crate::protocol::{CallError, Reply, Request};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,12 +11,9 @@ use std::time::Duration;
 /// Why `status` has nothing to show.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// No registrar, or none that answers.
+    /// No registrar, none that answers, or not with what was asked for.
     #[error(transparent)]
-    Unreachable(#[from] Failure),
-    /// It answered, but not with what was asked for.
-    #[error(transparent)]
-    Call(#[from] CallError),
+    Registrar(#[from] client::Error),
     #[error("cannot write JSON")]
     Json(#[from] serde_json::Error),
 }
@@ -43,8 +40,8 @@ pub struct FleetView {
 }
 
 /// Fetches the catalog from the registrar at `path`.
-pub async fn fetch_fleet(path: &std::path::Path) -> Result<FleetView, Error> {
-    let mut conn = crate::protocol::client::connect(path, Duration::from_secs(2)).await?;
+pub async fn fetch_fleet(path: &std::path::Path) -> Result<FleetView, client::Error> {
+    let mut conn = client::connect(path, Duration::from_secs(2)).await?;
     let mut view = FleetView {
         host_id: String::new(),
         etcd: String::new(),
@@ -178,8 +175,8 @@ pub fn render_table(rows: &[Row]) -> String {
 
 /// Fetches every mapping, and the Envoy streams, from the registrar at
 /// `path`.
-pub async fn fetch(path: &std::path::Path) -> Result<Status, Error> {
-    let mut conn = crate::protocol::client::connect(path, Duration::from_secs(2)).await?;
+pub async fn fetch(path: &std::path::Path) -> Result<Status, client::Error> {
+    let mut conn = client::connect(path, Duration::from_secs(2)).await?;
     let envoys = match conn.call(&Request::Envoys).await? {
         Reply::Envoys(e) => e,
         Reply::Error(e) => return Err(CallError::Refused(e).into()),

@@ -29,6 +29,16 @@ pub enum Failure {
     Other(String),
 }
 
+/// Why a role's talk with the registrar ended early: it was never reached
+/// (or hung), or a call on the connection went wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Unreachable(#[from] Failure),
+    #[error(transparent)]
+    Call(#[from] super::CallError),
+}
+
 impl Failure {
     pub fn text(&self) -> &str {
         match self {

@@ -14,9 +14,8 @@
 use super::liveness::{self, OwnerProcess};
 use super::metrics::Metrics;
 use super::state::fleet::{EtcdReport, EtcdState, Instances};
-use super::state::Refusal;
-use super::state::Registry;
-use crate::mapping::{EnvoyStatus, Mapping, MappingKey, MappingStatus, Server};
+use super::state::{Arrival, Refusal, Registry};
+use crate::mapping::{EnvoyStatus, MappingKey, MappingStatus, Server};
 use crate::nft::ruleset::Claims;
 use crate::nft::PortsState;
 use crate::protocol::Reply;
@@ -35,15 +34,8 @@ pub enum Input {
     LinkOpened(u64, Outbox),
     /// A proxy connection closed: its mappings go with it.
     ConnectionClosed(u64),
-    Register {
-        mapping: Mapping,
-        owner: OwnerProcess,
-        /// The connection the mapping lives with, if any.
-        conn: Option<u64>,
-        server: Server,
-        meta: Option<super::docker::meta::ContainerMeta>,
-        reply: oneshot::Sender<Result<(), Refusal>>,
-    },
+    /// A mapping to add; the registry's answer goes back on the oneshot.
+    Register(Arrival, oneshot::Sender<Result<(), Refusal>>),
     /// A proxy says who serves its mapping now.
     Serving {
         conn: u64,
@@ -129,23 +121,9 @@ impl Registrar {
     }
 
     /// Registers a mapping and waits for the registry's answer.
-    pub async fn register(
-        &self,
-        mapping: Mapping,
-        owner: OwnerProcess,
-        conn: Option<u64>,
-        server: Server,
-        meta: Option<super::docker::meta::ContainerMeta>,
-    ) -> Result<(), Refusal> {
+    pub async fn register(&self, arrival: Arrival) -> Result<(), Refusal> {
         let (reply, answer) = oneshot::channel();
-        self.tell(Input::Register {
-            mapping,
-            owner,
-            conn,
-            server,
-            meta,
-            reply,
-        });
+        self.tell(Input::Register(arrival, reply));
         answer.await.unwrap_or(Err(Refusal::Stopping))
     }
 
@@ -223,15 +201,8 @@ fn apply(r: &mut Registry, links: &mut BTreeMap<u64, Outbox>, input: Input) {
             links.remove(&conn);
             r.connection_closed(conn);
         }
-        Input::Register {
-            mapping,
-            owner,
-            conn,
-            server,
-            meta,
-            reply,
-        } => {
-            let _ = reply.send(r.register(mapping, owner, conn, server, meta));
+        Input::Register(arrival, reply) => {
+            let _ = reply.send(r.register(arrival));
         }
         Input::Serving {
             conn,

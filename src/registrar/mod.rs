@@ -35,7 +35,7 @@ use crate::xds::serving::Serving;
 use crate::xds::telemetry::Telemetry;
 use keeper::{Input, Registrar};
 use liveness::OwnerProcess;
-use state::{Registry, RECONNECT_GRACE};
+use state::{Arrival, Registry, RECONNECT_GRACE};
 use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -344,13 +344,14 @@ fn migrate_queued_connections() {
 fn recover(registry: &mut Registry, socket: &std::path::Path, trust: &crate::procscan::Trust) {
     let found = crate::procscan::scan(socket, trust);
     for p in &found {
-        if let Err(e) = registry.register(
-            p.mapping,
-            OwnerProcess::of(p.pid),
-            None,
-            Server::Relay,
-            None,
-        ) {
+        let arrival = Arrival {
+            mapping: p.mapping,
+            owner: OwnerProcess::of(p.pid),
+            conn: None,
+            server: Server::Relay,
+            meta: None,
+        };
+        if let Err(e) = registry.register(arrival) {
             tracing::warn!("recovering {} (pid {}): {e}", p.mapping, p.pid);
         }
     }

@@ -9,6 +9,7 @@
 use super::docker::{self, client::Docker};
 use super::keeper::{Input, Read, Registrar};
 use super::liveness::OwnerProcess;
+use super::state::Arrival;
 use crate::addr::ListenError;
 use crate::procscan::Trust;
 use crate::protocol::{ConnError, Connection, Owner, Reply, Request, PROTOCOL_VERSION};
@@ -312,7 +313,13 @@ async fn handle(
                     None => None,
                 };
                 let result = registrar
-                    .register(reg.mapping, owner, tied, reg.server, meta)
+                    .register(Arrival {
+                        mapping: reg.mapping,
+                        owner,
+                        conn: tied,
+                        server: reg.server,
+                        meta,
+                    })
                     .await;
                 let reply = match result {
                     Ok(()) => Reply::Accepted,

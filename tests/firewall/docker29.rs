@@ -30,7 +30,8 @@
 //! must.
 
 use super::*;
-use crate::harness::dockerd::{ip, Netns};
+use crate::harness::dockerd::Netns;
+use crate::harness::ip;
 use crate::harness::{in_netns, ProxySpec, Stack};
 use std::process::{Child, Command, Stdio};
 

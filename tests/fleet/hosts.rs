@@ -15,7 +15,7 @@ use crate::harness::collectors::Otlp;
 use crate::harness::dockerd::{
     image_tar, import_image, remove_all_containers, run_detached, IMAGE,
 };
-use crate::harness::{bin, envoy_bin, wait_until};
+use crate::harness::{bin, envoy_bin, ip, sh, wait_until};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
@@ -24,19 +24,6 @@ use std::time::Duration;
 
 const BRIDGE: &str = "edfl0";
 pub const TTL_SECS: u64 = 10;
-
-pub fn sh(cmd: &mut Command) -> Output {
-    cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"))
-}
-
-fn ip(args: &[&str]) {
-    let out = sh(Command::new("ip").args(args));
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// Runs `f` on a thread that has entered namespace `ns`'s network.
 pub use crate::harness::in_netns as in_ns;

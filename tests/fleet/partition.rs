@@ -10,8 +10,7 @@
 //! The backends are two listeners on 127.0.0.2 and 127.0.0.3 standing for
 //! instances on other hosts, whose records the test writes itself.
 
-use super::hosts::sh;
-use crate::harness::{free_port, http_get, wait_until, Ads, Stack, TempDir};
+use crate::harness::{free_port, http_get, ip, sh, wait_until, Ads, Stack, TempDir};
 use envoy_docker::catalog::{self, ContainerInfo, Health, Instance};
 use envoy_docker::etcd::{Etcd, Write};
 use envoy_docker::mapping::Mode;
@@ -23,15 +22,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const BRIDGE: &str = "edpt0";
-
-fn ip(args: &[&str]) {
-    let out = sh(Command::new("ip").args(args));
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 fn member_url(i: u8) -> String {
     format!("http://10.76.0.{i}:2379")

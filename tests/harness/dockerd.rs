@@ -21,7 +21,7 @@
 //! through a mutex. Each is torn down when the process exits, and the
 //! teardown checks that no mount, interface or process is left behind.
 
-use super::{bin, wait_until, Ads, Stack};
+use super::{bin, ip, sh, wait_until, Ads, Stack};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -181,15 +181,6 @@ impl Netns {
     }
 }
 
-pub fn ip(args: &[&str]) {
-    let out = sh(Command::new("ip").args(args));
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 pub struct DockerEnv {
     pub setup: Setup,
     pub root: PathBuf,
@@ -242,10 +233,6 @@ extern "C" fn teardown_at_exit() {
         // SAFETY: ending the process with a failure status at exit.
         unsafe { nix::libc::_exit(1) };
     }
-}
-
-fn sh(cmd: &mut Command) -> Output {
-    cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"))
 }
 
 impl DockerEnv {

@@ -22,6 +22,21 @@ use std::time::{Duration, Instant};
 
 pub use proc::{Proxy, ProxySpec};
 
+/// Runs `cmd` to its end; a command that cannot start fails the test.
+pub fn sh(cmd: &mut Command) -> std::process::Output {
+    cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"))
+}
+
+/// Runs `ip ARGS`, which must succeed.
+pub fn ip(args: &[&str]) {
+    let out = sh(Command::new("ip").args(args));
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 pub fn bin() -> &'static str {
     assert!(
         nix::unistd::geteuid().is_root(),

@@ -92,6 +92,20 @@ pub enum Refusal {
     Stopping,
 }
 
+/// A mapping as it comes to be registered.
+#[derive(Debug)]
+pub struct Arrival {
+    pub mapping: Mapping,
+    /// The process that owns it.
+    pub owner: OwnerProcess,
+    /// The proxy connection it lives with, if any.
+    pub conn: Option<u64>,
+    /// Who serves the port, as the registrant says.
+    pub server: Server,
+    /// The container found for it at registration, if any.
+    pub meta: Option<ContainerMeta>,
+}
+
 #[derive(Debug)]
 pub struct Registry {
     entries: BTreeMap<MappingKey, Entry>,
@@ -285,17 +299,15 @@ impl Registry {
         self.links.insert(conn);
     }
 
-    /// Adds a mapping or confirms an identical one. `meta` is the container
-    /// found for it at registration, if any; `server` is who serves the
-    /// port as the registrant says.
-    pub fn register(
-        &mut self,
-        mapping: Mapping,
-        owner: OwnerProcess,
-        conn: Option<u64>,
-        server: Server,
-        meta: Option<ContainerMeta>,
-    ) -> Result<(), Refusal> {
+    /// Adds a mapping or confirms an identical one.
+    pub fn register(&mut self, arrival: Arrival) -> Result<(), Refusal> {
+        let Arrival {
+            mapping,
+            owner,
+            conn,
+            server,
+            meta,
+        } = arrival;
         if mapping.key.proto == Proto::Sctp {
             return Err(Refusal::Sctp);
         }

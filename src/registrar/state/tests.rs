@@ -19,6 +19,26 @@ fn mapping(port: u16, backend: &str) -> Mapping {
     }
 }
 
+impl Registry {
+    /// `register`, with the arrival spelt out.
+    fn add(
+        &mut self,
+        mapping: Mapping,
+        owner: OwnerProcess,
+        conn: Option<u64>,
+        server: Server,
+        meta: Option<ContainerMeta>,
+    ) -> Result<(), Refusal> {
+        self.register(Arrival {
+            mapping,
+            owner,
+            conn,
+            server,
+            meta,
+        })
+    }
+}
+
 fn me() -> OwnerProcess {
     OwnerProcess::of(std::process::id())
 }
@@ -51,8 +71,8 @@ fn an_ack_naming_one_mapping_settles_that_one_only() {
     let mut r = with_link(1);
     let envoy = r.envoy_connected(1);
     let (a, b) = (mapping(86, "10.0.0.2"), mapping(87, "10.0.0.3"));
-    r.register(a, me(), Some(1), Server::Relay, None).unwrap();
-    r.register(b, me(), Some(1), Server::Relay, None).unwrap();
+    r.add(a, me(), Some(1), Server::Relay, None).unwrap();
+    r.add(b, me(), Some(1), Server::Relay, None).unwrap();
     let snap = r.snapshots().borrow().clone();
     let versions = |kind: Kind| -> Versions {
         snap.get(kind)
@@ -115,16 +135,16 @@ fn server_of(r: &Registry, port: u16) -> Server {
 fn same_backend_is_a_no_op_and_another_is_a_conflict() {
     let mut r = Registry::new(Mode::Http);
     let rx = r.snapshots();
-    r.register(mapping(80, "10.0.0.2"), me(), Some(1), Server::Relay, None)
+    r.add(mapping(80, "10.0.0.2"), me(), Some(1), Server::Relay, None)
         .unwrap();
     let v1 = rx.borrow().get(Kind::Listener).len();
-    r.register(mapping(80, "10.0.0.2"), me(), Some(2), Server::Relay, None)
+    r.add(mapping(80, "10.0.0.2"), me(), Some(2), Server::Relay, None)
         .unwrap();
     assert_eq!(r.list().len(), 1);
     assert_eq!(v1, 1);
     let other = OwnerProcess::of(1);
     let err = r
-        .register(mapping(80, "10.0.0.3"), other, None, Server::Relay, None)
+        .add(mapping(80, "10.0.0.3"), other, None, Server::Relay, None)
         .unwrap_err();
     assert!(matches!(err, Refusal::Taken { .. }), "{err}");
     assert!(
@@ -141,7 +161,7 @@ fn same_backend_is_a_no_op_and_another_is_a_conflict() {
 #[test]
 fn with_no_envoy_a_starting_proxy_is_told_to_relay_at_once() {
     let mut r = with_link(1);
-    r.register(mapping(80, "10.0.0.2"), me(), Some(1), Server::Relay, None)
+    r.add(mapping(80, "10.0.0.2"), me(), Some(1), Server::Relay, None)
         .unwrap();
     assert_eq!(orders(&mut r), [Server::Relay]);
     assert_eq!(server_of(&r, 80), Server::Relay);
@@ -151,7 +171,7 @@ fn with_no_envoy_a_starting_proxy_is_told_to_relay_at_once() {
 fn hand_over_needs_listener_and_endpoints_then_take_back_when_envoy_goes() {
     let mut r = with_link(1);
     let envoy = r.envoy_connected(1);
-    r.register(mapping(81, "10.0.0.2"), me(), Some(1), Server::Relay, None)
+    r.add(mapping(81, "10.0.0.2"), me(), Some(1), Server::Relay, None)
         .unwrap();
     assert_eq!(orders(&mut r), []);
     // The listener alone is not enough: its endpoints must be there too.
@@ -181,7 +201,7 @@ fn every_envoy_must_serve_before_hand_over_and_one_left_is_enough_to_stay() {
     let mut r = with_link(1);
     let a = r.envoy_connected(1);
     let b = r.envoy_connected(2);
-    r.register(mapping(82, "10.0.0.2"), me(), Some(1), Server::Relay, None)
+    r.add(mapping(82, "10.0.0.2"), me(), Some(1), Server::Relay, None)
         .unwrap();
     ack(&mut r, a, Kind::Listener);
     ack(&mut r, a, Kind::Endpoint);
@@ -200,7 +220,7 @@ fn a_stalled_envoy_counts_neither_for_nor_against_a_hand_over() {
     let mut r = with_link(1);
     let real = r.envoy_connected(1);
     let rogue = r.envoy_connected(2);
-    r.register(mapping(85, "10.0.0.2"), me(), Some(1), Server::Relay, None)
+    r.add(mapping(85, "10.0.0.2"), me(), Some(1), Server::Relay, None)
         .unwrap();
     ack(&mut r, real, Kind::Listener);
     ack(&mut r, real, Kind::Endpoint);
@@ -225,7 +245,7 @@ fn a_restarted_registrar_leaves_handed_over_proxies_alone_during_the_grace() {
     let mut r = Registry::new(Mode::Http).with_grace(Duration::from_secs(3600));
     r.link_opened(1);
     // The proxy registers again, saying Envoy serves its port.
-    r.register(mapping(83, "10.0.0.2"), me(), Some(1), Server::Envoy, None)
+    r.add(mapping(83, "10.0.0.2"), me(), Some(1), Server::Envoy, None)
         .unwrap();
     assert_eq!(orders(&mut r), []);
     // An Envoy reconnects; until it says what it holds, it may hold it.
@@ -241,7 +261,7 @@ fn a_restarted_registrar_leaves_handed_over_proxies_alone_during_the_grace() {
 fn after_the_grace_a_proxy_with_no_envoy_takes_its_port_back() {
     let mut r = Registry::new(Mode::Http).with_grace(Duration::ZERO);
     r.link_opened(1);
-    r.register(mapping(84, "10.0.0.2"), me(), Some(1), Server::Envoy, None)
+    r.add(mapping(84, "10.0.0.2"), me(), Some(1), Server::Envoy, None)
         .unwrap();
     assert_eq!(orders(&mut r), [Server::Relay]);
 }
@@ -251,7 +271,7 @@ fn a_nack_marks_the_mapping_failed_and_keeps_it_relayed() {
     let mut r = with_link(1);
     let envoy = r.envoy_connected(1);
     let m = mapping(80, "10.0.0.2");
-    r.register(m, me(), Some(1), Server::Relay, None).unwrap();
+    r.add(m, me(), Some(1), Server::Relay, None).unwrap();
     let error = format!(
         "Error adding/updating listener(s) {}: cannot bind '0.0.0.0:80': Address already in use",
         m.key.resource_name()
@@ -277,7 +297,7 @@ fn container_labels_name_mappings_and_set_their_mode() {
     let mut r = Registry::new(Mode::Http);
     let rx = r.snapshots();
     let m = mapping(8080, "172.17.0.2");
-    r.register(m, me(), Some(1), Server::Relay, None).unwrap();
+    r.add(m, me(), Some(1), Server::Relay, None).unwrap();
     assert_eq!(r.list()[0].name, "172-17-0-2-80");
     let meta = ContainerMeta {
         id: "c1".into(),
@@ -302,7 +322,7 @@ fn container_labels_name_mappings_and_set_their_mode() {
         .get(Kind::Cluster)
         .contains_key("web-prod_tcp_0-0-0-0_8080"));
     // A second mapping of the same container is named at once.
-    r.register(
+    r.add(
         mapping(8081, "172.17.0.2"),
         me(),
         Some(1),
@@ -330,15 +350,15 @@ fn dead_owners_are_reaped_and_sctp_is_refused() {
         pid: u32::MAX - 1,
         start: None,
     };
-    r.register(mapping(80, "10.0.0.2"), dead, None, Server::Relay, None)
+    r.add(mapping(80, "10.0.0.2"), dead, None, Server::Relay, None)
         .unwrap();
-    r.register(mapping(81, "10.0.0.2"), me(), None, Server::Relay, None)
+    r.add(mapping(81, "10.0.0.2"), me(), None, Server::Relay, None)
         .unwrap();
     r.reap();
     assert_eq!(r.list().len(), 1);
     let mut m = mapping(82, "10.0.0.2");
     m.key.proto = Proto::Sctp;
-    assert!(r.register(m, me(), None, Server::Relay, None).is_err());
+    assert!(r.add(m, me(), None, Server::Relay, None).is_err());
 }
 
 #[test]
@@ -350,7 +370,7 @@ fn a_port_label_sets_that_ports_mode_and_proxy_protocol_only_applies_to_tcp() {
     let mut db = mapping(5433, "172.17.0.3");
     db.backend.container_port = 5432;
     for m in [mapping(8080, "172.17.0.3"), db] {
-        r.register(m, me(), Some(1), Server::Relay, None).unwrap();
+        r.add(m, me(), Some(1), Server::Relay, None).unwrap();
     }
     assert!(r.list().iter().all(|s| s.mode == Mode::Auto));
     let labels = [
@@ -387,7 +407,7 @@ fn a_port_label_sets_that_ports_mode_and_proxy_protocol_only_applies_to_tcp() {
 
 /// Registers a relaying mapping of port `port` to `ip`:80.
 fn relayed(r: &mut Registry, port: u16, ip: &str) {
-    r.register(mapping(port, ip), me(), Some(1), Server::Relay, None)
+    r.add(mapping(port, ip), me(), Some(1), Server::Relay, None)
         .unwrap();
 }
 
@@ -423,7 +443,7 @@ fn fleet_instances_follow_mappings_containers_and_health() {
     for ip in ["127.0.0.1", "::"] {
         let mut m = mapping(8080, "172.17.0.2");
         m.key.host_ip = ip.parse().unwrap();
-        r.register(m, me(), Some(1), Server::Relay, None).unwrap();
+        r.add(m, me(), Some(1), Server::Relay, None).unwrap();
     }
     assert!(local.has_changed().unwrap());
     let now = local.borrow_and_update().clone();
@@ -521,7 +541,7 @@ fn a_port_is_handed_over_only_once_the_table_claims_it_and_claims_follow_mapping
     r.claims_applied(Some(Claims::new()));
     let envoy = r.envoy_connected(1);
     let m = mapping(88, "10.0.0.4");
-    r.register(m, me(), Some(1), Server::Relay, None).unwrap();
+    r.add(m, me(), Some(1), Server::Relay, None).unwrap();
     assert!(
         claims.borrow().contains(&m.key),
         "the registry asks for the claim"
@@ -543,7 +563,7 @@ fn without_a_claiming_table_hand_overs_go_ahead() {
     let mut r = with_link(1);
     r.claims_applied(None);
     let envoy = r.envoy_connected(1);
-    r.register(mapping(89, "10.0.0.5"), me(), Some(1), Server::Relay, None)
+    r.add(mapping(89, "10.0.0.5"), me(), Some(1), Server::Relay, None)
         .unwrap();
     for kind in [Kind::Cluster, Kind::Endpoint, Kind::Listener] {
         ack(&mut r, envoy, kind);
