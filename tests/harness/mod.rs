@@ -83,19 +83,18 @@ pub fn envoy_bin() -> String {
 /// A port for a test to publish or serve on. Ports come from a counter
 /// below the kernel's ephemeral range, so that no client socket or `:0`
 /// bind elsewhere in the run can take one between this call and its use;
-/// each is checked free for TCP and UDP, on IPv4 and IPv6.
+/// each is checked free for TCP and UDP, on IPv4 and IPv6. The counter
+/// starts at a point of the range that depends on the process id (two runs
+/// at once start apart) and wraps around, so any start has the whole range.
 pub fn free_port() -> u16 {
-    use std::sync::atomic::AtomicU16;
-    static NEXT: AtomicU16 = AtomicU16::new(0);
-    let _ = NEXT.compare_exchange(
-        0,
-        20000 + (std::process::id() % 40) as u16 * 250,
-        Ordering::Relaxed,
-        Ordering::Relaxed,
-    );
+    const LOW: u32 = 20000;
+    const SPAN: u32 = 12000;
+    static DRAWN: AtomicU32 = AtomicU32::new(0);
+    let start = (std::process::id() % 40) * 250;
     loop {
-        let port = NEXT.fetch_add(1, Ordering::Relaxed);
-        assert!(port < 32000, "out of test ports");
+        let n = DRAWN.fetch_add(1, Ordering::Relaxed);
+        assert!(n < SPAN, "out of test ports");
+        let port = (LOW + (start + n) % SPAN) as u16;
         let free = TcpListener::bind(("0.0.0.0", port)).is_ok()
             && TcpListener::bind(("::", port)).is_ok()
             && UdpSocket::bind(("0.0.0.0", port)).is_ok()
