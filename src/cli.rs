@@ -76,6 +76,7 @@ pub fn serve(args: Vec<OsString>) -> Result<Parsed<ServeArgs>, String> {
         telemetry: Telemetry::default(),
         serving: Serving::default(),
         admin: Some(Addr::parse(DEFAULT_REGISTRAR_ADMIN).expect("default")),
+        admin_token_file: None,
         envoy_admin: Addr::parse(DEFAULT_ADMIN).expect("default"),
         proxy_exe: None,
         fleet: None,
@@ -181,6 +182,7 @@ pub fn serve(args: Vec<OsString>) -> Result<Parsed<ServeArgs>, String> {
                 };
             }
             "--envoy-admin" => out.envoy_admin = addr(value(p)?)?,
+            "--admin-token-file" => out.admin_token_file = Some(value(p)?.into()),
             "--proxy-exe" => out.proxy_exe = Some(value(p)?.into()),
             "--nft" => {
                 let v = value(p)?;
@@ -382,7 +384,8 @@ pub const SERVE_HELP: &str = "\
 Usage: envoy-docker serve [--socket PATH] [--xds ADDR] [--default-mode auto|http|tcp]
                           [--node-id ID] [--no-recover] [--docker URL|none]
                           [--nft PATH|none]
-                          [--admin ADDR|none] [--tracing otlp|zipkin=HOST:PORT]
+                          [--admin ADDR|none [--admin-token-file FILE]]
+                          [--tracing otlp|zipkin=HOST:PORT]
                           [--trace-sampling PERCENT] [--access-log stdout|PATH]
                           [--envoy PATH [--envoy-admin ADDR]] [--sniff-timeout DUR]
                           [--idle-timeout DUR] [--stream-idle-timeout DUR]
@@ -420,9 +423,14 @@ Runs the registrar. Needs no flags and no config file.
                          published traffic reaches the proxies and Envoy with
                          Docker's iptables on (default nft, from PATH); none
                          leaves the ports to Docker's DNAT
-  --admin ADDR|none      the registrar's HTTP endpoint: /healthz, /mappings
-                         (as status --json) and /metrics (Prometheus)
+  --admin ADDR|none      the registrar's HTTP endpoint: the dashboard (/) and
+                         its JSON API (/api/v1/), /healthz, /mappings (as
+                         status --json) and /metrics (Prometheus)
                          (default 127.0.0.1:18001)
+  --admin-token-file F   the token (F's first line) that every request but
+                         /healthz must carry, as a bearer token or the
+                         password of HTTP Basic; needed, and enforced, when
+                         --admin is not a loopback address
   --tracing KIND=ADDR    trace every HTTP-mode container: otlp=HOST:PORT
                          (OpenTelemetry over gRPC; each container is its own
                          service) or zipkin=HOST:PORT (v2 JSON over HTTP; the
@@ -587,6 +595,18 @@ mod tests {
         assert_eq!(a.xds, Addr::Unix("/tmp/x".into()));
         assert_eq!(a.default_mode, Mode::Tcp);
         assert!(a.no_recover);
+        assert_eq!(a.admin_token_file, None);
+        let Parsed::Run(a) = serve(v(&[
+            "--admin",
+            "0.0.0.0:18001",
+            "--admin-token-file",
+            "/etc/t",
+        ]))
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(a.admin_token_file, Some("/etc/t".into()));
+        assert!(serve(v(&["--admin-token-file"])).is_err());
         assert!(serve(v(&["--default-mode", "udp"])).is_err());
         let Parsed::Run(a) = serve(v(&[
             "--sniff-timeout=50ms",

@@ -2,8 +2,16 @@
 //! - `GET /healthz`: 200 with a JSON body once xDS is being served, else 503;
 //!   it also says whether published ports are claimed in nftables;
 //! - `GET /mappings`: the same JSON as `envoy-docker status --json`;
-//! - `GET /metrics`: Prometheus text about the registrar itself.
+//! - `GET /metrics`: Prometheus text about the registrar itself;
+//! - `GET /` and `/api/v1/`: the dashboard and its JSON (see `dashboard`).
+//!
+//! Read only: any other method gets 405. On a non-loopback address every
+//! path but `/healthz` needs the token (`dashboard::auth`). Every answer
+//! says `nosniff` and carries a Content-Security-Policy that lets a page
+//! load only its own script and style, and none carries CORS headers.
 
+use super::dashboard::auth::Token;
+use super::dashboard::Dashboard;
 use super::keeper::{Read, Registrar};
 use bytes::Bytes;
 use http_body_util::Full;
@@ -35,7 +43,13 @@ const CONNECTION_BUDGET: std::time::Duration = std::time::Duration::from_secs(10
 
 /// Serves until the caller drops this future, which ends every
 /// connection with it.
-pub async fn serve(listener: tokio::net::TcpListener, registrar: Registrar) {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    registrar: Registrar,
+    dashboard: Arc<Dashboard>,
+    token: Token,
+) {
+    let token = Arc::new(token);
     let permits = Arc::new(tokio::sync::Semaphore::new(crate::fdlimit::cap(
         MAX_CONNECTIONS,
     )));
@@ -58,11 +72,19 @@ pub async fn serve(listener: tokio::net::TcpListener, registrar: Registrar) {
             }
         };
         let registrar = registrar.clone();
+        let dashboard = dashboard.clone();
+        let token = token.clone();
         connections.spawn(async move {
             let _permit = permit;
             let svc = hyper::service::service_fn(move |req| {
                 let registrar = registrar.clone();
-                async move { Ok::<_, Infallible>(route(&req, &registrar).await) }
+                let dashboard = dashboard.clone();
+                let token = token.clone();
+                async move {
+                    let mut r = guarded(&req, &registrar, &dashboard, &token).await;
+                    secure(&mut r);
+                    Ok::<_, Infallible>(r)
+                }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc);
@@ -78,6 +100,65 @@ fn reply(status: StatusCode, kind: &str, body: String) -> Response<Full<Bytes>> 
         r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
     }
     r
+}
+
+/// What the dashboard's page may do: its own script, style and API only.
+const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
+/// The headers every answer carries.
+fn secure(r: &mut Response<Full<Bytes>>) {
+    use hyper::header::{HeaderValue, CACHE_CONTROL, REFERRER_POLICY, X_CONTENT_TYPE_OPTIONS};
+    let h = r.headers_mut();
+    h.insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(
+        hyper::header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    h.insert(REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+}
+
+/// The token check, then the route.
+async fn guarded(
+    req: &Request<hyper::body::Incoming>,
+    registrar: &Registrar,
+    dashboard: &Dashboard,
+    token: &Token,
+) -> Response<Full<Bytes>> {
+    let open = req.uri().path() == "/healthz";
+    let auth = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .map(|v| v.as_bytes());
+    if !open && !token.admits(auth) {
+        let mut r = reply(
+            StatusCode::UNAUTHORIZED,
+            "text/plain",
+            "this registrar's admin needs its token (--admin-token-file): \
+             send it as a bearer token, or as the password of HTTP Basic\n"
+                .into(),
+        );
+        r.headers_mut().insert(
+            hyper::header::WWW_AUTHENTICATE,
+            hyper::header::HeaderValue::from_static(
+                r#"Basic realm="envoy-docker", charset="UTF-8""#,
+            ),
+        );
+        return r;
+    }
+    if req.method() == hyper::Method::GET {
+        if let Some((status, kind, body)) = dashboard.answer(req.uri().path()).await {
+            let mut r = Response::new(Full::new(Bytes::from(body)));
+            *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+            r.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static(kind),
+            );
+            return r;
+        }
+    }
+    route(req, registrar).await
 }
 
 async fn route(
@@ -173,7 +254,7 @@ async fn route(
         _ => reply(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "try /healthz, /mappings or /metrics\n".into(),
+            "try /, /api/v1/overview, /healthz, /mappings or /metrics\n".into(),
         ),
     }
 }

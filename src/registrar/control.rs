@@ -4,7 +4,7 @@
 
 use super::keeper::{Input, Registrar};
 use crate::xds::server::Control;
-use crate::xds::session::Feedback;
+use crate::xds::session::{Feedback, Flavor};
 use crate::xds::snapshot::Kind;
 use std::sync::Arc;
 
@@ -19,8 +19,8 @@ impl Envoys {
 }
 
 impl Control for Envoys {
-    fn connected(&self, stream: u64) {
-        self.registrar.tell(Input::EnvoyConnected(stream));
+    fn connected(&self, stream: u64, flavor: Flavor) {
+        self.registrar.tell(Input::EnvoyConnected(stream, flavor));
     }
 
     fn feedback(&self, envoy: u64, fb: Feedback) {

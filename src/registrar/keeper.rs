@@ -14,7 +14,9 @@
 use super::liveness::{self, OwnerProcess};
 use super::metrics::Metrics;
 use super::state::fleet::{EtcdReport, EtcdState, Instances};
-use super::state::{Arrival, Refusal, Registry};
+use super::state::journal::Event;
+use super::state::{Arrival, DashRow, Detail, DockerReach, Refusal, Registry};
+use crate::catalog::EgressService;
 use crate::mapping::{EnvoyStatus, MappingKey, MappingStatus, Server};
 use crate::nft::ruleset::Claims;
 use crate::nft::PortsState;
@@ -59,7 +61,7 @@ pub enum Input {
     /// A container is gone; its address may be reused.
     ForgetContainer(String),
     /// The xDS server's reports, by stream number.
-    EnvoyConnected(u64),
+    EnvoyConnected(u64, crate::xds::session::Flavor),
     EnvoyFeedback(u64, Feedback),
     EnvoyStalled(u64, bool),
     EnvoyGone(u64),
@@ -69,6 +71,8 @@ pub enum Input {
     EgressIp(Option<std::net::IpAddr>),
     /// How the fleet's last etcd calls went.
     Etcd(EtcdReport),
+    /// Whether Docker's API answers, as the watcher says.
+    DockerReach(super::state::DockerReach),
     /// What the nftables table claims now (`None`: ports not claimed).
     ClaimsApplied(Option<Claims>),
     /// A question; the answer goes back on its oneshot.
@@ -82,6 +86,14 @@ pub enum Read {
     Fleet(oneshot::Sender<Option<FleetView>>),
     Ports(oneshot::Sender<PortsState>),
     Overview(oneshot::Sender<Overview>),
+    /// The mappings as the dashboard lists them.
+    Dashboard(oneshot::Sender<Vec<DashRow>>),
+    /// One mapping in full, by its name in Envoy.
+    Detail(String, oneshot::Sender<Option<Detail>>),
+    /// The last events, newest first.
+    Events(oneshot::Sender<Vec<Event>>),
+    /// The egress listeners (port, address, service).
+    Egress(oneshot::Sender<Vec<(u16, Option<std::net::IpAddr>, EgressService)>>),
 }
 
 /// This host in the fleet: its id, etcd's state, and the catalog.
@@ -96,6 +108,9 @@ pub struct Overview {
     pub mappings: usize,
     pub ports: PortsState,
     pub fleet: Option<FleetView>,
+    pub docker: DockerReach,
+    /// Each Envoy's stream and its ADS flavour.
+    pub flavors: Vec<(u64, Option<&'static str>)>,
 }
 
 /// The handle every part of the registrar holds: it sends inputs to the
@@ -216,8 +231,9 @@ fn apply(r: &mut Registry, links: &mut BTreeMap<u64, Outbox>, input: Input) {
         Input::ServingEnvoys => r.set_serving_envoys(),
         Input::Container(meta) => r.apply_container(meta),
         Input::ForgetContainer(id) => r.forget_container(&id),
-        Input::EnvoyConnected(stream) => {
+        Input::EnvoyConnected(stream, flavor) => {
             r.envoy_connected(stream);
+            r.set_envoy_flavor(stream, flavor);
         }
         Input::EnvoyFeedback(id, fb) => r.envoy_feedback(id, fb),
         Input::EnvoyStalled(id, stalled) => r.envoy_stalled(id, stalled),
@@ -226,6 +242,7 @@ fn apply(r: &mut Registry, links: &mut BTreeMap<u64, Outbox>, input: Input) {
         Input::EgressIp(ip) => r.set_egress_ip(ip),
         Input::Etcd(error) => r.etcd_report(error),
         Input::ClaimsApplied(c) => r.claims_applied(c),
+        Input::DockerReach(d) => r.set_docker_reach(d),
         Input::Read(read) => answer(r, read),
     }
 }
@@ -251,7 +268,21 @@ fn answer(r: &Registry, read: Read) {
                 mappings: r.len(),
                 ports: r.ports_state(),
                 fleet: r.fleet_view(),
+                docker: r.docker_reach(),
+                flavors: r.envoy_flavors(),
             });
+        }
+        Read::Dashboard(tx) => {
+            let _ = tx.send(r.dash_rows());
+        }
+        Read::Detail(id, tx) => {
+            let _ = tx.send(r.detail(&id));
+        }
+        Read::Events(tx) => {
+            let _ = tx.send(r.events());
+        }
+        Read::Egress(tx) => {
+            let _ = tx.send(r.egress_view());
         }
     }
 }

@@ -17,6 +17,7 @@
 pub mod admin;
 pub mod claims;
 pub mod control;
+pub mod dashboard;
 pub mod docker;
 pub mod envoy;
 pub mod fleet;
@@ -61,6 +62,8 @@ pub struct Config {
     pub serving: Serving,
     /// The registrar's own HTTP endpoint; `None` with `--admin none`.
     pub admin: Option<Addr>,
+    /// The token a non-loopback admin address asks for.
+    pub admin_token_file: Option<PathBuf>,
     /// The supervised Envoy's admin address.
     pub envoy_admin: Addr,
     /// Another executable whose processes may own mappings, besides this
@@ -83,6 +86,8 @@ const DOCKER_SYNC_BUDGET: Duration = Duration::from_secs(5);
 pub enum Error {
     #[error(transparent)]
     Listen(#[from] crate::addr::ListenError),
+    #[error(transparent)]
+    AdminToken(#[from] dashboard::auth::TokenError),
     #[error("--docker")]
     Docker(#[source] docker::client::DockerError),
     #[error("--catalog")]
@@ -124,7 +129,7 @@ pub struct Listeners {
     socket: UnixListener,
     socket_path: PathBuf,
     xds: XdsListener,
-    admin: Option<tokio::net::TcpListener>,
+    admin: Option<(tokio::net::TcpListener, dashboard::auth::Token)>,
 }
 
 impl Listeners {
@@ -133,7 +138,16 @@ impl Listeners {
         let socket = socket::bind(&socket_path)?;
         let xds = XdsListener::bind(&config.xds).await?;
         let admin = match &config.admin {
-            Some(a) => Some(admin::bind(a).await?),
+            Some(a) => {
+                let l = admin::bind(a).await?;
+                // The address as bound: `--admin` may name a host.
+                let at = l.local_addr().map_err(|e| {
+                    crate::addr::ListenError::io("the admin endpoint", &a.to_string())(e)
+                })?;
+                let token =
+                    dashboard::auth::Token::for_addr(at, config.admin_token_file.as_deref())?;
+                Some((l, token))
+            }
             None => None,
         };
         Ok(Listeners {
@@ -146,7 +160,7 @@ impl Listeners {
 
     /// Where the admin endpoint listens (port 0 in `--admin` picks one).
     pub fn admin_addr(&self) -> Option<std::net::SocketAddr> {
-        self.admin.as_ref().and_then(|l| l.local_addr().ok())
+        self.admin.as_ref().and_then(|(l, _)| l.local_addr().ok())
     }
 }
 
@@ -248,8 +262,17 @@ pub async fn run(
         tokio::time::sleep(RECONNECT_GRACE).await;
         after_grace.tell(Input::GraceOver);
     });
-    if let Some(l) = admin {
-        tasks.spawn(admin::serve(l, registrar.clone()));
+    if let Some((l, token)) = admin {
+        let at = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        match token.required() {
+            true => tracing::info!(
+                "dashboard and API on http://{at}/: not loopback, so every request but /healthz needs the token from --admin-token-file"
+            ),
+            false => tracing::info!("dashboard and API on http://{at}/ (loopback: no token)"),
+        }
+        let dash =
+            dashboard::Dashboard::start(registrar.clone(), args.envoy_admin.clone(), &mut tasks);
+        tasks.spawn(admin::serve(l, registrar.clone(), dash, token));
     }
     tracing::info!(
         "serving proxies on {} and xDS on {} (node id {:?})",

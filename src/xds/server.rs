@@ -45,7 +45,7 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 pub trait Control: Send + Sync + 'static {
     /// A stream named the right node and asked for something: it is an
     /// Envoy from now on, known to the other calls by the stream's number.
-    fn connected(&self, stream: u64);
+    fn connected(&self, stream: u64, flavor: Flavor);
     /// An ACK or NACK, or what a first request says Envoy holds.
     fn feedback(&self, envoy: u64, fb: Feedback);
     /// The Envoy stopped answering in time, or caught up again.
@@ -345,7 +345,7 @@ async fn pump<Req, Resp>(
                             let _ = tx.send(Err(Status::permission_denied(msg))).await;
                             break;
                         }
-                        ctx.control.connected(stream);
+                        ctx.control.connected(stream, flavor);
                         envoy = Some(stream);
                         stream
                     }

@@ -23,7 +23,7 @@ enum Seen {
 struct Recorder(mpsc::UnboundedSender<Seen>);
 
 impl Control for Recorder {
-    fn connected(&self, stream: u64) {
+    fn connected(&self, stream: u64, _: crate::xds::session::Flavor) {
         let _ = self.0.send(Seen::Connected(stream));
     }
     fn feedback(&self, envoy: u64, fb: Feedback) {

@@ -23,6 +23,7 @@ pub mod client;
 pub mod meta;
 
 use super::keeper::{Input, Registrar};
+use super::state::DockerReach;
 use client::{percent_encode, Docker, DockerError};
 use meta::ContainerMeta;
 use std::net::IpAddr;
@@ -90,6 +91,7 @@ pub async fn watch(docker: Arc<Docker>, registrar: Registrar, synced: watch::Sen
                 pause = Duration::from_millis(500);
             }
             Err(e) if !warned => {
+                registrar.tell(Input::DockerReach(DockerReach::Unreachable(e.to_string())));
                 tracing::warn!(
                     "Docker at {} is unreachable ({e}); serving with default names and retrying",
                     docker.describe()
@@ -137,6 +139,7 @@ async fn follow(
         ids.len()
     );
     let _ = synced.send(true);
+    registrar.tell(Input::DockerReach(DockerReach::Following));
     while let Some(ev) = events.next().await {
         let ev = match ev {
             Ok(ev) => ev,

@@ -4,6 +4,7 @@
 
 use super::super::docker::meta::ContainerMeta;
 use super::super::liveness::OwnerProcess;
+use super::journal::{self, Ring};
 use crate::mapping::{ContainerRef, Mapping, MappingState, MappingStatus, Mode, Server};
 use crate::xds::resource::Service;
 use std::sync::Arc;
@@ -26,6 +27,10 @@ pub(super) struct Entry {
     pub container: Option<Arc<ContainerMeta>>,
     /// When it was registered, until every Envoy has ACKed it once.
     pub since: Option<Instant>,
+    /// When `server` last changed (Unix ms), for the dashboard.
+    pub server_since_ms: u64,
+    /// Its own recent events (hand-overs, take-backs, NACKs).
+    pub events: Ring,
 }
 
 impl Entry {
@@ -70,6 +75,8 @@ impl Entry {
             relayed: 0,
             container: None,
             since: Some(Instant::now()),
+            server_since_ms: journal::now_ms(),
+            events: Ring::new(journal::PER_MAPPING),
         }
     }
 
@@ -86,6 +93,58 @@ impl Entry {
                 id: c.id.clone(),
                 name: c.name.clone(),
             }),
+        }
+    }
+}
+
+/// A mapping as the dashboard shows it: the row `status` has, and what
+/// only the dashboard needs.
+#[derive(Debug, Clone)]
+pub struct DashRow {
+    pub status: MappingStatus,
+    /// When who serves it last changed (Unix ms).
+    pub since_ms: u64,
+    /// The `ServiceName` label as the container has it.
+    pub service: Option<String>,
+    pub image: Option<String>,
+    /// Its cluster's name in Envoy (and so its stat prefix).
+    pub cluster: String,
+}
+
+/// One mapping in full, for its page.
+#[derive(Debug, Clone)]
+pub struct Detail {
+    pub row: DashRow,
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Its events, newest first.
+    pub events: Vec<journal::Event>,
+}
+
+impl Entry {
+    pub fn dash_row(&self) -> DashRow {
+        DashRow {
+            status: self.status(),
+            since_ms: self.server_since_ms,
+            service: self.container.as_ref().and_then(|c| {
+                c.labels
+                    .get(super::super::docker::meta::SERVICE_LABEL)
+                    .cloned()
+            }),
+            image: self.container.as_ref().map(|c| c.image.clone()),
+            // As `Service::cluster_name` makes it.
+            cluster: format!("{}_{}", self.name, self.listener()),
+        }
+    }
+
+    pub fn detail(&self) -> Detail {
+        Detail {
+            row: self.dash_row(),
+            labels: self
+                .container
+                .as_ref()
+                .map(|c| c.labels.clone())
+                .unwrap_or_default(),
+            events: self.events.newest_first(),
         }
     }
 }

@@ -22,6 +22,8 @@ pub(super) struct EnvoyView {
     /// From its last LDS ACK or NACK (or its first request); `None` before.
     pub listeners: Option<Versions>,
     pub endpoints: Versions,
+    /// `delta` or `sotw`, once the xDS server has said.
+    pub flavor: Option<&'static str>,
 }
 
 impl EnvoyView {

@@ -28,12 +28,14 @@
 //! - `containers`: the container cache that names mappings;
 //! - `publish`: the snapshot being edited, and sending it;
 //! - `fleet`: this host's catalog instances, the catalog, and egress;
+//! - `journal`: the last events, for the dashboard;
 //! - owner liveness is `registrar::liveness` (pidfds).
 
 mod containers;
 mod entry;
 mod envoys;
 pub mod fleet;
+pub mod journal;
 mod publish;
 #[cfg(test)]
 mod tests;
@@ -52,7 +54,9 @@ use crate::xds::snapshot::{Kind, Snapshot};
 use crate::xds::telemetry::Telemetry;
 use containers::Containers;
 use entry::Entry;
+pub use entry::{DashRow, Detail};
 use envoys::{judge, EnvoyView, World};
+use journal::{Event, Ring};
 use publish::Publisher;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -137,6 +141,22 @@ pub struct Registry {
     /// What the table holds, as that task last wrote it; `None` while
     /// ports are not claimed (no nft, or `--nft none`).
     applied: Option<Claims>,
+    /// The last events, for the dashboard.
+    journal: Ring,
+    /// Whether Docker's API answers, as the watcher last said.
+    docker: DockerReach,
+}
+
+/// Whether Docker's API answers, as the watcher last said.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum DockerReach {
+    /// Not heard yet, or `--docker none`.
+    #[default]
+    Unknown,
+    /// Following its events.
+    Following,
+    /// It does not answer, and why.
+    Unreachable(String),
 }
 
 impl Registry {
@@ -159,6 +179,8 @@ impl Registry {
             claims: watch::channel(Claims::new()).0,
             ports: watch::channel(PortsState::Starting).1,
             applied: None,
+            journal: Ring::new(journal::KEPT),
+            docker: DockerReach::Unknown,
         }
     }
 
@@ -206,6 +228,17 @@ impl Registry {
     /// The catalog as just read from etcd: egress follows it.
     pub fn set_catalog(&mut self, catalog: fleet::Instances) {
         if let Some(f) = &mut self.fleet {
+            let (added, gone) = catalog_diff(&f.catalog, &catalog);
+            if added + gone > 0 {
+                self.journal.push(Event::new(
+                    journal::Kind::Etcd,
+                    None,
+                    format!(
+                        "catalog: {} instance(s), {added} new, {gone} gone",
+                        catalog.len()
+                    ),
+                ));
+            }
             f.set_catalog(catalog);
             self.send();
         }
@@ -233,8 +266,13 @@ impl Registry {
         };
         match report {
             fleet::EtcdReport::Answers { member } => {
-                if state.error.take().is_some() {
-                    tracing::info!("fleet: etcd answers again, through {member}");
+                if state.error.take().is_some() || !state.seen {
+                    tracing::info!("fleet: etcd answers, through {member}");
+                    self.journal.push(Event::new(
+                        journal::Kind::Etcd,
+                        None,
+                        format!("etcd answers, through {member}"),
+                    ));
                 }
                 state.seen = true;
                 state.member = Some(member);
@@ -242,6 +280,11 @@ impl Registry {
             fleet::EtcdReport::Fails(e) => {
                 if state.error.is_none() {
                     tracing::warn!("fleet: etcd: {e}; serving the last catalog and retrying");
+                    self.journal.push(Event::new(
+                        journal::Kind::Etcd,
+                        None,
+                        format!("etcd fails: {e}"),
+                    ));
                 } else {
                     tracing::debug!("fleet: etcd still failing: {e}");
                 }
@@ -256,6 +299,20 @@ impl Registry {
         self.fleet
             .as_ref()
             .map(|f| (f.host_id.clone(), f.etcd.clone(), f.catalog.clone()))
+    }
+
+    /// The egress listeners: where each listens (once egress has an
+    /// address), and the service behind it.
+    pub fn egress_view(
+        &self,
+    ) -> Vec<(u16, Option<std::net::IpAddr>, crate::catalog::EgressService)> {
+        let Some(f) = &self.fleet else {
+            return Vec::new();
+        };
+        f.all_egress()
+            .into_iter()
+            .filter_map(|(port, e)| e.map(|e| (port, f.egress_ip, e)))
+            .collect()
     }
 
     /// Start-up is over: Envoys are served from now on.
@@ -358,6 +415,8 @@ impl Registry {
         if fresh {
             self.metrics.registered();
             tracing::info!("registered {mapping} (pid {})", owner.pid);
+            let text = format!("registered {mapping} (pid {})", owner.pid);
+            self.note(journal::Kind::Register, &mapping.key, text);
         }
         if fresh || renamed {
             self.refresh(&mapping.key);
@@ -374,11 +433,18 @@ impl Registry {
         };
         self.metrics.relayed(relayed.saturating_sub(e.relayed));
         e.relayed = relayed;
-        if server == Server::Envoy && e.server != Server::Envoy {
+        let handed_over = server == Server::Envoy && e.server != Server::Envoy;
+        if handed_over {
             self.metrics.handed_over();
             tracing::info!("{} handed over to Envoy", e.mapping);
         }
+        if e.server != server {
+            e.server_since_ms = journal::now_ms();
+        }
         e.server = server;
+        if handed_over {
+            self.note(journal::Kind::Handover, key, "handed over to Envoy");
+        }
         self.evaluate_keys([*key]);
     }
 
@@ -447,6 +513,11 @@ impl Registry {
         };
         self.metrics.deregistered();
         tracing::info!("removed {} ({why})", e.mapping);
+        self.journal.push(Event::new(
+            journal::Kind::Remove,
+            Some(key),
+            format!("removed {} ({why})", e.mapping),
+        ));
         self.refresh(key);
         if let (false, Some(c)) = (by_owner, e.conn) {
             if self.links.remove(&c) {
@@ -468,10 +539,70 @@ impl Registry {
         self.entries.values().map(Entry::status).collect()
     }
 
+    /// The mappings as the dashboard lists them.
+    pub fn dash_rows(&self) -> Vec<DashRow> {
+        self.entries.values().map(Entry::dash_row).collect()
+    }
+
+    /// One mapping in full, by its name in Envoy.
+    pub fn detail(&self, id: &str) -> Option<Detail> {
+        self.entries
+            .values()
+            .find(|e| e.listener() == id)
+            .map(Entry::detail)
+    }
+
+    /// The last events, newest first.
+    pub fn events(&self) -> Vec<Event> {
+        self.journal.newest_first()
+    }
+
+    /// Whether Docker's API answers, as the watcher last said.
+    pub fn docker_reach(&self) -> DockerReach {
+        self.docker.clone()
+    }
+
+    /// The Docker watcher's word on whether Docker's API answers.
+    pub fn set_docker_reach(&mut self, reach: DockerReach) {
+        if reach == self.docker {
+            return;
+        }
+        let text = match &reach {
+            DockerReach::Following => "Docker answers; following its events".to_string(),
+            DockerReach::Unreachable(why) => format!("Docker does not answer: {why}"),
+            DockerReach::Unknown => return,
+        };
+        self.journal
+            .push(Event::new(journal::Kind::Docker, None, text));
+        self.docker = reach;
+    }
+
+    /// Records an event about one mapping, in the journal and in its row.
+    fn note(&mut self, kind: journal::Kind, key: &MappingKey, text: impl Into<String>) {
+        let event = Event::new(kind, Some(key), text);
+        if let Some(e) = self.entries.get_mut(key) {
+            e.events.push(event.clone());
+        }
+        self.journal.push(event);
+    }
+
     /// Docker told us about a container (after its start, a rename or a
     /// health change): name its mappings after it and apply its mode.
     pub fn apply_container(&mut self, meta: ContainerMeta) {
         let meta = self.containers.remember(meta, self.default_mode);
+        self.journal.push(Event::new(
+            journal::Kind::Docker,
+            None,
+            format!(
+                "container {} ({}) is up, image {}{}",
+                meta.name,
+                short_id(&meta.id),
+                meta.image,
+                meta.health
+                    .map(|h| format!(", {h:?}").to_lowercase())
+                    .unwrap_or_default()
+            ),
+        ));
         let default_mode = self.default_mode;
         let mut changed = Vec::new();
         let mut served = Vec::new();
@@ -506,6 +637,11 @@ impl Registry {
     /// The container is gone: its address may be reused by the next one.
     pub fn forget_container(&mut self, id: &str) {
         self.containers.forget(id);
+        self.journal.push(Event::new(
+            journal::Kind::Docker,
+            None,
+            format!("container {} stopped", short_id(id)),
+        ));
     }
 
     /// An xDS stream named the right node in its first request: from now
@@ -517,12 +653,38 @@ impl Registry {
         };
         self.envoys.insert(stream, view);
         self.seen_envoy = true;
+        self.journal.push(Event::new(
+            journal::Kind::Envoy,
+            None,
+            format!("Envoy stream {stream} connected"),
+        ));
         self.evaluate();
         stream
     }
 
+    /// Which ADS flavour an Envoy's stream speaks.
+    pub fn set_envoy_flavor(&mut self, id: u64, flavor: crate::xds::session::Flavor) {
+        if let Some(v) = self.envoys.get_mut(&id) {
+            v.flavor = Some(match flavor {
+                crate::xds::session::Flavor::Delta => "delta",
+                crate::xds::session::Flavor::Sotw => "sotw",
+            });
+        }
+    }
+
+    /// Each Envoy's stream and its ADS flavour.
+    pub fn envoy_flavors(&self) -> Vec<(u64, Option<&'static str>)> {
+        self.envoys.values().map(|v| (v.stream, v.flavor)).collect()
+    }
+
     pub fn envoy_gone(&mut self, id: u64) {
-        self.envoys.remove(&id);
+        if self.envoys.remove(&id).is_some() {
+            self.journal.push(Event::new(
+                journal::Kind::Envoy,
+                None,
+                format!("Envoy stream {id} went away"),
+            ));
+        }
         self.evaluate();
     }
 
@@ -533,6 +695,16 @@ impl Registry {
     /// An Envoy stopped answering (`true`) or answers again.
     pub fn envoy_stalled(&mut self, id: u64, stalled: bool) {
         if let Some(v) = self.envoys.get_mut(&id) {
+            if v.stalled.is_some() != stalled {
+                self.journal.push(Event::new(
+                    journal::Kind::Envoy,
+                    None,
+                    match stalled {
+                        true => format!("Envoy stream {id} stopped answering"),
+                        false => format!("Envoy stream {id} answers again"),
+                    },
+                ));
+            }
             v.stalled = stalled.then(Instant::now);
         }
         self.evaluate();
@@ -554,6 +726,13 @@ impl Registry {
         let Some(view) = self.envoys.get_mut(&id) else {
             return;
         };
+        if let (Some(error), false) = (&fb.error, fb.kind == Kind::Listener) {
+            self.journal.push(Event::new(
+                journal::Kind::Nack,
+                None,
+                format!("Envoy stream {id} rejected {:?}: {error}", fb.kind),
+            ));
+        }
         match fb.kind {
             Kind::Listener => view.listeners = Some(fb.held),
             Kind::Endpoint => view.endpoints = fb.held,
@@ -584,6 +763,15 @@ impl Registry {
                 tracing::warn!("Envoy rejected the listener of {key}; its proxy relays: {error}");
                 e.state = MappingState::Failed(error.clone());
             }
+            let text = format!("Envoy stream {id} rejected the listener: {error}");
+            self.note(journal::Kind::Nack, key, text);
+        }
+        if rejected.is_empty() {
+            self.journal.push(Event::new(
+                journal::Kind::Nack,
+                None,
+                format!("Envoy stream {id} rejected listeners: {error}"),
+            ));
         }
         self.evaluate_keys(touched.into_iter().chain(rejected));
     }
@@ -627,7 +815,21 @@ impl Registry {
                 waiting_for_envoys,
                 claimed: self.applied.as_ref(),
             };
-            if let Some(order) = judge(e, &world) {
+            let before = e.server;
+            let order = judge(e, &world);
+            if e.server != before {
+                e.server_since_ms = journal::now_ms();
+            }
+            if let Some(order) = order {
+                if order.1 == Reply::Serve(Server::Relay) {
+                    let event = Event::new(
+                        journal::Kind::Takeback,
+                        Some(&key),
+                        "no Envoy serves it any more: its proxy takes it back",
+                    );
+                    e.events.push(event.clone());
+                    self.journal.push(event);
+                }
                 self.out.orders.push(order);
             }
         }
@@ -666,4 +868,16 @@ impl Registry {
         }
         self.publisher.send();
     }
+}
+
+/// Docker's short container id, as `docker ps` shows it.
+pub fn short_id(id: &str) -> &str {
+    id.get(..12).unwrap_or(id)
+}
+
+/// How many catalog keys are new in `new`, and how many left `old`.
+fn catalog_diff(old: &fleet::Instances, new: &fleet::Instances) -> (usize, usize) {
+    let added = new.keys().filter(|k| !old.contains_key(*k)).count();
+    let gone = old.keys().filter(|k| !new.contains_key(*k)).count();
+    (added, gone)
 }
