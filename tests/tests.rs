@@ -13,6 +13,8 @@ mod inproc;
 #[cfg(feature = "e2e")]
 mod core;
 #[cfg(feature = "e2e")]
+mod dashboard;
+#[cfg(feature = "e2e")]
 mod docker;
 #[cfg(feature = "e2e")]
 mod firewall;

@@ -603,7 +603,7 @@ fn fw_8_without_the_right_to_use_nftables_the_registrar_says_so_and_serves_on() 
         detail.contains("Operation not permitted") && detail.contains("past Envoy"),
         "{detail}"
     );
-    let metrics = http_get(stack.registrar_admin, "/metrics").unwrap().1;
+    let metrics = stack.registrar_get("/metrics").1;
     assert!(
         metrics.contains("envoy_docker_ports_claimed 0"),
         "{metrics}"

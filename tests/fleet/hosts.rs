@@ -24,6 +24,8 @@ use std::time::Duration;
 
 const BRIDGE: &str = "edfl0";
 pub const TTL_SECS: u64 = 10;
+/// The token of every host's registrar admin (not on loopback).
+const ADMIN_TOKEN: &str = "fleet-admin-token";
 
 /// Runs `f` on a thread that has entered namespace `ns`'s network.
 pub use crate::harness::in_netns as in_ns;
@@ -210,6 +212,9 @@ impl Host {
 
     pub fn start_registrar(&mut self) {
         assert!(self.registrar.is_none());
+        // The admin address is not loopback, so it wants a token.
+        let token = self.dir.join("admin.token");
+        std::fs::write(&token, format!("{ADMIN_TOKEN}\n")).unwrap();
         let child = self
             .nsenter(bin())
             .arg("serve")
@@ -218,6 +223,9 @@ impl Host {
             .arg("--xds")
             .arg(format!("unix:{}", self.dir.join("run/xds.sock").display()))
             .args(["--admin", &self.admin().to_string()])
+            .arg("--admin-token-file")
+            .arg(&token)
+            .args(["--envoy-admin", &self.envoy_admin().to_string()])
             .arg("--docker")
             .arg(format!("unix://{}", self.sock().display()))
             .args(["--advertise", &self.ip(), "--host-id", &self.host_id()])
@@ -297,8 +305,9 @@ impl Host {
 
     /// GET on this host's registrar admin endpoint.
     pub fn registrar_get(&self, path: &str) -> String {
-        crate::harness::http_get(self.admin(), path)
-            .map(|(_, b)| b)
+        let auth = format!("Bearer {ADMIN_TOKEN}");
+        crate::harness::http_get_with(self.admin(), path, &[("Authorization", &auth)])
+            .map(|r| r.body)
             .unwrap_or_default()
     }
 

@@ -324,7 +324,7 @@ fn etcd_partition_the_watch_fails_over_and_catches_up() {
         now.is_some_and(|m| m != watched),
         "the watch is not on another member: {now:?}"
     );
-    let metrics = http_get(stack.registrar_admin, "/metrics").unwrap().1;
+    let metrics = stack.registrar_get("/metrics").1;
     assert!(metrics.contains("envoy_docker_etcd_up 1"), "{metrics}");
     cluster.cut(watched, false);
 }

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod backend;
+pub mod browser;
 pub mod collectors;
 pub mod dockerd;
 pub mod load;
@@ -170,11 +171,43 @@ impl Drop for TempDir {
 
 /// One HTTP/1.1 GET with `Connection: close`; returns (status, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    http_get_with(addr, path, &[]).map(|r| (r.status, r.body))
+}
+
+/// An HTTP answer with its head.
+#[derive(Debug)]
+pub struct HttpReply {
+    pub status: u16,
+    /// The status line and headers, as sent.
+    pub head: String,
+    pub body: String,
+}
+
+impl HttpReply {
+    /// A header's value (the first, name in any case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().skip(1).find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+}
+
+/// One HTTP/1.1 GET with extra request headers.
+pub fn http_get_with(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> std::io::Result<HttpReply> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: test\r\n{extra}Connection: close\r\n\r\n"
     )?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
@@ -193,14 +226,15 @@ pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> 
     let chunked = head
         .to_ascii_lowercase()
         .contains("transfer-encoding: chunked");
-    Ok((
+    Ok(HttpReply {
         status,
-        if chunked {
+        head: head.to_string(),
+        body: if chunked {
             dechunk(body)
         } else {
             body.to_string()
         },
-    ))
+    })
 }
 
 /// Decodes an HTTP/1.1 chunked body.
@@ -248,6 +282,9 @@ pub struct Stack {
     pub admin: SocketAddr,
     /// The registrar's own admin endpoint.
     pub registrar_admin: SocketAddr,
+    /// The token that endpoint wants: set (and given to the registrar with
+    /// `--admin-token-file`) when it is not on loopback.
+    pub admin_token: Option<String>,
     /// Extra flags for `envoy-docker serve`; a restart picks up changes.
     pub serve_args: Vec<String>,
     /// A command that runs the registrar (`prlimit --nofile=64 --`, say).
@@ -297,6 +334,7 @@ impl Stack {
             xds: SocketAddr::from(([127, 0, 0, 1], free_port())),
             admin: SocketAddr::new(ip, free_port()),
             registrar_admin: SocketAddr::new(ip, free_port()),
+            admin_token: (!ip.is_loopback()).then(|| format!("token-{}", free_port())),
             dir,
             serve_args: serve_args.iter().map(|s| s.to_string()).collect(),
             serve_prefix: Vec::new(),
@@ -334,6 +372,14 @@ impl Stack {
             }
             None => self.command(bin()),
         };
+        let token_flag = match &self.admin_token {
+            Some(t) => {
+                let file = self.dir.path("admin.token");
+                std::fs::write(&file, format!("{t}\n")).unwrap();
+                vec!["--admin-token-file".to_string(), file.display().to_string()]
+            }
+            None => Vec::new(),
+        };
         let child = cmd
             .arg("serve")
             .arg("--socket")
@@ -342,6 +388,10 @@ impl Stack {
             .arg(self.xds.to_string())
             .arg("--admin")
             .arg(self.registrar_admin.to_string())
+            // The dashboard reads this stack's Envoy.
+            .arg("--envoy-admin")
+            .arg(self.admin.to_string())
+            .args(token_flag)
             .args(&self.serve_args)
             // These stacks have no Docker unless a test gives one.
             .args(if self.serve_args.iter().any(|a| a == "--docker") {
@@ -372,6 +422,20 @@ impl Stack {
             "registrar did not come up; log:\n{}",
             self.log()
         );
+    }
+
+    /// GETs `path` from the registrar's admin endpoint, with its token if
+    /// it needs one.
+    pub fn registrar_get(&self, path: &str) -> (u16, String) {
+        let auth = self.admin_token.as_ref().map(|t| format!("Bearer {t}"));
+        let headers: Vec<(&str, &str)> = auth
+            .as_deref()
+            .map(|a| ("Authorization", a))
+            .into_iter()
+            .collect();
+        let r = http_get_with(self.registrar_admin, path, &headers)
+            .unwrap_or_else(|e| panic!("registrar admin {path}: {e}"));
+        (r.status, r.body)
     }
 
     /// SIGKILLs the registrar.

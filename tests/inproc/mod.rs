@@ -37,6 +37,11 @@ impl Drop for Dir {
 
 impl InProcess {
     async fn start(tag: &str) -> InProcess {
+        InProcess::start_with(tag, |_| {}).await
+    }
+
+    /// The same with `tune` applied to the config first.
+    async fn start_with(tag: &str, tune: impl FnOnce(&mut Config)) -> InProcess {
         let dir = std::env::temp_dir().join(format!(
             "ed-inproc-{tag}-{}-{:?}",
             std::process::id(),
@@ -44,23 +49,8 @@ impl InProcess {
         ));
         std::fs::create_dir_all(&dir).unwrap();
         let socket = dir.join("registrar.sock");
-        let config = Config {
-            socket: Some(socket.clone()),
-            xds: Addr::Unix(dir.join("xds.sock")),
-            default_mode: Mode::Http,
-            node_id: "envoy-docker".into(),
-            no_recover: true,
-            envoy: None,
-            docker: Some("none".into()),
-            telemetry: Default::default(),
-            serving: Default::default(),
-            admin: Some(Addr::parse("127.0.0.1:0").unwrap()),
-            envoy_admin: Addr::parse("127.0.0.1:9901").unwrap(),
-            proxy_exe: None,
-            fleet: None,
-            // Never the host's nftables from a test process.
-            nft: None,
-        };
+        let mut config = InProcess::config_in(&dir);
+        tune(&mut config);
         let listeners = Listeners::bind(&config).await.unwrap();
         let admin = listeners.admin_addr().unwrap();
         let (tx, rx) = oneshot::channel();
@@ -90,6 +80,31 @@ impl InProcess {
         r
     }
 
+    /// The config of a registrar whose files are in `dir`: no Docker, no
+    /// Envoy, no nftables, admin on a free loopback port.
+    fn config_in(dir: &std::path::Path) -> Config {
+        Config {
+            socket: Some(dir.join("registrar.sock")),
+            xds: Addr::Unix(dir.join("xds.sock")),
+            default_mode: Mode::Http,
+            node_id: "envoy-docker".into(),
+            no_recover: true,
+            envoy: None,
+            docker: Some("none".into()),
+            telemetry: Default::default(),
+            serving: Default::default(),
+            admin: Some(Addr::parse("127.0.0.1:0").unwrap()),
+            admin_token_file: None,
+            // No Envoy: port 1 refuses, so the dashboard says it cannot
+            // read Envoy, whatever else runs on this machine.
+            envoy_admin: Addr::parse("127.0.0.1:1").unwrap(),
+            proxy_exe: None,
+            fleet: None,
+            // Never the host's nftables from a test process.
+            nft: None,
+        }
+    }
+
     async fn connect(&self) -> Connection<UnixStream> {
         client::connect(&self.socket, Duration::from_secs(5))
             .await
@@ -105,14 +120,22 @@ impl InProcess {
 
     /// `GET path` on the admin endpoint: status code and body.
     async fn get(&self, path: &str) -> (u16, String) {
+        let (code, _, body) = self.request("GET", path, "").await;
+        (code, body)
+    }
+
+    /// Any request with extra header lines: status code, head and body.
+    async fn request(&self, method: &str, path: &str, headers: &str) -> (u16, String, String) {
         let mut s = TcpStream::connect(self.admin).await.unwrap();
-        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\n{headers}Content-Length: 0\r\nConnection: close\r\n\r\n"
+        );
         s.write_all(req.as_bytes()).await.unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).await.unwrap();
         let code = out[9..12].parse().unwrap();
-        let body = out.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-        (code, body.to_string())
+        let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+        (code, head.to_string(), body.to_string())
     }
 
     async fn metric(&self, line_start: &str) -> Option<f64> {
@@ -324,4 +347,160 @@ async fn a_registrar_started_and_stopped_twenty_times_leaves_nothing_behind() {
         rt.metrics().num_alive_tasks(),
         open_fds()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_api_is_read_only_versioned_and_sent_with_strict_headers() {
+    let r = InProcess::start("dashboard").await;
+    let (code, head, page) = r
+        .request("GET", "/", "Origin: http://elsewhere.test\r\n")
+        .await;
+    assert_eq!(code, 200);
+    let head = head.to_ascii_lowercase();
+    assert!(head.contains("content-type: text/html"), "{head}");
+    assert!(head.contains("x-content-type-options: nosniff"), "{head}");
+    assert!(
+        head.contains("content-security-policy: default-src 'none'; script-src 'self';"),
+        "{head}"
+    );
+    assert!(!head.contains("access-control-"), "CORS headers: {head}");
+    assert!(page.contains("/app.js"), "{page}");
+    let (code, head, _) = r.request("GET", "/app.js", "").await;
+    assert_eq!(code, 200);
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/javascript"),
+        "{head}"
+    );
+
+    let mut proxy = r.connect().await;
+    assert_eq!(
+        proxy.call(&register(mapping(8181))).await.unwrap(),
+        Reply::Accepted
+    );
+    let (code, body) = r.get("/api/v1/overview").await;
+    assert_eq!(code, 200, "{body}");
+    let o: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(o["api"], 1);
+    assert_eq!(o["mappings"], 1);
+    assert_eq!(o["envoys_connected"], 0);
+    assert_eq!(o["ports"]["claimed"], false);
+    assert_eq!(o["fleet"], serde_json::Value::Null);
+
+    let (code, body) = r.get("/api/v1/mappings").await;
+    assert_eq!(code, 200, "{body}");
+    let m: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let row = &m["mappings"][0];
+    assert_eq!(row["id"], "tcp_127-0-0-1_8181");
+    assert_eq!(row["host"], "127.0.0.1:8181");
+    assert_eq!(row["backend"], "172.17.0.2:80");
+    assert_eq!(row["served_by"], "relay");
+    // No Envoy to read stats from here.
+    assert!(row["live"].is_null(), "{row}");
+
+    let (code, body) = r.get("/api/v1/mappings/tcp_127-0-0-1_8181").await;
+    assert_eq!(code, 200, "{body}");
+    let d: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(d["mapping"]["id"], "tcp_127-0-0-1_8181");
+    assert_eq!(d["events"][0]["kind"], "register", "{d}");
+    assert!(
+        d["envoy"]["error"].is_string(),
+        "no Envoy, so an error: {d}"
+    );
+    assert_eq!(r.get("/api/v1/mappings/tcp_127-0-0-1_1").await.0, 404);
+    assert_eq!(r.get("/api/v1/mappings/..%2f").await.0, 404);
+    assert_eq!(r.get("/api/v1/nothing").await.0, 404);
+    let (code, body) = r.get("/api/v1/fleet").await;
+    assert_eq!(code, 200);
+    assert!(body.contains(r#""enabled":false"#), "{body}");
+
+    // Read only: nothing but GET.
+    for method in ["POST", "PUT", "DELETE", "PATCH"] {
+        for path in [
+            "/api/v1/mappings",
+            "/api/v1/mappings/tcp_127-0-0-1_8181",
+            "/",
+        ] {
+            assert_eq!(r.request(method, path, "").await.0, 405, "{method} {path}");
+        }
+    }
+    drop(proxy);
+    let gone = async {
+        loop {
+            let (_, body) = r.get("/api/v1/events").await;
+            let e: serde_json::Value = serde_json::from_str(&body).unwrap();
+            if e["events"][0]["kind"] == "remove" {
+                break e;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let events = tokio::time::timeout(Duration::from_secs(5), gone)
+        .await
+        .expect("the removal never showed in the events");
+    assert_eq!(events["events"][0]["mapping"], "tcp_127-0-0-1_8181");
+    assert_eq!(events["events"][1]["kind"], "register", "{events}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_loopback_admin_wants_its_token_and_refuses_to_start_without_one() {
+    let dir = std::env::temp_dir().join(format!("ed-inproc-token-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let _dir = Dir(dir.clone());
+    // 0.0.0.0 is not loopback: without a token file, no start.
+    let config = Config {
+        socket: Some(dir.join("r.sock")),
+        admin: Some(Addr::parse("0.0.0.0:0").unwrap()),
+        admin_token_file: None,
+        ..InProcess::config_in(&dir)
+    };
+    match Listeners::bind(&config).await {
+        Err(registrar::Error::AdminToken(e)) => {
+            assert!(e.to_string().contains("--admin-token-file"), "{e}")
+        }
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("a non-loopback admin started without a token"),
+    }
+
+    let token = dir.join("token");
+    std::fs::write(&token, "sesame\n").unwrap();
+    let r = InProcess::start_with("token", |c| {
+        c.admin = Some(Addr::parse("0.0.0.0:0").unwrap());
+        c.admin_token_file = Some(token.clone());
+    })
+    .await;
+    for path in [
+        "/",
+        "/api/v1/mappings",
+        "/api/v1/overview",
+        "/metrics",
+        "/mappings",
+    ] {
+        let (code, head, _) = r.request("GET", path, "").await;
+        assert_eq!(code, 401, "{path} without the token");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("www-authenticate: basic"),
+            "{head}"
+        );
+        let (code, _, _) = r
+            .request("GET", path, "Authorization: Bearer sesam\r\n")
+            .await;
+        assert_eq!(code, 401, "{path} with a wrong token");
+        let (code, _, _) = r
+            .request("GET", path, "Authorization: Bearer sesame\r\n")
+            .await;
+        assert_eq!(code, 200, "{path} with the token");
+    }
+    // "admin:sesame", as a browser sends it after asking.
+    let (code, _, _) = r
+        .request(
+            "GET",
+            "/api/v1/mappings",
+            "Authorization: Basic YWRtaW46c2VzYW1l\r\n",
+        )
+        .await;
+    assert_eq!(code, 200);
+    // Health checks need no token.
+    assert_eq!(r.request("GET", "/healthz", "").await.0, 200);
 }

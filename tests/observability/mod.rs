@@ -390,7 +390,11 @@ fn docker_13_examples_are_valid_and_the_dashboard_reads_real_series() {
         assert_eq!(http_get(local(p), "/").unwrap().0, 200);
     }
     let envoy = admin_get(env.stack.admin, "/stats/prometheus");
-    let registrar = admin_get(env.stack.registrar_admin, "/metrics");
+    let registrar = {
+        let (code, body) = env.stack.registrar_get("/metrics");
+        assert_eq!(code, 200, "{body}");
+        body
+    };
     let dash: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(root.join("examples/grafana-dashboard.json")).unwrap(),
     )
