@@ -10,7 +10,7 @@
 //! says `nosniff` and carries a Content-Security-Policy that lets a page
 //! load only its own script and style, and none carries CORS headers.
 
-use super::dashboard::auth::Token;
+use super::dashboard::auth::{local_host, Token};
 use super::dashboard::Dashboard;
 use super::keeper::{Read, Registrar};
 use bytes::Bytes;
@@ -40,6 +40,8 @@ pub async fn bind(
 pub const MAX_CONNECTIONS: usize = 64;
 /// How long an admin connection may stay open, idle or not.
 const CONNECTION_BUDGET: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long the answer in flight at the budget may still take.
+const LAST_ANSWER: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Serves until the caller drops this future, which ends every
 /// connection with it.
@@ -88,7 +90,17 @@ pub async fn serve(
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc);
-            let _ = tokio::time::timeout(CONNECTION_BUDGET, conn).await;
+            let mut conn = std::pin::pin!(conn);
+            // At the budget the connection ends after the answer in
+            // flight, not in the middle of it (a dashboard keeps its
+            // connection alive across polls).
+            if tokio::time::timeout(CONNECTION_BUDGET, conn.as_mut())
+                .await
+                .is_err()
+            {
+                conn.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(LAST_ANSWER, conn).await;
+            }
         });
     }
 }
@@ -131,6 +143,18 @@ async fn guarded(
         .headers()
         .get(hyper::header::AUTHORIZATION)
         .map(|v| v.as_bytes());
+    if !open
+        && !token.required()
+        && !local_host(req.headers().get(hyper::header::HOST).map(|v| v.as_bytes()))
+    {
+        return reply(
+            StatusCode::FORBIDDEN,
+            "text/plain",
+            "this admin address serves loopback names only (127.0.0.1, [::1], localhost); \
+             a page of another site may not read it\n"
+                .into(),
+        );
+    }
     if !open && !token.admits(auth) {
         let mut r = reply(
             StatusCode::UNAUTHORIZED,

@@ -57,8 +57,13 @@ impl Service {
     /// Envoy's stats read per container, then the listener name, which keeps
     /// them unique per host address.
     pub fn cluster_name(&self) -> String {
-        format!("{}_{}", self.name, self.listener_name())
+        cluster_name(&self.name, &self.key)
     }
+}
+
+/// The cluster name (and stat prefix) of the mapping `key` named `name`.
+pub fn cluster_name(name: &str, key: &crate::mapping::MappingKey) -> String {
+    format!("{name}_{}", key.resource_name())
 }
 
 /// One resource ready to send: name, content version and packed message.

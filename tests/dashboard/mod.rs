@@ -101,6 +101,11 @@ fn dashboard_1_shows_mappings_traffic_envoy_restarts_and_stops_as_text() {
         ),
     );
     assert!(rate.as_f64().unwrap() > 0.0, "{rate}");
+    // Each request is a new connection: the listener's stats count them.
+    browser.wait_for(
+        Duration::from_secs(5),
+        &format!("return parseFloat({} || '0') > 0;", cell(api, "c-cxs")),
+    );
     // Request times too, once Envoy has flushed its histograms (every 5 s).
     browser.wait_for(
         Duration::from_secs(15),
@@ -119,8 +124,10 @@ fn dashboard_1_shows_mappings_traffic_envoy_restarts_and_stops_as_text() {
     browser.wait_for(
         Duration::from_secs(5),
         &format!(
-            "const t = document.body.textContent; \
-             return t.includes({}) && t.includes('\"tcp_0-0-0-0_{web}\"') && t.includes('handover');",
+            "const text = (id) => (document.getElementById(id) || {{}}).textContent || ''; \
+             return text('mapping-labels').includes({}) \
+               && text('mapping-listener').includes('\"tcp_0-0-0-0_{web}\"') \
+               && text('mapping-events').includes('handover');",
             serde_json::to_string(XSS).unwrap()
         ),
     );

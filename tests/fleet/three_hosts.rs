@@ -307,6 +307,33 @@ fn fleet_egress_spreads_over_the_hosts_that_publish() {
             && metrics.contains("envoy_docker_etcd_up 1"),
         "{metrics}"
     );
+    // The dashboard's fleet view: web on A and B, and C's egress for it.
+    let api: serde_json::Value =
+        serde_json::from_str(&fleet.host("c").registrar_get("/api/v1/fleet")).unwrap();
+    assert_eq!(api["enabled"], true, "{api}");
+    assert_eq!(api["etcd_ok"], true, "{api}");
+    let web = api["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["service"] == "web")
+        .unwrap_or_else(|| panic!("no web in {api}"));
+    let mut hosts: Vec<&str> = web["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["host_id"].as_str().unwrap())
+        .collect();
+    hosts.sort();
+    assert_eq!(hosts, [A, B], "{api}");
+    assert!(
+        api["egress"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["service"] == "web" && e["port"] == 10080 && e["endpoints"] == 2),
+        "{api}"
+    );
 }
 
 /// An instance whose /health fails gets no requests, and gets them again

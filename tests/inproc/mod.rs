@@ -125,10 +125,15 @@ impl InProcess {
     }
 
     /// Any request with extra header lines: status code, head and body.
+    /// (A `Host` among `headers` replaces the admin's own address.)
     async fn request(&self, method: &str, path: &str, headers: &str) -> (u16, String, String) {
         let mut s = TcpStream::connect(self.admin).await.unwrap();
+        let host = match headers.to_ascii_lowercase().contains("host:") {
+            true => String::new(),
+            false => format!("Host: {}\r\n", self.admin),
+        };
         let req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: x\r\n{headers}Content-Length: 0\r\nConnection: close\r\n\r\n"
+            "{method} {path} HTTP/1.1\r\n{host}{headers}Content-Length: 0\r\nConnection: close\r\n\r\n"
         );
         s.write_all(req.as_bytes()).await.unwrap();
         let mut out = String::new();
@@ -413,6 +418,17 @@ async fn the_dashboard_api_is_read_only_versioned_and_sent_with_strict_headers()
     let (code, body) = r.get("/api/v1/fleet").await;
     assert_eq!(code, 200);
     assert!(body.contains(r#""enabled":false"#), "{body}");
+
+    // DNS rebinding: another site's name for 127.0.0.1 reads nothing.
+    let (code, _, body) = r
+        .request("GET", "/api/v1/mappings", "Host: evil.example:18001\r\n")
+        .await;
+    assert_eq!(code, 403, "{body}");
+    assert!(!body.contains("8181"), "{body}");
+    let (code, _, _) = r
+        .request("GET", "/api/v1/mappings", "Host: localhost:18001\r\n")
+        .await;
+    assert_eq!(code, 200);
 
     // Read only: nothing but GET.
     for method in ["POST", "PUT", "DELETE", "PATCH"] {

@@ -86,6 +86,32 @@ impl Token {
     }
 }
 
+/// Whether a request's `Host` header may be served without a token: a
+/// loopback address or `localhost` (any port), or no header at all. This
+/// keeps a tokenless loopback admin from DNS rebinding, where a page of
+/// another site points its own name at 127.0.0.1 and reads the answers as
+/// its own origin.
+pub fn local_host(host: Option<&[u8]>) -> bool {
+    let Some(host) = host else {
+        return true;
+    };
+    let Ok(host) = std::str::from_utf8(host) else {
+        return false;
+    };
+    let name = match host.strip_prefix('[') {
+        // [::1]:18001
+        Some(rest) => match rest.split_once(']') {
+            Some((ip, _)) => ip,
+            None => return false,
+        },
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 fn read(path: &Path) -> Result<String, TokenError> {
     let text = std::fs::read_to_string(path).map_err(|source| TokenError::Read {
         path: path.to_path_buf(),
@@ -172,6 +198,34 @@ mod tests {
         assert!(!t.admits(Some(b"Basic !!!")));
         assert!(!t.admits(Some(&[0xff, 0xfe])));
         assert!(Token::none().admits(None));
+    }
+
+    #[test]
+    fn only_loopback_names_pass_the_host_check() {
+        for ok in [
+            &b"127.0.0.1:18001"[..],
+            b"127.0.0.1",
+            b"127.9.9.9:1",
+            b"localhost:18001",
+            b"LOCALHOST",
+            b"[::1]:18001",
+            b"[::1]",
+        ] {
+            assert!(local_host(Some(ok)), "{}", String::from_utf8_lossy(ok));
+        }
+        assert!(local_host(None));
+        for bad in [
+            &b"evil.example:18001"[..],
+            b"evil.example",
+            b"10.0.0.1:18001",
+            b"localhost.evil.example",
+            b"[::1",
+            b"[fe80::1]:1",
+            b"",
+            &[0xff],
+        ] {
+            assert!(!local_host(Some(bad)), "{}", String::from_utf8_lossy(bad));
+        }
     }
 
     #[test]

@@ -40,7 +40,10 @@ pub const HISTORY: usize = 60;
 pub const HISTORY_STEP: u32 = 5;
 
 /// The stats the dashboard reads, and nothing else.
-pub const FILTER: &str = r"^(listener\..+\.downstream_cx_(total|active)|(http|tcp)\.[^.]+\.(downstream_rq_(total|2xx|4xx|5xx|time)|downstream_cx_(rx|tx)_bytes_total))$";
+/// Listener stats are matched by their address part (`0.0.0.0_8080`,
+/// `[__]_8080`), which leaves out the per-worker copies
+/// (`listener.ADDR.worker_0.`).
+pub const FILTER: &str = r"^(listener\.([0-9.]+|\[[^\]]*\])_[0-9]+\.downstream_cx_(total|active)|(http|tcp)\.[^.]+\.(downstream_rq_(total|2xx|4xx|5xx|time)|downstream_cx_(rx|tx)_bytes_total))$";
 
 /// One mapping's figures now. `None` where Envoy cannot say.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -102,12 +105,12 @@ impl Viewers {
         epoch.elapsed().as_millis() as u64 + 1
     }
 
-    /// Someone is looking: sample (again) from now on.
+    /// Someone is looking: sample (again) from now on. Always a wake-up:
+    /// `Notify` keeps at most one for a sampler that is not waiting, which
+    /// then only looks at the clock once more, so no touch is ever lost.
     pub fn touch(&self) {
-        let was = self.last.swap(self.since_epoch(), Ordering::Relaxed);
-        if was == 0 || self.since_epoch().saturating_sub(was) > WATCH_FOR.as_millis() as u64 {
-            self.wake.notify_one();
-        }
+        self.last.store(self.since_epoch(), Ordering::Relaxed);
+        self.wake.notify_one();
     }
 
     fn watched(&self) -> bool {
@@ -449,6 +452,18 @@ garbage line
         assert_eq!(listener_prefix(&r.status.mapping.key), "listener.[__]_8080");
         let f = figures(&r, &Reading::default(), &parse(NEW), 1.0);
         assert_eq!(f.cx_per_s, 7.0);
+    }
+
+    #[tokio::test]
+    async fn a_touch_wakes_the_sampler_even_when_it_was_not_yet_waiting() {
+        let v = Viewers::default();
+        assert!(!v.watched(), "nobody has looked yet");
+        v.touch();
+        assert!(v.watched());
+        // The wake-up was kept for a sampler that waits only now.
+        tokio::time::timeout(Duration::from_secs(5), v.wake.notified())
+            .await
+            .expect("the touch was lost");
     }
 
     #[test]

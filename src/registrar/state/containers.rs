@@ -57,7 +57,13 @@ impl Containers {
     }
 
     /// The container is gone: its address may be reused by the next one.
-    pub fn forget(&mut self, id: &str) {
-        self.by_id.remove(id);
+    /// True if it was known.
+    pub fn forget(&mut self, id: &str) -> bool {
+        self.by_id.remove(id).is_some()
+    }
+
+    /// What is known of container `id`, if anything.
+    pub fn get(&self, id: &str) -> Option<&ContainerMeta> {
+        self.by_id.get(id).map(|c| &**c)
     }
 }

@@ -131,8 +131,7 @@ impl Entry {
                     .cloned()
             }),
             image: self.container.as_ref().map(|c| c.image.clone()),
-            // As `Service::cluster_name` makes it.
-            cluster: format!("{}_{}", self.name, self.listener()),
+            cluster: crate::xds::resource::cluster_name(&self.name, &self.mapping.key),
         }
     }
 

@@ -589,20 +589,10 @@ impl Registry {
     /// Docker told us about a container (after its start, a rename or a
     /// health change): name its mappings after it and apply its mode.
     pub fn apply_container(&mut self, meta: ContainerMeta) {
+        // The same facts again (a Docker reconnect lists every container)
+        // are no event.
+        let news = self.containers.get(&meta.id) != Some(&meta);
         let meta = self.containers.remember(meta, self.default_mode);
-        self.journal.push(Event::new(
-            journal::Kind::Docker,
-            None,
-            format!(
-                "container {} ({}) is up, image {}{}",
-                meta.name,
-                short_id(&meta.id),
-                meta.image,
-                meta.health
-                    .map(|h| format!(", {h:?}").to_lowercase())
-                    .unwrap_or_default()
-            ),
-        ));
         let default_mode = self.default_mode;
         let mut changed = Vec::new();
         let mut served = Vec::new();
@@ -617,6 +607,23 @@ impl Registry {
                 tracing::info!("{} is now {} ({})", e.mapping, e.name, e.mode.as_str());
                 changed.push(e.mapping.key);
             }
+        }
+        // Only containers that publish something here make an event.
+        if news && !served.is_empty() {
+            self.journal.push(Event::new(
+                journal::Kind::Docker,
+                None,
+                format!(
+                    "container {} ({}) is up, image {}, {} mapping(s){}",
+                    meta.name,
+                    short_id(&meta.id),
+                    meta.image,
+                    served.len(),
+                    meta.health
+                        .map(|h| format!(", {h:?}").to_lowercase())
+                        .unwrap_or_default()
+                ),
+            ));
         }
         for key in &changed {
             self.refresh(key);
@@ -636,12 +643,14 @@ impl Registry {
 
     /// The container is gone: its address may be reused by the next one.
     pub fn forget_container(&mut self, id: &str) {
-        self.containers.forget(id);
-        self.journal.push(Event::new(
-            journal::Kind::Docker,
-            None,
-            format!("container {} stopped", short_id(id)),
-        ));
+        // Docker says `die`, then `destroy`: one event, for the first.
+        if self.containers.forget(id) {
+            self.journal.push(Event::new(
+                journal::Kind::Docker,
+                None,
+                format!("container {} stopped", short_id(id)),
+            ));
+        }
     }
 
     /// An xDS stream named the right node in its first request: from now
