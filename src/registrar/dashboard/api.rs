@@ -7,6 +7,7 @@ use super::super::state::{short_id, DashRow, Detail, DockerReach};
 use super::live::{Figures, Live};
 use crate::catalog::{EgressService, Instance};
 use crate::mapping::MappingState;
+use serde::Serialize;
 use serde_json::{json, Value};
 use std::net::IpAddr;
 
@@ -86,37 +87,66 @@ pub fn overview(view: &Overview, host: &Host, live: &Live) -> Value {
     })
 }
 
-/// One mapping as the list shows it.
-pub fn mapping(row: &DashRow, live: Option<&Figures>) -> Value {
+/// One mapping as the list shows it. Serialized straight from borrowed
+/// fields: at 2,000 mappings, once a second, building `Value` maps cost
+/// several times as much.
+#[derive(Serialize)]
+pub struct MappingJson<'a> {
+    id: String,
+    proto: &'static str,
+    host: String,
+    backend: String,
+    container_name: Option<&'a str>,
+    container_id: Option<&'a str>,
+    image: Option<&'a str>,
+    service: &'a str,
+    name: &'a str,
+    mode: &'static str,
+    state: &'a str,
+    served_by: &'static str,
+    since_ms: u64,
+    error: Option<&'a str>,
+    live: Option<&'a Figures>,
+}
+
+pub fn mapping<'a>(row: &'a DashRow, live: Option<&'a Figures>) -> MappingJson<'a> {
     let s = &row.status;
-    json!({
-        "id": s.mapping.key.resource_name(),
-        "proto": s.mapping.key.proto.as_str(),
-        "host": s.mapping.key.host_addr().to_string(),
-        "backend": s.mapping.backend.addr().to_string(),
-        "container_name": s.container.as_ref().map(|c| &c.name),
-        "container_id": s.container.as_ref().map(|c| short_id(&c.id)),
-        "image": row.image,
-        "service": row.service.as_deref().unwrap_or(&s.name),
-        "name": s.name,
-        "mode": s.mode.as_str(),
-        "state": s.state.label(),
-        "served_by": s.server.as_str(),
-        "since_ms": row.since_ms,
-        "error": match &s.state {
+    MappingJson {
+        id: s.mapping.key.resource_name(),
+        proto: s.mapping.key.proto.as_str(),
+        host: s.mapping.key.host_addr().to_string(),
+        backend: s.mapping.backend.addr().to_string(),
+        container_name: s.container.as_ref().map(|c| c.name.as_str()),
+        container_id: s.container.as_ref().map(|c| short_id(&c.id)),
+        image: row.image.as_deref(),
+        service: row.service.as_deref().unwrap_or(&s.name),
+        name: &s.name,
+        mode: s.mode.as_str(),
+        state: s.state.label(),
+        served_by: s.server.as_str(),
+        since_ms: row.since_ms,
+        error: match &s.state {
             MappingState::Failed(e) => Some(e),
             _ => None,
         },
-        "live": live,
-    })
+        live,
+    }
 }
 
-pub fn mappings(rows: &[DashRow], live: &Live) -> Value {
-    let list: Vec<Value> = rows
-        .iter()
-        .map(|r| mapping(r, live.figures.get(&r.status.mapping.key.resource_name())))
-        .collect();
-    json!({ "now_ms": super::super::state::journal::now_ms(), "mappings": list })
+#[derive(Serialize)]
+pub struct MappingsJson<'a> {
+    now_ms: u64,
+    mappings: Vec<MappingJson<'a>>,
+}
+
+pub fn mappings<'a>(rows: &'a [DashRow], live: &'a Live) -> MappingsJson<'a> {
+    MappingsJson {
+        now_ms: super::super::state::journal::now_ms(),
+        mappings: rows
+            .iter()
+            .map(|r| mapping(r, live.figures.get(&r.status.mapping.key.resource_name())))
+            .collect(),
+    }
 }
 
 /// What Envoy holds of one mapping, from its config dumps.
@@ -249,7 +279,8 @@ mod tests {
     #[test]
     fn a_row_carries_the_raw_service_label_the_short_id_and_no_live_figures_yet() {
         let xss = "<img src=x onerror=alert(1)>";
-        let v = mapping(&row(Some(xss)), None);
+        let r = row(Some(xss));
+        let v = serde_json::to_value(mapping(&r, None)).unwrap();
         assert_eq!(v["service"], xss, "the label as the container has it");
         assert_eq!(v["name"], "web");
         assert_eq!(v["container_id"], "4f3c2b1a0e9d");
@@ -258,7 +289,11 @@ mod tests {
         assert_eq!(v["state"], "failed");
         assert_eq!(v["error"], "bad");
         assert!(v["live"].is_null());
-        assert_eq!(mapping(&row(None), None)["service"], "web");
+        let r = row(None);
+        assert_eq!(
+            serde_json::to_value(mapping(&r, None)).unwrap()["service"],
+            "web"
+        );
     }
 
     #[test]

@@ -18,7 +18,6 @@ pub mod live;
 
 use super::keeper::{Read, Registrar};
 use crate::addr::Addr;
-use serde_json::Value;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::watch;
@@ -101,7 +100,7 @@ impl Dashboard {
                     return gone;
                 };
                 let live = self.live.borrow().clone();
-                api::mappings(&rows, &live)
+                return Some(json(&api::mappings(&rows, &live)));
             }
             "fleet" => {
                 let (Some(view), Some(egress)) = (
@@ -198,7 +197,7 @@ fn is_id(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
-fn json(v: &Value) -> Answer {
+fn json(v: &impl serde::Serialize) -> Answer {
     match serde_json::to_vec(v) {
         Ok(body) => (200, "application/json", body),
         Err(e) => (500, "text/plain", e.to_string().into_bytes()),
