@@ -130,17 +130,33 @@ fn start_baseline(fleet: &mut Fleet) {
     );
 }
 
-/// The catalog as etcd holds it now, read through members `urls`.
+/// The catalog as etcd holds it now, read through members `urls`. Around
+/// a partition or a member's loss etcd may have no leader for a moment (a
+/// busy machine makes its election slow): the read is retried, bounded,
+/// until etcd answers.
 fn catalog_now(urls: &str) -> Vec<Instance> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let etcd = rt.block_on(Etcd::connect(urls)).unwrap();
-    let (_, kvs) = rt.block_on(etcd.get_prefix(catalog::PREFIX)).unwrap();
-    kvs.iter()
-        .map(|kv| catalog::decode(&kv.value).unwrap())
-        .collect()
+    let read = || -> Result<Vec<Instance>, String> {
+        let etcd = rt
+            .block_on(Etcd::connect(urls))
+            .map_err(|e| e.to_string())?;
+        let (_, kvs) = rt
+            .block_on(etcd.get_prefix(catalog::PREFIX))
+            .map_err(|e| e.to_string())?;
+        Ok(kvs
+            .iter()
+            .map(|kv| catalog::decode(&kv.value).unwrap())
+            .collect())
+    };
+    let mut last = Err(String::new());
+    wait_until(Duration::from_secs(15), || {
+        last = read();
+        last.is_ok()
+    });
+    last.unwrap_or_else(|e| panic!("etcd at {urls} does not answer: {e}"))
 }
 
 fn all_members() -> String {

@@ -174,6 +174,28 @@ pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> 
     http_get_with(addr, path, &[]).map(|r| (r.status, r.body))
 }
 
+/// A GET to a container's published port right after `docker run` (or
+/// `docker start`/`restart`) returned. The port must answer at once, and
+/// through Envoy it does; but dockerd returns once the container's process
+/// runs, not once that process listens, so on a busy machine Envoy may
+/// find the server not bound yet and answer 503 "upstream connect error
+/// ... remote connection failure" (docker-proxy would reset the
+/// connection). Only that answer is retried, for at most 5 s; a refused or
+/// reset connection, or any other answer, is returned as it is.
+pub fn first_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        let got = http_get(addr, path);
+        let not_listening = matches!(&got, Ok((503, body))
+            if body.contains("upstream connect error") && body.contains("remote connection failure"));
+        if !not_listening || Instant::now() >= until {
+            return got;
+        }
+        eprintln!("{addr}: the container does not listen yet (Envoy: 503); again");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// An HTTP answer with its head.
 #[derive(Debug)]
 pub struct HttpReply {

@@ -3,7 +3,9 @@
 //! against the real dockerd.
 
 use crate::harness::dockerd::{self, IMAGE};
-use crate::harness::{admin_get, bin, envoy_bin, free_port, http_get, wait_until, TempDir};
+use crate::harness::{
+    admin_get, bin, envoy_bin, first_get, free_port, http_get, wait_until, TempDir,
+};
 use std::net::SocketAddr;
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
@@ -447,7 +449,7 @@ fn docker_14_the_registrar_image_builds_from_scratch_and_serves() {
     );
     let h = free_port();
     env.run(&["-p", &format!("{h}:80"), "-l", "ServiceName=imaged", IMAGE]);
-    let got = http_get(SocketAddr::from(([127, 0, 0, 1], h)), "/").unwrap();
+    let got = first_get(SocketAddr::from(([127, 0, 0, 1], h)), "/").unwrap();
     assert_eq!(got.0, 200);
     let rows = env.stack.status();
     assert!(
