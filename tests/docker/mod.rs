@@ -147,6 +147,7 @@ fn docker_5_stop_start_restart_and_remove(setup: Setup) {
     // Another container takes the freed address, so `cycle` gets a new one.
     env.run(&[IMAGE]);
     assert!(env.docker(&["start", &id]).status.success());
+    env.wait_listening(&id);
     let second_ip = env.ip_of(&id);
     assert_ne!(first_ip, second_ip, "the test wanted a new address");
     assert_eq!(
@@ -158,6 +159,7 @@ fn docker_5_stop_start_restart_and_remove(setup: Setup) {
     assert_eq!(row["name"], "cycle");
 
     assert!(env.docker(&["restart", "-t", "1", &id]).status.success());
+    env.wait_listening(&id);
     assert_eq!(
         first_get(env.addr(h), "/").unwrap(),
         (200, BODY.to_string())
@@ -455,6 +457,7 @@ fn docker_15_a_container_on_two_networks_is_found_and_served(setup: Setup) {
     assert_eq!(row["container_name"], "two-nets");
     // A restart puts it back on both networks, with new proxies.
     assert!(env.docker(&["restart", "-t", "1", &id]).status.success());
+    env.wait_listening(&id);
     assert_eq!(
         first_get(env.addr(h), "/").unwrap(),
         (200, BODY.to_string())

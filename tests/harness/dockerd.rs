@@ -412,9 +412,50 @@ impl DockerEnv {
             .args(args))
     }
 
-    /// `docker run -d ARGS`; returns the container id.
+    /// `docker run -d ARGS`; returns the container id. A container of the
+    /// test image with its own command (httpd on port 80) is also waited
+    /// for until that server listens (see [`DockerEnv::wait_listening`]).
     pub fn run(&self, args: &[&str]) -> String {
-        run_detached(|a| self.docker(a), args, &self.stack.log())
+        let id = run_detached(|a| self.docker(a), args, &self.stack.log());
+        if args.last() == Some(&IMAGE) {
+            self.wait_listening(&id);
+        }
+        id
+    }
+
+    /// Waits (at most 10 s) until the container's own httpd accepts on its
+    /// address, port 80, reached directly, not through a published port.
+    /// dockerd returns from `run`, `start` and `restart` once the
+    /// container's process runs, not once it listens; on a busy machine a
+    /// request sent at once can find the server not bound yet (Envoy then
+    /// answers 503, Docker's DNAT or docker-proxy reset). That is the
+    /// container's start, not the proxy's: the proxy and Envoy were ready
+    /// before dockerd returned, and the tests go on to check that.
+    pub fn wait_listening(&self, id: &str) {
+        let out = self.docker(&[
+            "inspect",
+            "-f",
+            "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}",
+            id,
+        ]);
+        let ips: Vec<std::net::IpAddr> = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter_map(|s| s.parse().ok())
+            .collect();
+        if ips.is_empty() {
+            return;
+        }
+        self.within(|| {
+            wait_until(Duration::from_secs(10), || {
+                ips.iter().any(|ip| {
+                    std::net::TcpStream::connect_timeout(
+                        &SocketAddr::new(*ip, 80),
+                        Duration::from_millis(500),
+                    )
+                    .is_ok()
+                })
+            })
+        });
     }
 
     /// Where `docker port` says a container port is published, as the
