@@ -2,7 +2,20 @@
 proxy spawned as dockerd spawns it (argv[0] docker-proxy, the status pipe on
 fd 3, and with Docker 28+ the pre-bound socket on fd 4, whose daemon copy is
 closed once "0\\n" has been read, as moby's StartProxy does)."""
-import fcntl, os, socket, subprocess, time
+import fcntl, os, resource, socket, subprocess, time
+
+
+def cpu_seconds(pid):
+    """User plus system time of process pid, in seconds, from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        rest = f.read().rsplit(")", 1)[1].split()
+    return (int(rest[11]) + int(rest[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def more_files():
+    """Raises the open-file limit to the hard limit (for many proxies)."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def free_port():

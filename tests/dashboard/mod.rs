@@ -88,7 +88,6 @@ fn dashboard_1_shows_mappings_traffic_envoy_restarts_and_stops_as_text() {
                     break;
                 }
                 let _ = http_get(target, "/");
-                std::thread::sleep(Duration::from_millis(10));
             }
         })
     };

@@ -183,23 +183,28 @@ impl Browser {
             .unwrap_or_else(|e| panic!("script {script:?}: {e}"))
     }
 
-    /// Runs `script` every 50 ms until it returns something truthy, and
-    /// returns that. A script that throws is retried; any other error, or
-    /// `limit` passing, fails the test.
+    /// Runs `script` until it returns something truthy (polled as
+    /// `wait_until` polls), and returns that. A script that throws is
+    /// retried; any other error, or `limit` passing, fails the test.
     pub fn wait_for(&self, limit: Duration, script: &str) -> Value {
-        let end = Instant::now() + limit;
-        loop {
-            let last = match self.try_execute(script, &Value::Null) {
-                Ok(v) if truthy(&v) => return v,
-                Ok(v) => v.to_string(),
-                Err(e) if e.error == "javascript error" => e.message,
-                Err(e) => panic!("waiting on {script:?}: {e}"),
-            };
-            if Instant::now() > end {
-                panic!("after {limit:?}, {script:?} still gives {last}");
+        let mut found = None;
+        let mut last = String::new();
+        wait_until(limit, || match self.try_execute(script, &Value::Null) {
+            Ok(v) if truthy(&v) => {
+                found = Some(v);
+                true
             }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            Ok(v) => {
+                last = v.to_string();
+                false
+            }
+            Err(e) if e.error == "javascript error" => {
+                last = e.message;
+                false
+            }
+            Err(e) => panic!("waiting on {script:?}: {e}"),
+        });
+        found.unwrap_or_else(|| panic!("after {limit:?}, {script:?} still gives {last}"))
     }
 
     fn string(&self, path: &str) -> String {

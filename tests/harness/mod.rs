@@ -183,17 +183,19 @@ pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> 
 /// connection). Only that answer is retried, for at most 5 s; a refused or
 /// reset connection, or any other answer, is returned as it is.
 pub fn first_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    let until = Instant::now() + Duration::from_secs(5);
-    loop {
-        let got = http_get(addr, path);
-        let not_listening = matches!(&got, Ok((503, body))
-            if body.contains("upstream connect error") && body.contains("remote connection failure"));
-        if !not_listening || Instant::now() >= until {
-            return got;
-        }
+    let mut got = http_get(addr, path);
+    let not_listening = |got: &std::io::Result<(u16, String)>| {
+        matches!(got, Ok((503, body))
+            if body.contains("upstream connect error") && body.contains("remote connection failure"))
+    };
+    if not_listening(&got) {
         eprintln!("{addr}: the container does not listen yet (Envoy: 503); again");
-        std::thread::sleep(Duration::from_millis(50));
+        wait_until(Duration::from_secs(5), || {
+            got = http_get(addr, path);
+            !not_listening(&got)
+        });
     }
+    got
 }
 
 /// An HTTP answer with its head.
