@@ -16,6 +16,7 @@ pub enum Applet {
     Bootstrap,
     Status,
     Install,
+    Ca,
     Version,
     /// `help [SUBCOMMAND]`, `--help`, or no arguments at all.
     Help,
@@ -30,6 +31,7 @@ impl Applet {
             "bootstrap" => Applet::Bootstrap,
             "status" => Applet::Status,
             "install" => Applet::Install,
+            "ca" => Applet::Ca,
             "version" | "--version" | "-V" => Applet::Version,
             "help" | "--help" | "-h" => Applet::Help,
             _ => return None,

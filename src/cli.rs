@@ -4,8 +4,10 @@
 use crate::addr::{Addr, DEFAULT_ADMIN, DEFAULT_NODE_ID, DEFAULT_REGISTRAR_ADMIN, DEFAULT_XDS};
 use crate::applet::Applet;
 use crate::bootstrap::Config as BootstrapArgs;
+use crate::ca::Config as CaArgs;
 use crate::install::InstallArgs;
 use crate::mapping::Mode;
+use crate::mesh::TrustDomain;
 use crate::registrar::fleet::{Config as FleetConfig, EgressAt};
 use crate::registrar::Config as ServeArgs;
 use crate::resync::Config as ResyncArgs;
@@ -353,6 +355,79 @@ pub fn resync(args: Vec<OsString>) -> Result<Parsed<ResyncArgs>, String> {
     Ok(if run { Parsed::Run(out) } else { Parsed::Help })
 }
 
+pub fn ca(args: Vec<OsString>) -> Result<Parsed<CaArgs>, String> {
+    let Some((sub, rest)) = args.split_first() else {
+        return Ok(Parsed::Help);
+    };
+    let sub = sub.to_string_lossy().into_owned();
+    if sub == "--help" || sub == "-h" {
+        return Ok(Parsed::Help);
+    }
+    let (mut td, mut out, mut ca, mut host_id, mut days) = (None, None, None, None, None);
+    let run = parse_flags(rest.to_vec(), |name, p| {
+        match (sub.as_str(), name) {
+            ("init", "--trust-domain") => {
+                td = Some(TrustDomain::parse(&text(value(p)?)?).map_err(|e| e.to_string())?)
+            }
+            ("host", "--ca") => ca = Some(PathBuf::from(value(p)?)),
+            ("host", "--host-id") => {
+                let id = text(value(p)?)?;
+                crate::mesh::check_segment("host id", &id).map_err(|e| e.to_string())?;
+                host_id = Some(id)
+            }
+            (_, "--out") => out = Some(PathBuf::from(value(p)?)),
+            (_, "--days") => {
+                let n: u32 = text(value(p)?)?
+                    .parse()
+                    .map_err(|_| "want a whole number of days".to_string())?;
+                if n == 0 {
+                    return Err("want at least 1 day".into());
+                }
+                days = Some(n)
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    })?;
+    if !run {
+        return Ok(Parsed::Help);
+    }
+    let need = |what: &str| format!("ca {sub}: {what} is required");
+    let out = out.ok_or_else(|| need("--out DIR"))?;
+    Ok(Parsed::Run(match sub.as_str() {
+        "init" => CaArgs::Init {
+            trust_domain: td.ok_or_else(|| need("--trust-domain TD"))?,
+            out,
+            days: days.unwrap_or(crate::ca::ROOT_DAYS),
+        },
+        "host" => CaArgs::Host {
+            ca: ca.ok_or_else(|| need("--ca DIR"))?,
+            host_id: host_id.ok_or_else(|| need("--host-id ID"))?,
+            out,
+            days: days.unwrap_or(crate::ca::HOST_DAYS),
+        },
+        other => return Err(format!("ca: unknown step {other:?}; want init or host")),
+    }))
+}
+
+pub const CA_HELP: &str = "\
+Usage: envoy-docker ca init --trust-domain TD --out DIR [--days N]
+       envoy-docker ca host --ca DIR --host-id ID --out DIR2 [--days N]
+
+The mesh's chain of trust (see README, \"Mesh\").
+  init   a new root for trust domain TD: DIR/root.pem and DIR/root.key (0600).
+         Keep DIR offline; it only signs host intermediates. Default 3650 days.
+  host   a host intermediate signed by the root in DIR: a CA of path length 0,
+         limited to URI names under spiffe://TD/. Writes DIR2/host.pem,
+         DIR2/host.key (0600) and DIR2/root.pem; copy DIR2 to host ID and start
+         it with `envoy-docker serve --mesh DIR2`. Default 365 days.
+Existing keys are never overwritten.
+
+Example:
+  envoy-docker ca init --trust-domain corp.internal --out /secure/mesh-root
+  envoy-docker ca host --ca /secure/mesh-root --host-id web-1 --out ./web-1
+  scp -r ./web-1 web-1:/etc/envoy-docker/mesh";
+
 pub const MAIN_HELP: &str = "\
 envoy-docker: serve Docker's published ports with Envoy.
 
@@ -367,6 +442,7 @@ Subcommands:
   bootstrap   print an Envoy bootstrap that points at the registrar
   status      list the registered mappings
   install     put the binary, proxy symlinks and systemd units in place
+  ca          make the mesh's root (`ca init`) and host intermediates (`ca host`)
   version     print the version
   help [SUB]  print help for a subcommand
 
@@ -562,6 +638,7 @@ pub fn help_for(applet: Applet) -> &'static str {
         Applet::Status => STATUS_HELP,
         Applet::Version => VERSION_HELP,
         Applet::Install => INSTALL_HELP,
+        Applet::Ca => CA_HELP,
         Applet::Help => MAIN_HELP,
     }
 }
@@ -706,6 +783,53 @@ mod tests {
     }
 
     #[test]
+    fn ca_steps_and_their_required_flags() {
+        let Parsed::Run(CaArgs::Init {
+            trust_domain, days, ..
+        }) = ca(v(&["init", "--trust-domain", "corp", "--out", "d"])).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (trust_domain.as_str(), days),
+            ("corp", crate::ca::ROOT_DAYS)
+        );
+        let Parsed::Run(CaArgs::Host { host_id, days, .. }) = ca(v(&[
+            "host",
+            "--ca",
+            "d",
+            "--host-id",
+            "h1",
+            "--out",
+            "e",
+            "--days",
+            "7",
+        ]))
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!((host_id.as_str(), days), ("h1", 7));
+        for bad in [
+            &["init", "--out", "d"][..],
+            &["init", "--trust-domain", "Bad/TD", "--out", "d"],
+            &["host", "--ca", "d", "--host-id", "a/b", "--out", "e"],
+            &["host", "--trust-domain", "x", "--out", "e"],
+            &["sign", "--out", "e"],
+            &[
+                "init",
+                "--trust-domain",
+                "corp",
+                "--out",
+                "d",
+                "--days",
+                "0",
+            ],
+        ] {
+            assert!(ca(v(bad)).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn every_help_text_has_an_example() {
         for applet in [
             Applet::Proxy,
@@ -714,6 +838,7 @@ mod tests {
             Applet::Bootstrap,
             Applet::Status,
             Applet::Install,
+            Applet::Ca,
             Applet::Version,
             Applet::Help,
         ] {

@@ -8,6 +8,7 @@
 pub mod addr;
 pub mod applet;
 pub mod bootstrap;
+pub mod ca;
 pub mod catalog;
 pub mod cli;
 pub mod cmdline;
@@ -16,6 +17,7 @@ pub mod fdlimit;
 pub mod install;
 pub mod logging;
 pub mod mapping;
+pub mod mesh;
 pub mod nft;
 pub mod procscan;
 pub mod protocol;
@@ -54,6 +56,8 @@ pub enum Error {
     Resync(#[from] resync::Error),
     #[error("install")]
     Install(#[from] install::Error),
+    #[error("ca")]
+    Ca(#[from] ca::Error),
     #[error("bootstrap")]
     Bootstrap(#[from] bootstrap::Error),
     #[error("cannot start the async runtime")]
@@ -150,6 +154,7 @@ fn role(applet: Applet, args: Vec<OsString>) -> Result<ExitCode, Error> {
         }
         Applet::Bootstrap => Ok(bootstrap::run(parsed!(cli::bootstrap, Applet::Bootstrap))?),
         Applet::Install => Ok(install::run(parsed!(cli::install, Applet::Install))?),
+        Applet::Ca => Ok(ca::run(parsed!(cli::ca, Applet::Ca))?),
         Applet::Version => {
             println!("{}", version::line());
             Ok(ExitCode::SUCCESS)
