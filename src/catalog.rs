@@ -76,6 +76,10 @@ pub struct Instance {
     pub service_port: Option<u16>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub check: Option<Check>,
+    /// The host's mesh port (`serve --mesh`): where other hosts' callers
+    /// reach this instance over mutual TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh_port: Option<u16>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -167,6 +171,8 @@ pub struct Endpoint {
     pub host_id: String,
     /// Where Envoy's active health check goes, if the service has one.
     pub check_port: Option<u16>,
+    /// The host's mesh port, if it is in the mesh.
+    pub mesh_port: Option<u16>,
 }
 
 /// A service offered fleet-wide on one service port.
@@ -233,6 +239,7 @@ pub fn merge<'a>(
             health: i.health,
             host_id: i.host_id.clone(),
             check_port: i.check.as_ref().map(|c| c.port),
+            mesh_port: i.mesh_port,
         });
     }
     for svc in out.values_mut() {
@@ -260,6 +267,7 @@ mod tests {
             image: "nginx".into(),
             health: Health::Healthy,
             service_port: port,
+            mesh_port: None,
             check: None,
         }
     }

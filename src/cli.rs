@@ -82,9 +82,11 @@ pub fn serve(args: Vec<OsString>) -> Result<Parsed<ServeArgs>, String> {
         envoy_admin: Addr::parse(DEFAULT_ADMIN).expect("default"),
         proxy_exe: None,
         fleet: None,
+        mesh: None,
         nft: Some(crate::nft::DEFAULT_NFT.into()),
     };
     let mut fleet = FleetFlags::default();
+    let (mut mesh_dir, mut mesh_port, mut leaf_ttl) = (None, None, None);
     let run = parse_flags(args, |name, p| {
         match name {
             "--catalog" => {
@@ -126,6 +128,23 @@ pub fn serve(args: Vec<OsString>) -> Result<Parsed<ServeArgs>, String> {
                     .filter(|d| d.as_secs() >= 2)
                     .ok_or("want 2s or more")?;
                 fleet.ttl = Some(d);
+            }
+            "--mesh" => mesh_dir = Some(PathBuf::from(value(p)?)),
+            "--mesh-port" => {
+                let v = text(value(p)?)?;
+                mesh_port = Some(
+                    v.parse::<u16>()
+                        .ok()
+                        .filter(|p| *p != 0)
+                        .ok_or_else(|| format!("want a port from 1 to 65535, not {v:?}"))?,
+                )
+            }
+            "--mesh-leaf-ttl" => {
+                leaf_ttl = Some(
+                    duration(value(p)?)?
+                        .filter(|d| d.as_secs() >= 10)
+                        .ok_or("want 10s or more")?,
+                )
             }
             "--socket" => out.socket = Some(value(p)?.into()),
             "--xds" => out.xds = addr(value(p)?)?,
@@ -195,6 +214,20 @@ pub fn serve(args: Vec<OsString>) -> Result<Parsed<ServeArgs>, String> {
         Ok(true)
     })?;
     out.fleet = fleet.finish()?;
+    out.mesh = match mesh_dir {
+        Some(dir) => Some(crate::registrar::mesh::Config {
+            dir,
+            port: mesh_port.unwrap_or(crate::registrar::mesh::DEFAULT_PORT),
+            leaf_ttl: leaf_ttl.unwrap_or(crate::registrar::mesh::DEFAULT_LEAF_TTL),
+        }),
+        None if mesh_port.is_some() || leaf_ttl.is_some() => {
+            return Err("--mesh-port and --mesh-leaf-ttl need --mesh DIR".into())
+        }
+        None => None,
+    };
+    if out.mesh.is_some() && out.fleet.is_none() {
+        return Err("--mesh needs --catalog: the mesh is between the fleet's hosts".into());
+    }
     Ok(if run { Parsed::Run(out) } else { Parsed::Help })
 }
 
@@ -468,7 +501,8 @@ Usage: envoy-docker serve [--socket PATH] [--xds ADDR] [--default-mode auto|http
                           [--request-timeout DUR] [--max-connections N]
                           [--max-request-headers-kb N]
                           [--catalog etcd=URL[,URL...] --advertise IP
-                           [--host-id ID] [--egress IP|none] [--catalog-ttl DUR]]
+                           [--host-id ID] [--egress IP|none] [--catalog-ttl DUR]
+                           [--mesh DIR [--mesh-port N] [--mesh-leaf-ttl DUR]]]
 
 Runs the registrar. Needs no flags and no config file.
   --socket PATH          registrar socket (default $ENVOY_DOCKER_SOCKET, else
@@ -529,6 +563,14 @@ The fleet (off unless --catalog is given; see README, \"Across hosts\"):
                          port (default Docker's bridge gateway; none: no egress)
   --catalog-ttl DUR      lease of this host's catalog entries (default 10s): a
                          host that dies leaves the fleet this long after
+
+The mesh (mutual TLS between hosts; needs --catalog; see README, \"Mesh\"):
+  --mesh DIR             this host's intermediate (`envoy-docker ca host`):
+                         DIR/host.pem, DIR/host.key (0600), DIR/root.pem
+  --mesh-port N          where other hosts' callers reach this host's services
+                         (default 15443, on the --advertise address)
+  --mesh-leaf-ttl DUR    lifetime of each identity's certificate (default 24h;
+                         renewed between 60% and 90% of it)
 
 Limits, none of which docker-proxy has; all are off unless set. DUR is like
 250ms, 30s, 5m or 1h; 0 means no limit.

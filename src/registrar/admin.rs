@@ -272,7 +272,8 @@ async fn route(
                     + &view
                         .fleet
                         .map(|(_, etcd, catalog)| super::metrics::render_fleet(&etcd, &catalog))
-                        .unwrap_or_default(),
+                        .unwrap_or_default()
+                    + &super::metrics::render_mesh(&view.mesh),
             )
         }
         _ => reply(

@@ -473,6 +473,7 @@ mod tests {
             image: String::new(),
             health: Health::Healthy,
             service_port: Some(10080),
+            mesh_port: None,
             check: None,
         }
     }

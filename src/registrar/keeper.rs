@@ -65,6 +65,10 @@ pub enum Input {
     EnvoyFeedback(u64, Feedback),
     EnvoyStalled(u64, bool),
     EnvoyGone(u64),
+    /// A leaf issued or renewed for one mesh identity.
+    MeshLeaf(crate::mesh::ca::Leaf),
+    /// A mesh identity no longer needed.
+    MeshLeafGone(String),
     /// The fleet's catalog as just read from etcd.
     Catalog(Instances),
     /// Where egress listens.
@@ -111,6 +115,8 @@ pub struct Overview {
     pub docker: DockerReach,
     /// Each Envoy's stream and its ADS flavour.
     pub flavors: Vec<(u64, Option<&'static str>)>,
+    /// With the mesh: each identity's leaf.
+    pub mesh: Vec<(String, super::state::mesh::LeafState)>,
 }
 
 /// The handle every part of the registrar holds: it sends inputs to the
@@ -239,6 +245,8 @@ fn apply(r: &mut Registry, links: &mut BTreeMap<u64, Outbox>, input: Input) {
         Input::EnvoyStalled(id, stalled) => r.envoy_stalled(id, stalled),
         Input::EnvoyGone(id) => r.envoy_gone(id),
         Input::Catalog(c) => r.set_catalog(c),
+        Input::MeshLeaf(leaf) => r.mesh_leaf(leaf),
+        Input::MeshLeafGone(id) => r.mesh_leaf_gone(&id),
         Input::EgressIp(ip) => r.set_egress_ip(ip),
         Input::Etcd(error) => r.etcd_report(error),
         Input::ClaimsApplied(c) => r.claims_applied(c),
@@ -263,6 +271,7 @@ fn answer(r: &Registry, read: Read) {
         }
         Read::Overview(tx) => {
             let _ = tx.send(Overview {
+                mesh: r.mesh_view(),
                 serving: r.serving_envoys(),
                 envoys: r.envoys(),
                 mappings: r.len(),

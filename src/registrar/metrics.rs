@@ -26,9 +26,9 @@ struct Histogram {
 pub struct Metrics {
     registrations: AtomicU64,
     deregistrations: AtomicU64,
-    pushes: [AtomicU64; 3],
-    acks: [AtomicU64; 3],
-    nacks: [AtomicU64; 3],
+    pushes: [AtomicU64; 4],
+    acks: [AtomicU64; 4],
+    nacks: [AtomicU64; 4],
     docker_events: AtomicU64,
     handovers: AtomicU64,
     takebacks: AtomicU64,
@@ -155,6 +155,49 @@ pub fn render_fleet(
     out
 }
 
+/// The mesh's families, with `serve --mesh`: when each identity's leaf
+/// expires, and how many leaves it was issued. Handshakes and RBAC
+/// denials are Envoy's own counters (README, "Mesh").
+pub fn render_mesh(leaves: &[(String, super::state::mesh::LeafState)]) -> String {
+    if leaves.is_empty() {
+        return String::new();
+    }
+    let mut out = String::new();
+    family(
+        &mut out,
+        "envoy_docker_mesh_leaf_expiry_seconds",
+        "gauge",
+        "When each identity's current certificate expires, in Unix time.",
+    );
+    for (id, l) in leaves {
+        let at = l
+            .not_after
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let _ = writeln!(
+            out,
+            "envoy_docker_mesh_leaf_expiry_seconds{{identity=\"{}\"}} {at}",
+            label_value(id)
+        );
+    }
+    family(
+        &mut out,
+        "envoy_docker_mesh_leaves_issued_total",
+        "counter",
+        "Certificates issued to each identity since start; all but the first are rotations.",
+    );
+    for (id, l) in leaves {
+        let _ = writeln!(
+            out,
+            "envoy_docker_mesh_leaves_issued_total{{identity=\"{}\"}} {}",
+            label_value(id),
+            l.issued
+        );
+    }
+    out
+}
+
 /// A label value as Prometheus's text format wants it: the catalog's
 /// service names come from other hosts, and may hold anything.
 fn label_value(v: &str) -> String {
@@ -269,7 +312,7 @@ pub fn render(m: &Metrics, rows: &[MappingStatus], envoys: usize) -> String {
         ),
     ] {
         family(&mut out, name, "counter", help);
-        for kind in Kind::ORDER {
+        for kind in Kind::ALL {
             let _ = writeln!(
                 out,
                 "{name}{{type=\"{}\"}} {}",
@@ -318,6 +361,7 @@ mod tests {
             image: String::new(),
             health: Health::Unhealthy,
             service_port: None,
+            mesh_port: None,
             check: None,
         };
         let catalog = Arc::new([("k".to_string(), odd)].into());

@@ -23,6 +23,7 @@ pub mod envoy;
 pub mod fleet;
 pub mod keeper;
 pub mod liveness;
+pub mod mesh;
 pub mod metrics;
 pub mod notify;
 pub mod socket;
@@ -71,6 +72,8 @@ pub struct Config {
     pub proxy_exe: Option<PathBuf>,
     /// Publishing to and following the fleet's catalog (`--catalog`).
     pub fleet: Option<fleet::Config>,
+    /// Mutual TLS between the fleet's hosts (`--mesh`); needs `fleet`.
+    pub mesh: Option<mesh::Config>,
     /// The nft command that claims published ports (`--nft`); `None`
     /// leaves them to Docker's DNAT.
     pub nft: Option<PathBuf>,
@@ -92,6 +95,12 @@ pub enum Error {
     Docker(#[source] docker::client::DockerError),
     #[error("--catalog")]
     Etcd(#[from] crate::etcd::Error),
+    #[error("--mesh")]
+    Mesh(#[from] crate::mesh::MeshError),
+    #[error("--mesh needs --catalog: the mesh is between the fleet's hosts")]
+    MeshWithoutFleet,
+    #[error("--mesh: the intermediate is for host {ca:?}, but this host is {host:?} (--host-id)")]
+    MeshHostId { ca: String, host: String },
     #[error("cannot handle signals")]
     Signals(#[source] std::io::Error),
     #[error("the xDS server failed")]
@@ -192,6 +201,32 @@ pub async fn run(
     if let Some(f) = &args.fleet {
         registry = registry.with_fleet(f.host_id.clone(), f.advertise);
     }
+    let mesh = match (&args.mesh, &args.fleet) {
+        (None, _) => None,
+        (Some(_), None) => return Err(Error::MeshWithoutFleet),
+        (Some(m), Some(f)) => {
+            let ca = crate::mesh::check::load_host(&m.dir)?;
+            if ca.host_id != f.host_id {
+                return Err(Error::MeshHostId {
+                    ca: ca.host_id,
+                    host: f.host_id.clone(),
+                });
+            }
+            let listen = std::net::SocketAddr::new(f.advertise, m.port);
+            tracing::info!(
+                "mesh: trust domain {}, this host is {}, mesh port {listen}, leaves for {}s",
+                ca.trust_domain.as_str(),
+                ca.trust_domain.host(&ca.host_id),
+                m.leaf_ttl.as_secs()
+            );
+            let mesh = crate::xds::mesh::Mesh {
+                trust_domain: ca.trust_domain.clone(),
+                listen,
+            };
+            registry = registry.with_mesh(mesh, ca.host_id.clone(), &ca.root_pem);
+            Some((ca.signer, m.leaf_ttl))
+        }
+    };
     let trust = std::sync::Arc::new(crate::procscan::Trust::new(args.proxy_exe.as_deref()));
     if args.no_recover {
         tracing::info!("not recovering mappings (--no-recover)");
@@ -210,8 +245,18 @@ pub async fn run(
     let wanted = registry.claims();
     let snapshots = registry.snapshots();
     let instances = registry.fleet_instances();
+    let mesh_wanted = registry.mesh_wanted();
     let (registrar, inputs) = keeper::handle(&registry);
     tasks.spawn(keeper::run(registry, inputs, stop.clone()));
+    if let (Some((signer, ttl)), Some(wanted)) = (mesh, mesh_wanted) {
+        tasks.spawn(mesh::run(
+            signer,
+            ttl,
+            registrar.clone(),
+            wanted,
+            stop.clone(),
+        ));
+    }
 
     // The table is rebuilt from what was just recovered, sweeping claims
     // of proxies that died while no registrar ran.

@@ -14,7 +14,12 @@
 //!   hosts' at the next priority, one locality per host, each endpoint with
 //!   the health the catalog gives it. Envoy spills to the next priority as
 //!   local instances become unhealthy.
+//! - With the mesh (`xds::mesh` says how): other hosts' instances are
+//!   reached on their hosts' mesh ports over mutual TLS, one endpoint per
+//!   host, and each local caller identity gets a cluster and filter chains
+//!   of its own.
 
+use super::mesh::{self, MeshEgress};
 use super::resource::{Resource, Service};
 use super::resources::{base_cluster, listener_named, socket_address};
 use super::serving::Serving;
@@ -22,17 +27,23 @@ use super::telemetry::Telemetry;
 use crate::catalog::{Check, EgressService, Endpoint as CatalogEndpoint, Health};
 use crate::mapping::{sanitize, Backend, MappingKey, Proto};
 use envoy_types::pb::envoy::config::cluster::v3::{cluster, Cluster, OutlierDetection};
-use envoy_types::pb::envoy::config::core::v3::{health_check, HealthCheck, HealthStatus, Locality};
+use envoy_types::pb::envoy::config::core::v3::{
+    health_check, HealthCheck, HealthStatus, Locality, Metadata,
+};
 use envoy_types::pb::envoy::config::endpoint::v3::{
     endpoint, lb_endpoint, ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints,
 };
+use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::r#type::v3::Percent;
 use envoy_types::pb::google::protobuf::{Duration, UInt32Value};
+use prost::Message;
 use std::net::{IpAddr, Ipv4Addr};
 
 /// The three resources of one egress service port.
 pub struct Egress {
     pub cluster: Resource,
+    /// With the mesh: one more cluster per local caller identity.
+    pub identity_clusters: Vec<Resource>,
     pub endpoints: Resource,
     pub listener: Resource,
 }
@@ -64,7 +75,14 @@ fn service(port: u16, ip: IpAddr, e: &EgressService) -> Service {
     }
 }
 
-pub fn build(port: u16, ip: IpAddr, e: &EgressService, t: &Telemetry, s: &Serving) -> Egress {
+pub fn build(
+    port: u16,
+    ip: IpAddr,
+    e: &EgressService,
+    t: &Telemetry,
+    s: &Serving,
+    mesh: Option<&MeshEgress>,
+) -> Egress {
     let svc = service(port, ip, e);
     let name = svc.cluster_name();
     let mut c: Cluster = base_cluster(&svc, s);
@@ -79,10 +97,71 @@ pub fn build(port: u16, ip: IpAddr, e: &EgressService, t: &Telemetry, s: &Servin
     // answers on its ports (its proxies relay).
     c.ignore_health_on_host_removal = true;
     c.health_checks = e.check.iter().map(health_check).collect();
+    let Some(m) = mesh else {
+        return Egress {
+            cluster: Resource::new(name.clone(), c, None),
+            identity_clusters: Vec::new(),
+            endpoints: Resource::new(name.clone(), assignment(&name, &e.endpoints, false), None),
+            listener: listener_named(listener_name(port), &svc, t, s),
+        };
+    };
+    // The clusters of every identity share the one assignment.
+    if let Some(eds) = c.eds_cluster_config.as_mut() {
+        eds.service_name = name.clone();
+    }
+    // Active health checks go to local instances only, which take the
+    // default (plain) transport socket; meshed endpoints are not checked.
+    let with_identity = |c: &Cluster, cluster: String, id: String| -> Cluster {
+        let mut c = c.clone();
+        c.name = cluster;
+        c.transport_socket_matches = vec![cluster::TransportSocketMatch {
+            name: "mesh".into(),
+            r#match: Some(mesh::mesh_match()),
+            transport_socket: Some(mesh::upstream_tls(&m.mesh, &e.service, &id)),
+        }];
+        c
+    };
+    let td = &m.mesh.trust_domain;
+    let base = with_identity(&c, name.clone(), td.host(&m.host_id));
+    let mut identity_clusters = Vec::new();
+    let mut l = Listener::decode(
+        listener_named(listener_name(port), &svc, t, s)
+            .any
+            .value
+            .as_slice(),
+    )
+    .unwrap_or_default();
+    for (caller, ips) in &m.callers {
+        let mut isvc = svc.clone();
+        isvc.name = format!("{}~{}", svc.name, sanitize(caller));
+        let iname = isvc.cluster_name();
+        identity_clusters.push(Resource::new(
+            iname.clone(),
+            with_identity(&c, iname, td.service(caller)),
+            None,
+        ));
+        let il = Listener::decode(
+            listener_named(listener_name(port), &isvc, t, s)
+                .any
+                .value
+                .as_slice(),
+        )
+        .unwrap_or_default();
+        for mut chain in il.filter_chains.into_iter().chain(il.default_filter_chain) {
+            chain
+                .filter_chain_match
+                .get_or_insert_with(Default::default)
+                .source_prefix_ranges = mesh::sources(ips);
+            chain.name = format!("caller {caller}");
+            l.filter_chains.push(chain);
+        }
+    }
+    let inputs = format!("{svc:?} {t:?} {s:?} {m:?}");
     Egress {
-        cluster: Resource::new(name.clone(), c, None),
-        endpoints: Resource::new(name.clone(), assignment(&name, &e.endpoints), None),
-        listener: listener_named(listener_name(port), &svc, t, s),
+        cluster: Resource::new(name.clone(), base, None),
+        identity_clusters,
+        endpoints: Resource::new(name.clone(), assignment(&name, &e.endpoints, true), None),
+        listener: Resource::from_inputs(listener_name(port), l, Some(name), &inputs),
     }
 }
 
@@ -116,21 +195,64 @@ fn health_check(c: &Check) -> HealthCheck {
     }
 }
 
-fn assignment(cluster: &str, endpoints: &[CatalogEndpoint]) -> ClusterLoadAssignment {
-    let any_local = endpoints.iter().any(|e| !e.remote);
+/// With `mesh`, other hosts' endpoints that have a mesh port become that
+/// port, one per host, healthy if any of its instances is, marked for the
+/// mesh's transport socket, and not checked actively (the host's own
+/// Envoy checks its instances).
+fn assignment(cluster: &str, endpoints: &[CatalogEndpoint], mesh: bool) -> ClusterLoadAssignment {
+    let mut meshed: Vec<CatalogEndpoint> = Vec::new();
+    let mut plain: Vec<&CatalogEndpoint> = Vec::new();
+    for e in endpoints {
+        match e.mesh_port.filter(|_| mesh && e.remote) {
+            Some(port) => {
+                let at = std::net::SocketAddr::new(e.address.ip(), port);
+                match meshed.iter_mut().find(|m| m.host_id == e.host_id) {
+                    Some(m) => m.health = m.health.min(e.health),
+                    None => meshed.push(CatalogEndpoint {
+                        address: at,
+                        check_port: None,
+                        ..e.clone()
+                    }),
+                }
+            }
+            None => plain.push(e),
+        }
+    }
+    let endpoints: Vec<(&CatalogEndpoint, bool)> = plain
+        .into_iter()
+        .map(|e| (e, false))
+        .chain(meshed.iter().map(|e| (e, true)))
+        .collect();
+    let any_local = endpoints.iter().any(|(e, _)| !e.remote);
     // One locality per host; endpoints arrive sorted, local first.
     let mut groups: Vec<LocalityLbEndpoints> = Vec::new();
-    for e in endpoints {
+    for (e, meshed) in endpoints {
         let priority = u32::from(e.remote && any_local);
         let lb = LbEndpoint {
             host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
                 address: Some(socket_address(e.address.ip(), e.address.port())),
-                health_check_config: e.check_port.map(|port| endpoint::HealthCheckConfig {
-                    port_value: port as u32,
-                    ..Default::default()
-                }),
+                health_check_config: if meshed {
+                    Some(endpoint::HealthCheckConfig {
+                        disable_active_health_check: true,
+                        ..Default::default()
+                    })
+                } else {
+                    e.check_port.map(|port| endpoint::HealthCheckConfig {
+                        port_value: port as u32,
+                        ..Default::default()
+                    })
+                },
                 ..Default::default()
             })),
+            metadata: meshed.then(|| Metadata {
+                filter_metadata: [(
+                    "envoy.transport_socket_match".to_string(),
+                    mesh::mesh_match(),
+                )]
+                .into_iter()
+                .collect(),
+                ..Default::default()
+            }),
             health_status: match e.health {
                 Health::Healthy => HealthStatus::Healthy,
                 Health::Starting | Health::Unhealthy => HealthStatus::Unhealthy,
@@ -163,8 +285,6 @@ fn assignment(cluster: &str, endpoints: &[CatalogEndpoint]) -> ClusterLoadAssign
 mod tests {
     use super::*;
     use crate::mapping::Mode;
-    use envoy_types::pb::envoy::config::listener::v3::Listener;
-    use prost::Message;
 
     fn ep(remote: bool, addr: &str, host: &str, health: Health) -> CatalogEndpoint {
         CatalogEndpoint {
@@ -173,6 +293,7 @@ mod tests {
             health,
             host_id: host.into(),
             check_port: None,
+            mesh_port: None,
         }
     }
 
@@ -192,6 +313,7 @@ mod tests {
             e,
             &Telemetry::default(),
             &Serving::default(),
+            None,
         )
     }
 

@@ -15,6 +15,7 @@
 
 pub mod bootstrap;
 pub mod egress;
+pub mod mesh;
 pub mod resource;
 pub mod resources;
 pub mod server;

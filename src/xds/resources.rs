@@ -80,7 +80,7 @@ pub(super) fn socket_address(ip: std::net::IpAddr, port: u16) -> Address {
     }
 }
 
-fn ads() -> ConfigSource {
+pub(super) fn ads() -> ConfigSource {
     ConfigSource {
         resource_api_version: ApiVersion::V3 as i32,
         config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(
@@ -252,7 +252,7 @@ fn chain(filter: Filter) -> FilterChain {
     }
 }
 
-fn tcp_filter(svc: &Service, t: &Telemetry, s: &Serving) -> Filter {
+pub(super) fn tcp_filter(svc: &Service, t: &Telemetry, s: &Serving) -> Filter {
     let cluster = svc.cluster_name();
     Filter {
         name: "envoy.filters.network.tcp_proxy".into(),
@@ -325,6 +325,16 @@ pub(super) fn listener_named(name: String, svc: &Service, t: &Telemetry, s: &Ser
 }
 
 fn http_manager(svc: &Service, t: &Telemetry, s: &Serving) -> Any {
+    pack_any(http_manager_config(svc, t, s))
+}
+
+/// The HTTP connection manager of `svc`'s listener, unpacked, for the
+/// mesh's filter chains to add to.
+pub(super) fn http_manager_config(
+    svc: &Service,
+    t: &Telemetry,
+    s: &Serving,
+) -> HttpConnectionManager {
     let cluster = svc.cluster_name();
     let route = Route {
         r#match: Some(RouteMatch {
@@ -397,7 +407,7 @@ fn http_manager(svc: &Service, t: &Telemetry, s: &Serving) -> Any {
         access_log: telemetry::access_logs(t, svc, true),
         ..Default::default()
     };
-    pack_any(hcm)
+    hcm
 }
 
 #[cfg(test)]

@@ -143,7 +143,7 @@ impl TypeState {
 pub struct Session {
     flavor: Flavor,
     snap: Arc<Snapshot>,
-    types: [TypeState; 3],
+    types: [TypeState; 4],
     nonces: u64,
     /// SotW reconnect with unknown contents: Envoy already has listeners we
     /// cannot name, so the first LDS response is sent without warming gates.
@@ -222,13 +222,13 @@ impl Session {
     }
 
     pub fn set_snapshot(&mut self, snap: Arc<Snapshot>) {
-        let changed = Kind::ORDER
+        let changed = Kind::ALL
             .iter()
             .any(|k| !self.snap.get(*k).ptr_eq(snap.get(*k)));
         if changed {
             // The types depend on each other (warming, clusters in use):
             // any change may touch all three.
-            self.mark(&Kind::ORDER);
+            self.mark(&Kind::ALL);
         }
         self.snap = snap;
     }
@@ -250,6 +250,7 @@ impl Session {
         // kept for listeners Envoy holds, assignments of sent clusters.
         self.mark(match kind {
             Kind::Cluster => &Kind::ORDER,
+            Kind::Secret => &[Kind::Secret],
             Kind::Endpoint => &[Kind::Endpoint, Kind::Listener],
             Kind::Listener => &[Kind::Listener, Kind::Cluster],
         });
@@ -273,7 +274,7 @@ impl Session {
                     ts.names_changed.extend(moved);
                     ts.names = names;
                 }
-                let wildcard = kind != Kind::Endpoint && ts.names.is_empty();
+                let wildcard = !kind.named() && ts.names.is_empty();
                 ts.full |= wildcard != ts.wildcard;
                 ts.wildcard = wildcard;
             }
@@ -282,7 +283,7 @@ impl Session {
                 if first {
                     ts.subscribed = true;
                     ts.full = true;
-                    ts.wildcard = kind != Kind::Endpoint && req.subscribe.is_empty();
+                    ts.wildcard = !kind.named() && req.subscribe.is_empty();
                     ts.must_respond = req.initial_versions.is_empty();
                     for (name, version) in &req.initial_versions {
                         ts.acked.insert(name.clone(), version.clone());
@@ -388,7 +389,7 @@ impl Session {
         // take that as acknowledged; otherwise answer in full.
         let ts = self.ts(kind);
         ts.names = req.names.iter().cloned().collect();
-        ts.wildcard = kind != Kind::Endpoint && ts.names.is_empty();
+        ts.wildcard = !kind.named() && ts.names.is_empty();
         let desired = self.desired(kind, true);
         if sotw_version(&desired) == req.version_info {
             let ts = self.ts(kind);
@@ -407,11 +408,11 @@ impl Session {
     /// Everything that can be sent now, in make-before-break order.
     pub fn poll(&mut self) -> Vec<Outgoing> {
         let mut out = Vec::new();
-        for kind in Kind::ORDER {
+        for kind in Kind::ALL {
             let busy = |k: Kind| self.types[k as usize].pending.is_some();
             let ts = &self.types[kind as usize];
             let blocked = match kind {
-                Kind::Cluster => false,
+                Kind::Cluster | Kind::Secret => false,
                 // Envoy ACKs clusters only once they are warm, which needs
                 // their endpoints: EDS must not wait for that ACK.
                 Kind::Endpoint => false,
@@ -436,7 +437,7 @@ impl Session {
                 match kind {
                     Kind::Cluster => self.mark(&[Kind::Endpoint]),
                     Kind::Listener => self.mark(&[Kind::Cluster]),
-                    Kind::Endpoint => {}
+                    Kind::Endpoint | Kind::Secret => {}
                 }
             }
         }
@@ -516,6 +517,7 @@ impl Session {
             // those go out in full. Assignments are not dropped that way:
             // only the changed ones go, as in delta.
             (Flavor::Sotw, Kind::Listener | Kind::Cluster) => ts.sent.values().cloned().collect(),
+            // Secrets, like assignments, go by name: only the changed ones.
             _ => changed,
         };
         Some(Outgoing {
@@ -569,6 +571,17 @@ impl Session {
         let ts = &self.types[kind as usize];
         let mut out = snap.clone();
         match kind {
+            Kind::Secret => {
+                // Only the secrets Envoy asked for, and every one it asked
+                // for that exists.
+                let mut want = Resources::new();
+                for name in &ts.names {
+                    if let Some(r) = snap.get(name) {
+                        want.insert(name.clone(), r.clone());
+                    }
+                }
+                out = want;
+            }
             Kind::Cluster => {
                 // Held from before this stream, contents unknown: keep it
                 // (unchanged, so nothing is sent) until Envoy has ACKed

@@ -713,3 +713,40 @@ fn a_delta_reconnect_gets_only_what_differs_from_what_envoy_holds() {
     assert_eq!(sent_of(&out, Kind::Cluster).1, [gone.cluster_name()]);
     assert!(!s.lagging());
 }
+
+#[test]
+fn secrets_go_by_name_first_and_again_when_they_change() {
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
+    // The body differs by version, so the content hash does.
+    let secret = |name: &str, body: &str| {
+        Arc::new(Resource::new(
+            name.into(),
+            Secret {
+                name: format!("{name}{body}"),
+                ..Default::default()
+            },
+            None,
+        ))
+    };
+    for flavor in [Flavor::Sotw, Flavor::Delta] {
+        let mut snapshot = (*snap(&[svc(8080, "web", Mode::Tcp)])).clone();
+        snapshot.set(Kind::Secret, secret("a", "1"));
+        snapshot.set(Kind::Secret, secret("b", "1"));
+        let mut s = Session::new(flavor, Arc::new(snapshot.clone()));
+        subscribe(&mut s, Kind::Secret, &["a", "missing"]);
+        let out = one(&mut s);
+        assert_eq!(
+            (out.kind, names(&out)),
+            (Kind::Secret, vec!["a".to_string()])
+        );
+        ack(&mut s, &out);
+        assert!(s.poll().is_empty(), "{flavor:?}");
+        // A rotation of a secret Envoy holds goes out; one it does not
+        // want does not.
+        snapshot.set(Kind::Secret, secret("a", "2"));
+        snapshot.set(Kind::Secret, secret("b", "2"));
+        s.set_snapshot(Arc::new(snapshot.clone()));
+        let out = one(&mut s);
+        assert_eq!(names(&out), ["a"], "{flavor:?}");
+    }
+}

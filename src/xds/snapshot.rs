@@ -7,35 +7,47 @@
 //! most of their nodes are compared in time proportional to what differs.
 //! So one change costs about the same whether 10 or 2,000 mappings exist.
 
-use super::resource::{Resource, Service, CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE};
+use super::resource::{Resource, Service, CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, SECRET_TYPE};
 use super::resources;
 use super::serving::Serving;
 use super::telemetry::{self, Telemetry};
 use std::sync::Arc;
 
-/// The three resource types the registrar serves.
+/// The resource types the registrar serves: the three of every mapping,
+/// and the mesh's certificates (SDS), which only `serve --mesh` sends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Kind {
     Cluster = 0,
     Endpoint = 1,
     Listener = 2,
+    Secret = 3,
 }
 
 impl Kind {
     /// Make-before-break order: clusters, then their endpoints, then the
     /// listeners that use them.
     pub const ORDER: [Kind; 3] = [Kind::Cluster, Kind::Endpoint, Kind::Listener];
+    /// Every type, in the order a stream answers them: secrets first, so
+    /// that clusters and listeners that name them find them.
+    pub const ALL: [Kind; 4] = [Kind::Secret, Kind::Cluster, Kind::Endpoint, Kind::Listener];
 
     pub fn type_url(self) -> &'static str {
         match self {
             Kind::Cluster => CLUSTER_TYPE,
             Kind::Endpoint => ENDPOINT_TYPE,
             Kind::Listener => LISTENER_TYPE,
+            Kind::Secret => SECRET_TYPE,
         }
     }
 
     pub fn from_type_url(url: &str) -> Option<Kind> {
-        Kind::ORDER.into_iter().find(|k| k.type_url() == url)
+        Kind::ALL.into_iter().find(|k| k.type_url() == url)
+    }
+
+    /// Whether Envoy names what it wants of this type (assignments and
+    /// secrets) rather than taking all (clusters and listeners).
+    pub fn named(self) -> bool {
+        matches!(self, Kind::Endpoint | Kind::Secret)
     }
 
     pub fn short(self) -> &'static str {
@@ -43,6 +55,7 @@ impl Kind {
             Kind::Cluster => "CDS",
             Kind::Endpoint => "EDS",
             Kind::Listener => "LDS",
+            Kind::Secret => "SDS",
         }
     }
 }
@@ -51,7 +64,7 @@ pub type Resources = imbl::OrdMap<String, Arc<Resource>>;
 
 #[derive(Debug, Default, Clone)]
 pub struct Snapshot {
-    by_kind: [Resources; 3],
+    by_kind: [Resources; 4],
 }
 
 impl Snapshot {

@@ -373,6 +373,11 @@ impl Fleet {
     }
 
     pub fn start() -> Fleet {
+        Fleet::start_with(|_| Vec::new())
+    }
+
+    /// As `start`, with more `serve` flags for each host.
+    pub fn start_with(extra: impl Fn(&Host) -> Vec<String>) -> Fleet {
         assert!(
             nix::unistd::geteuid().is_root(),
             "the fleet tests need root"
@@ -468,6 +473,10 @@ impl Fleet {
             "etcd cluster did not start:\n{}",
             hosts[0].read_log("etcd.log")
         );
+        for h in &mut hosts {
+            let more = extra(h);
+            h.serve_args.extend(more);
+        }
         for h in &mut hosts {
             h.start_dockerd();
             import_image(&tar, |args| h.docker(args));

@@ -5,6 +5,7 @@
 //! member cut off by a partition (`partition`).
 
 mod hosts;
+mod mesh;
 mod partition;
 mod three_hosts;
 
@@ -86,6 +87,7 @@ fn instance(host: &str, port: u16) -> Instance {
         image: "nginx".into(),
         health: Health::Healthy,
         service_port: Some(10080),
+        mesh_port: None,
         check: None,
     }
 }

@@ -193,6 +193,7 @@ fn record(service: &str, host: &str, at: SocketAddr, service_port: u16) -> (Stri
         image: "backend".into(),
         health: Health::Healthy,
         service_port: Some(service_port),
+        mesh_port: None,
         check: None,
     };
     let key = catalog::key(service, host, &format!("tcp_{}", at.port())).unwrap();

@@ -68,6 +68,14 @@ extern "C" fn teardown_at_exit() {
     shared.take();
 }
 
+/// The hosts to oneself: the shared ones are torn down, and the next test
+/// that holds them sets them up afresh.
+pub(super) fn exclusive() -> MutexGuard<'static, Option<Fleet>> {
+    let mut shared = SHARED.lock().unwrap_or_else(|p| p.into_inner());
+    shared.take();
+    shared
+}
+
 /// The shared hosts with the baseline in place, set up on first use.
 fn hold() -> Held {
     let mut shared = SHARED.lock().unwrap_or_else(|p| p.into_inner());
@@ -200,7 +208,7 @@ fn served_by(fleet: &mut Fleet, port: u16, n: usize, servers: &[&str]) -> bool {
 
 /// A web backend on `h`: `--server <service>@host-<name>`, /health as
 /// the file /tmp/health says, published on `host_port`.
-fn backend(
+pub(super) fn backend(
     h: &hosts::Host,
     name: &str,
     service: &str,

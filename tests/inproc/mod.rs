@@ -100,6 +100,7 @@ impl InProcess {
             envoy_admin: Addr::parse("127.0.0.1:1").unwrap(),
             proxy_exe: None,
             fleet: None,
+            mesh: None,
             // Never the host's nftables from a test process.
             nft: None,
         }

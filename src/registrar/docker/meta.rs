@@ -51,6 +51,9 @@ pub enum LabelError {
 }
 
 pub const SERVICE_LABEL: &str = "ServiceName";
+/// Who may call the service over the mesh: caller or service names, and
+/// `host:<id>`, comma-separated.
+pub const MESH_ALLOW_LABEL: &str = "MeshAllow";
 pub const ENVIRONMENT_LABEL: &str = "EnvironmentName";
 pub const MODE_LABEL: &str = "ProxyMode";
 pub const PROXY_PROTOCOL_LABEL: &str = "ProxyProtocol";
@@ -110,6 +113,19 @@ impl ContainerMeta {
             service,
             environment,
         }
+    }
+
+    /// Its `MeshAllow` label, if set.
+    pub fn mesh_allow(&self) -> Option<&str> {
+        label(&self.labels, MESH_ALLOW_LABEL)
+    }
+
+    /// The service name it gave itself (`ServiceName` or Compose's), which
+    /// makes it a caller with an identity of its own in the mesh.
+    pub fn own_service(&self) -> Option<String> {
+        label(&self.labels, SERVICE_LABEL)
+            .or_else(|| label(&self.labels, COMPOSE_SERVICE_LABEL))
+            .map(sanitize)
     }
 
     /// The mode its labels give container port `port`: `ProxyMode_<port>`,

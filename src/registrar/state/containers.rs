@@ -62,6 +62,11 @@ impl Containers {
         self.by_id.remove(id).is_some()
     }
 
+    /// Every known container.
+    pub fn all(&self) -> impl Iterator<Item = &ContainerMeta> {
+        self.by_id.values().map(|c| &**c)
+    }
+
     /// What is known of container `id`, if anything.
     pub fn get(&self, id: &str) -> Option<&ContainerMeta> {
         self.by_id.get(id).map(|c| &**c)

@@ -47,11 +47,24 @@ pub enum EtcdReport {
     Fails(String),
 }
 
+/// One local catalog instance, with what the mesh ingress needs of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Local {
+    pub key: String,
+    pub instance: Instance,
+    /// The container's address and port that serve it.
+    pub backend: std::net::SocketAddr,
+    /// Its container's `MeshAllow` label, as written.
+    pub allow: Option<String>,
+}
+
 #[derive(Debug)]
 pub(super) struct LocalFleet {
     pub host_id: String,
     advertise: IpAddr,
-    local: BTreeMap<MappingKey, (String, Instance)>,
+    local: BTreeMap<MappingKey, Local>,
+    /// This host's mesh port, with `serve --mesh`: every instance carries it.
+    pub mesh_port: Option<u16>,
     tx: watch::Sender<Instances>,
     /// Local instances changed since they were last sent.
     dirty: bool,
@@ -72,6 +85,7 @@ impl LocalFleet {
             host_id,
             advertise,
             local: BTreeMap::new(),
+            mesh_port: None,
             tx,
             dirty: false,
             catalog: Instances::default(),
@@ -101,7 +115,7 @@ impl LocalFleet {
         true
     }
 
-    fn instance_of(&self, e: &Entry) -> Option<(String, Instance)> {
+    fn instance_of(&self, e: &Entry) -> Option<Local> {
         let c = e.container.as_ref().filter(|c| c.discoverable())?;
         let k = e.mapping.key;
         if k.proto != Proto::Tcp || k.host_ip.is_loopback() {
@@ -134,9 +148,15 @@ impl LocalFleet {
             // A label that is not understood was logged when the container
             // was first seen; the instance goes on without a check.
             check: c.check(container_port, k.host_port).ok().flatten(),
+            mesh_port: self.mesh_port,
         };
         match catalog::key(&i.service, &self.host_id, &k.resource_name()) {
-            Ok(key) => Some((key, i)),
+            Ok(key) => Some(Local {
+                key,
+                instance: i,
+                backend: (e.mapping.backend.container_ip, container_port).into(),
+                allow: c.mesh_allow().map(String::from),
+            }),
             Err(e) => {
                 tracing::warn!("{} is not published to the fleet: {e}", e_name(&i));
                 None
@@ -149,7 +169,11 @@ impl LocalFleet {
         if !std::mem::take(&mut self.dirty) {
             return false;
         }
-        let all: BTreeMap<String, Instance> = self.local.values().cloned().collect();
+        let all: BTreeMap<String, Instance> = self
+            .local
+            .values()
+            .map(|l| (l.key.clone(), l.instance.clone()))
+            .collect();
         self.tx.send_replace(Arc::new(all));
         self.stale = true;
         true
@@ -172,7 +196,7 @@ impl LocalFleet {
         if self.egress_ip.is_none() || !std::mem::take(&mut self.stale) {
             return Vec::new();
         }
-        let local: Vec<Instance> = self.local.values().map(|(_, i)| i.clone()).collect();
+        let local: Vec<Instance> = self.local.values().map(|l| l.instance.clone()).collect();
         let (now, conflicts) = catalog::merge(self.catalog.values(), &local, &self.host_id);
         for c in conflicts {
             tracing::warn!("fleet: {c}");
@@ -190,6 +214,11 @@ impl LocalFleet {
         }
         self.egress = now;
         out
+    }
+
+    /// This host's instances, for the mesh ingress.
+    pub fn locals(&self) -> impl Iterator<Item = &Local> {
+        self.local.values()
     }
 
     /// Every egress service, for a rebuild.

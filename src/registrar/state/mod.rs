@@ -36,6 +36,7 @@ mod entry;
 mod envoys;
 pub mod fleet;
 pub mod journal;
+pub mod mesh;
 mod publish;
 #[cfg(test)]
 mod tests;
@@ -133,6 +134,9 @@ pub struct Registry {
     serving_envoys: bool,
     /// This host's part in the fleet, with `serve --catalog`.
     fleet: Option<fleet::LocalFleet>,
+    /// This host's part in the mesh, with `serve --mesh` (which needs the
+    /// fleet).
+    mesh: Option<mesh::LocalMesh>,
     /// The mappings whose ports the nftables table claims (see
     /// `registrar::claims`, which follows this channel).
     claims: watch::Sender<Claims>,
@@ -176,6 +180,7 @@ impl Registry {
             metrics: Arc::default(),
             serving_envoys: false,
             fleet: None,
+            mesh: None,
             claims: watch::channel(Claims::new()).0,
             ports: watch::channel(PortsState::Starting).1,
             applied: None,
@@ -218,6 +223,68 @@ impl Registry {
         }
         self.fleet = Some(f);
         self
+    }
+
+    /// Takes part in the mesh (after `with_fleet`): instances carry the
+    /// mesh port, Envoy gets the trust bundle now and leaves as they come.
+    pub fn with_mesh(
+        mut self,
+        m: crate::xds::mesh::Mesh,
+        host_id: String,
+        root_pem: &str,
+    ) -> Registry {
+        if let Some(f) = &mut self.fleet {
+            f.mesh_port = Some(m.listen.port());
+        }
+        self.publisher.set_secret(
+            crate::xds::mesh::TRUST_SECRET,
+            Some(crate::xds::mesh::trust_secret(&m.trust_domain, root_pem)),
+        );
+        self.mesh = Some(mesh::LocalMesh::new(m, host_id));
+        self.send();
+        self
+    }
+
+    /// The identities that need leaves, as they change.
+    pub fn mesh_wanted(&self) -> Option<watch::Receiver<std::collections::BTreeSet<String>>> {
+        self.mesh.as_ref().map(|m| m.subscribe())
+    }
+
+    /// A leaf was issued (or renewed) for its identity.
+    pub fn mesh_leaf(&mut self, leaf: crate::mesh::ca::Leaf) {
+        let Some(m) = &mut self.mesh else { return };
+        let st = m.leaves.entry(leaf.id.clone()).or_insert(mesh::LeafState {
+            not_after: leaf.not_after,
+            issued: 0,
+        });
+        st.not_after = leaf.not_after;
+        st.issued += 1;
+        self.publisher.set_secret(
+            &leaf.id,
+            Some(crate::xds::mesh::identity_secret(
+                &leaf.id,
+                &leaf.chain_pem,
+                &leaf.key_pem,
+            )),
+        );
+        self.publisher.send();
+    }
+
+    /// An identity no longer needed: its leaf leaves Envoy.
+    pub fn mesh_leaf_gone(&mut self, id: &str) {
+        if let Some(m) = &mut self.mesh {
+            m.leaves.remove(id);
+            self.publisher.set_secret(id, None);
+            self.publisher.send();
+        }
+    }
+
+    /// Each identity's leaf: when it expires and how often it was issued.
+    pub fn mesh_view(&self) -> Vec<(String, mesh::LeafState)> {
+        self.mesh
+            .iter()
+            .flat_map(|m| m.leaves.iter().map(|(k, v)| (k.clone(), v.clone())))
+            .collect()
     }
 
     /// This host's instances as they change, for publishing to etcd.
@@ -636,7 +703,8 @@ impl Registry {
                 fleet_changed |= f.refresh(key, self.entries.get(key));
             }
         }
-        if !changed.is_empty() || fleet_changed {
+        // With the mesh, any container may be a caller with an identity.
+        if !changed.is_empty() || fleet_changed || self.mesh.is_some() {
             self.send();
         }
     }
@@ -650,6 +718,9 @@ impl Registry {
                 None,
                 format!("container {} stopped", short_id(id)),
             ));
+            if self.mesh.is_some() {
+                self.send();
+            }
         }
     }
 
@@ -745,7 +816,7 @@ impl Registry {
         match fb.kind {
             Kind::Listener => view.listeners = Some(fb.held),
             Kind::Endpoint => view.endpoints = fb.held,
-            Kind::Cluster => return,
+            Kind::Cluster | Kind::Secret => return,
         }
         // Only the mappings whose resources this answer was about.
         let touched: Vec<MappingKey> = match &fb.touched {
@@ -867,6 +938,14 @@ impl Registry {
     /// Sends the snapshot, after bringing egress up to date with the local
     /// instances and the catalog.
     fn send(&mut self) {
+        if let (Some(m), Some(f)) = (&mut self.mesh, &mut self.fleet) {
+            let ingress = m.ingress(f);
+            let egress = m.update(&ingress, mesh::LocalMesh::callers(&self.containers));
+            self.publisher.set_ingress(&m.mesh, ingress);
+            if self.publisher.set_mesh_egress(Some(egress)) {
+                f.reset_egress();
+            }
+        }
         if let Some(f) = &mut self.fleet {
             f.flush();
             if let Some(ip) = f.egress_ip {

@@ -7,6 +7,8 @@
 use super::entry::{service, Entry};
 use crate::catalog::EgressService;
 use crate::mapping::{MappingKey, Proto};
+use crate::xds::mesh::{self, Ingress, Mesh, MeshEgress};
+use crate::xds::resource::Resource;
 use crate::xds::serving::Serving;
 use crate::xds::snapshot::{Kind, Snapshot};
 use crate::xds::telemetry::Telemetry;
@@ -32,6 +34,11 @@ pub(super) struct Publisher {
     serving: Serving,
     /// The resources of each egress service port in `snap`.
     egress: BTreeMap<u16, Vec<(Kind, String)>>,
+    /// With the mesh: what egress needs of it.
+    mesh_egress: Option<MeshEgress>,
+    /// The mesh ingress's resources in `snap`, and what they were built from.
+    ingress: Vec<(Kind, String)>,
+    ingress_from: Option<(Mesh, Vec<Ingress>)>,
 }
 
 impl Publisher {
@@ -45,6 +52,52 @@ impl Publisher {
             telemetry: Telemetry::default(),
             serving: Serving::default(),
             egress: BTreeMap::new(),
+            mesh_egress: None,
+            ingress: Vec::new(),
+            ingress_from: None,
+        }
+    }
+
+    /// What egress needs of the mesh (`None`: no mesh); true if it changed,
+    /// and then every egress port must be set again.
+    pub fn set_mesh_egress(&mut self, m: Option<MeshEgress>) -> bool {
+        if self.mesh_egress == m {
+            return false;
+        }
+        self.mesh_egress = m;
+        true
+    }
+
+    /// Puts the mesh ingress as `services` make it into the snapshot, if
+    /// that differs from what is there.
+    pub fn set_ingress(&mut self, mesh: &Mesh, services: Vec<Ingress>) {
+        let from = Some((mesh.clone(), services));
+        if self.ingress_from == from {
+            return;
+        }
+        for (kind, name) in self.ingress.drain(..) {
+            self.snap.remove(kind, &name);
+        }
+        let (mesh, services) = from.as_ref().expect("just set");
+        let (clusters, assignments, listener) =
+            mesh::ingress(mesh, services, &self.telemetry, &self.serving);
+        let all = clusters
+            .into_iter()
+            .map(|r| (Kind::Cluster, r))
+            .chain(assignments.into_iter().map(|r| (Kind::Endpoint, r)))
+            .chain(listener.map(|r| (Kind::Listener, r)));
+        for (kind, res) in all {
+            self.ingress.push((kind, res.name.clone()));
+            self.snap.set(kind, Arc::new(res));
+        }
+        self.ingress_from = from;
+    }
+
+    /// Sets one secret (`Some`) or takes it out.
+    pub fn set_secret(&mut self, name: &str, res: Option<Resource>) {
+        match res {
+            Some(r) => self.snap.set(Kind::Secret, Arc::new(r)),
+            None => self.snap.remove(Kind::Secret, name),
         }
     }
 
@@ -96,13 +149,27 @@ impl Publisher {
             self.snap.remove(kind, &name);
         }
         let Some(e) = e else { return };
-        let out = egress::build(port, ip, e, &self.telemetry, &self.serving);
+        let out = egress::build(
+            port,
+            ip,
+            e,
+            &self.telemetry,
+            &self.serving,
+            self.mesh_egress.as_ref(),
+        );
         let mut names = Vec::with_capacity(3);
+        let more = out
+            .identity_clusters
+            .into_iter()
+            .map(|c| (Kind::Cluster, c));
         for (kind, res) in [
             (Kind::Cluster, out.cluster),
             (Kind::Endpoint, out.endpoints),
             (Kind::Listener, out.listener),
-        ] {
+        ]
+        .into_iter()
+        .chain(more)
+        {
             names.push((kind, res.name.clone()));
             self.snap.set(kind, Arc::new(res));
         }
@@ -124,7 +191,13 @@ impl Publisher {
     ) {
         self.telemetry = telemetry;
         self.serving = serving;
+        let secrets = self.snap.get(Kind::Secret).clone();
         self.snap = Snapshot::build(std::iter::empty(), &self.telemetry, &self.serving);
+        for r in secrets.values() {
+            self.snap.set(Kind::Secret, r.clone());
+        }
+        self.ingress.clear();
+        self.ingress_from = None;
         self.published.clear();
         self.by_name.clear();
         self.egress.clear();

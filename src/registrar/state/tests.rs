@@ -488,6 +488,7 @@ fn egress_follows_the_catalog_and_local_instances_once_it_has_an_address() {
         image: "busybox".into(),
         health: crate::catalog::Health::Healthy,
         service_port: Some(10080),
+        mesh_port: None,
         check: None,
     };
     let catalog: fleet::Instances = Arc::new(

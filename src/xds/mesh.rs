@@ -1,0 +1,489 @@
+//! Pure builders for the mesh (`serve --mesh`): the certificates as SDS
+//! secrets, the mesh ingress listener, and the mutual TLS that egress
+//! clusters speak to other hosts' mesh ports.
+//!
+//! - **Secrets.** `mesh-trust` holds the root as the trust bundle, and
+//!   accepts only URI names in the trust domain. Each identity's leaf is a
+//!   secret named by its SPIFFE id. Listeners and clusters name secrets
+//!   and never hold a key, so a rotation changes one secret and rebuilds
+//!   no listener.
+//! - **Ingress.** One listener `mesh_in` on `<advertise>:<mesh port>`.
+//!   TLS inspector, then a filter chain per local service chosen by SNI
+//!   `<service>.<TD>`. It requires a client certificate that chains to the
+//!   root and presents the service's own leaf. An RBAC filter allows only
+//!   the principals of `MeshAllow`, if set (for HTTP, a 403). Then the
+//!   service's own mode, to a cluster of its local instances.
+//! - **Egress.** An endpoint on another host that has a mesh port is that
+//!   host's mesh port, one per host. Its connections take the transport
+//!   socket matched by the endpoint's `mesh` metadata: TLS with SNI
+//!   `<service>.<TD>`, the caller's leaf, and the root as trust, checking
+//!   that the server is `spiffe://TD/svc/<service>`. Local endpoints stay
+//!   plain. Which leaf is the caller's is decided by the listener: a filter
+//!   chain per local caller identity, matched by the callers' source
+//!   addresses, leads to a cluster of that identity; the default chain
+//!   leads to the host identity's. All the clusters of one service share
+//!   one assignment (EDS `service_name`).
+
+use super::resource::{Resource, Service};
+use super::resources::{ads, base_cluster, http_manager_config, socket_address, tcp_filter};
+use super::serving::Serving;
+use super::telemetry::Telemetry;
+use crate::mapping::{sanitize, Backend, MappingKey, Mode, Proto};
+use crate::mesh::TrustDomain;
+use envoy_types::pb::envoy::config::core::v3::{
+    data_source, transport_socket, CidrRange, DataSource, TransportSocket,
+};
+use envoy_types::pb::envoy::config::endpoint::v3::{
+    lb_endpoint, ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints,
+};
+use envoy_types::pb::envoy::config::listener::v3::{
+    filter, listener_filter, Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter,
+};
+use envoy_types::pb::envoy::config::rbac::v3::{
+    permission, principal, rbac, Permission, Policy, Principal, Rbac,
+};
+use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRbac;
+use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    http_filter, HttpFilter,
+};
+use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac as NetworkRbac;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    common_tls_context, secret, subject_alt_name_matcher, CertificateValidationContext,
+    CommonTlsContext, DownstreamTlsContext, SdsSecretConfig, Secret, SubjectAltNameMatcher,
+    TlsCertificate, UpstreamTlsContext,
+};
+use envoy_types::pb::envoy::r#type::matcher::v3::{string_matcher, StringMatcher};
+use envoy_types::pb::google::protobuf::{value, BoolValue, Struct, UInt32Value, Value};
+use envoy_types::util::pack_any;
+use std::net::{IpAddr, SocketAddr};
+
+/// The secret that holds the trust bundle.
+pub const TRUST_SECRET: &str = "mesh-trust";
+/// The mesh ingress listener.
+pub const LISTENER: &str = "mesh_in";
+/// The endpoint metadata key that picks the mesh transport socket.
+const MATCH_KEY: &str = "mesh";
+
+/// This host's place in the mesh.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mesh {
+    pub trust_domain: TrustDomain,
+    /// `<advertise>:<mesh port>`: where the ingress listens.
+    pub listen: SocketAddr,
+}
+
+/// What egress needs of the mesh: this host's place, and the local
+/// callers that have an identity of their own (service to addresses).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshEgress {
+    pub mesh: Mesh,
+    pub host_id: String,
+    pub callers: std::collections::BTreeMap<String, Vec<IpAddr>>,
+}
+
+/// One local service as the mesh ingress serves it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ingress {
+    pub service: String,
+    pub mode: Mode,
+    /// Its local instances' container addresses.
+    pub backends: Vec<SocketAddr>,
+    /// The SPIFFE ids allowed to call it; `None`: any in the trust domain.
+    pub allow: Option<Vec<String>>,
+}
+
+fn inline(text: &str) -> Option<DataSource> {
+    Some(DataSource {
+        specifier: Some(data_source::Specifier::InlineString(text.into())),
+        ..Default::default()
+    })
+}
+
+fn sds(name: &str) -> SdsSecretConfig {
+    SdsSecretConfig {
+        name: name.into(),
+        sds_config: Some(ads()),
+    }
+}
+
+fn uri_matcher(m: string_matcher::MatchPattern) -> SubjectAltNameMatcher {
+    SubjectAltNameMatcher {
+        san_type: subject_alt_name_matcher::SanType::Uri as i32,
+        matcher: Some(StringMatcher {
+            match_pattern: Some(m),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The trust bundle: the root, and only names in the trust domain.
+pub fn trust_secret(td: &TrustDomain, root_pem: &str) -> Resource {
+    let v = CertificateValidationContext {
+        trusted_ca: inline(root_pem),
+        match_typed_subject_alt_names: vec![uri_matcher(string_matcher::MatchPattern::Prefix(
+            format!("{}/", td.uri()),
+        ))],
+        ..Default::default()
+    };
+    let s = Secret {
+        name: TRUST_SECRET.into(),
+        r#type: Some(secret::Type::ValidationContext(v)),
+    };
+    Resource::new(TRUST_SECRET.into(), s, None)
+}
+
+/// One identity's leaf and key, as the secret named by its SPIFFE id.
+pub fn identity_secret(id: &str, chain_pem: &str, key_pem: &str) -> Resource {
+    let s = Secret {
+        name: id.into(),
+        r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
+            certificate_chain: inline(chain_pem),
+            private_key: inline(key_pem),
+            ..Default::default()
+        })),
+    };
+    Resource::new(id.into(), s, None)
+}
+
+fn common_tls(id: &str, validation: common_tls_context::ValidationContextType) -> CommonTlsContext {
+    CommonTlsContext {
+        tls_certificate_sds_secret_configs: vec![sds(id)],
+        validation_context_type: Some(validation),
+        ..Default::default()
+    }
+}
+
+fn tls_socket<M: prost::Message + prost::Name>(msg: M) -> TransportSocket {
+    TransportSocket {
+        name: "envoy.transport_sockets.tls".into(),
+        config_type: Some(transport_socket::ConfigType::TypedConfig(pack_any(msg))),
+    }
+}
+
+/// The facts the shared builders take for the mesh ingress of `service`.
+fn ingress_service(m: &Mesh, i: &Ingress) -> Service {
+    Service {
+        key: MappingKey {
+            proto: Proto::Tcp,
+            host_ip: m.listen.ip(),
+            host_port: m.listen.port(),
+        },
+        backend: Backend {
+            container_ip: std::net::Ipv4Addr::UNSPECIFIED.into(),
+            container_port: 0,
+        },
+        // Inside TLS there is nothing to sniff: auto is served as tcp.
+        mode: if i.mode == Mode::Http {
+            Mode::Http
+        } else {
+            Mode::Tcp
+        },
+        name: format!("mesh-in-{}", sanitize(&i.service)),
+        service: i.service.clone(),
+        environment: None,
+        container: None,
+        image: None,
+        proxy_protocol: None,
+    }
+}
+
+fn allow_rules(allow: &[String]) -> Rbac {
+    let principals = allow
+        .iter()
+        .map(|id| Principal {
+            identifier: Some(principal::Identifier::Authenticated(
+                principal::Authenticated {
+                    principal_name: Some(StringMatcher {
+                        match_pattern: Some(string_matcher::MatchPattern::Exact(id.clone())),
+                        ..Default::default()
+                    }),
+                },
+            )),
+        })
+        .collect();
+    Rbac {
+        action: rbac::Action::Allow as i32,
+        policies: [(
+            "mesh-allow".to_string(),
+            Policy {
+                permissions: vec![Permission {
+                    rule: Some(permission::Rule::Any(true)),
+                }],
+                principals,
+                ..Default::default()
+            },
+        )]
+        .into_iter()
+        .collect(),
+        ..Default::default()
+    }
+}
+
+/// The stat prefix of a service's RBAC counts on the ingress.
+pub fn rbac_prefix(service: &str) -> String {
+    format!("mesh_in_{}.", sanitize(service))
+}
+
+/// The ingress's resources: a cluster and an assignment per service, and
+/// the listener (none without services).
+pub fn ingress(
+    m: &Mesh,
+    services: &[Ingress],
+    t: &Telemetry,
+    s: &Serving,
+) -> (Vec<Resource>, Vec<Resource>, Option<Resource>) {
+    let (mut clusters, mut assignments, mut chains) = (Vec::new(), Vec::new(), Vec::new());
+    for i in services {
+        let svc = ingress_service(m, i);
+        let name = svc.cluster_name();
+        let c = base_cluster(&svc, s);
+        clusters.push(Resource::new(name.clone(), c, None));
+        let cla = ClusterLoadAssignment {
+            cluster_name: name.clone(),
+            endpoints: vec![LocalityLbEndpoints {
+                lb_endpoints: i
+                    .backends
+                    .iter()
+                    .map(|b| LbEndpoint {
+                        host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+                            address: Some(socket_address(b.ip(), b.port())),
+                            ..Default::default()
+                        })),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        assignments.push(Resource::new(name.clone(), cla, None));
+        let mut filters = Vec::new();
+        if svc.mode == Mode::Http {
+            let mut hcm = http_manager_config(&svc, t, s);
+            if let Some(allow) = &i.allow {
+                hcm.http_filters.insert(
+                    0,
+                    HttpFilter {
+                        name: "envoy.filters.http.rbac".into(),
+                        config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
+                            HttpRbac {
+                                rules: Some(allow_rules(allow)),
+                                ..Default::default()
+                            },
+                        ))),
+                        ..Default::default()
+                    },
+                );
+            }
+            filters.push(Filter {
+                name: "envoy.filters.network.http_connection_manager".into(),
+                config_type: Some(filter::ConfigType::TypedConfig(pack_any(hcm))),
+            });
+        } else {
+            if let Some(allow) = &i.allow {
+                filters.push(Filter {
+                    name: "envoy.filters.network.rbac".into(),
+                    config_type: Some(filter::ConfigType::TypedConfig(pack_any(NetworkRbac {
+                        rules: Some(allow_rules(allow)),
+                        stat_prefix: rbac_prefix(&i.service),
+                        ..Default::default()
+                    }))),
+                });
+            }
+            filters.push(tcp_filter(&svc, t, s));
+        }
+        let tls = DownstreamTlsContext {
+            common_tls_context: Some(common_tls(
+                &m.trust_domain.service(&i.service),
+                common_tls_context::ValidationContextType::ValidationContextSdsSecretConfig(sds(
+                    TRUST_SECRET,
+                )),
+            )),
+            require_client_certificate: Some(BoolValue { value: true }),
+            ..Default::default()
+        };
+        chains.push(FilterChain {
+            name: i.service.clone(),
+            filter_chain_match: Some(FilterChainMatch {
+                server_names: vec![m.trust_domain.sni(&i.service)],
+                transport_protocol: "tls".into(),
+                ..Default::default()
+            }),
+            filters,
+            transport_socket: Some(tls_socket(tls)),
+            ..Default::default()
+        });
+    }
+    if chains.is_empty() {
+        return (clusters, assignments, None);
+    }
+    let l = Listener {
+        name: LISTENER.into(),
+        address: Some(socket_address(m.listen.ip(), m.listen.port())),
+        listener_filters: vec![ListenerFilter {
+            name: "envoy.filters.listener.tls_inspector".into(),
+            config_type: Some(listener_filter::ConfigType::TypedConfig(pack_any(
+                TlsInspector::default(),
+            ))),
+            ..Default::default()
+        }],
+        filter_chains: chains,
+        ..Default::default()
+    };
+    // RBAC policies are a protobuf map: the version comes from the inputs.
+    let inputs = format!("{m:?} {services:?} {t:?} {s:?}");
+    let listener = Resource::from_inputs(LISTENER.into(), l, None, &inputs);
+    (clusters, assignments, Some(listener))
+}
+
+/// The TLS a caller `id` speaks to `service`'s instances on other hosts.
+pub fn upstream_tls(m: &Mesh, service: &str, id: &str) -> TransportSocket {
+    let validation = common_tls_context::ValidationContextType::CombinedValidationContext(
+        common_tls_context::CombinedCertificateValidationContext {
+            default_validation_context: Some(CertificateValidationContext {
+                match_typed_subject_alt_names: vec![uri_matcher(
+                    string_matcher::MatchPattern::Exact(m.trust_domain.service(service)),
+                )],
+                ..Default::default()
+            }),
+            validation_context_sds_secret_config: Some(sds(TRUST_SECRET)),
+            ..Default::default()
+        },
+    );
+    tls_socket(UpstreamTlsContext {
+        common_tls_context: Some(common_tls(id, validation)),
+        sni: m.trust_domain.sni(service),
+        ..Default::default()
+    })
+}
+
+/// The metadata that marks an endpoint as another host's mesh port.
+pub fn mesh_match() -> Struct {
+    Struct {
+        fields: [(
+            MATCH_KEY.to_string(),
+            Value {
+                kind: Some(value::Kind::BoolValue(true)),
+            },
+        )]
+        .into_iter()
+        .collect(),
+    }
+}
+
+/// A source-address match for a caller identity's filter chains.
+pub fn sources(ips: &[IpAddr]) -> Vec<CidrRange> {
+    ips.iter()
+        .map(|ip| CidrRange {
+            address_prefix: ip.to_string(),
+            prefix_len: Some(UInt32Value {
+                value: if ip.is_ipv4() { 32 } else { 128 },
+            }),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    fn mesh() -> Mesh {
+        Mesh {
+            trust_domain: TrustDomain::parse("mesh.test").unwrap(),
+            listen: "10.0.0.1:15443".parse().unwrap(),
+        }
+    }
+
+    fn web(mode: Mode, allow: Option<Vec<String>>) -> Ingress {
+        Ingress {
+            service: "web".into(),
+            mode,
+            backends: vec!["172.17.0.2:80".parse().unwrap()],
+            allow,
+        }
+    }
+
+    #[test]
+    fn the_ingress_picks_the_service_by_sni_and_requires_a_client_certificate() {
+        let m = mesh();
+        let (c, a, l) = ingress(
+            &m,
+            &[web(Mode::Tcp, None)],
+            &Default::default(),
+            &Default::default(),
+        );
+        assert_eq!((c.len(), a.len()), (1, 1));
+        let l = Listener::decode(l.unwrap().any.value.as_slice()).unwrap();
+        assert_eq!(l.name, LISTENER);
+        let chain = &l.filter_chains[0];
+        let fcm = chain.filter_chain_match.as_ref().unwrap();
+        assert_eq!(fcm.server_names, ["web.mesh.test"]);
+        let names: Vec<&str> = chain.filters.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, ["envoy.filters.network.tcp_proxy"]);
+        let Some(transport_socket::ConfigType::TypedConfig(any)) =
+            &chain.transport_socket.as_ref().unwrap().config_type
+        else {
+            panic!()
+        };
+        let tls = DownstreamTlsContext::decode(any.value.as_slice()).unwrap();
+        assert_eq!(
+            tls.require_client_certificate,
+            Some(BoolValue { value: true })
+        );
+        let common = tls.common_tls_context.unwrap();
+        assert_eq!(
+            common.tls_certificate_sds_secret_configs[0].name,
+            "spiffe://mesh.test/svc/web"
+        );
+        // No services: no listener.
+        assert!(ingress(&m, &[], &Default::default(), &Default::default())
+            .2
+            .is_none());
+    }
+
+    #[test]
+    fn mesh_allow_puts_an_rbac_filter_first_in_either_mode() {
+        let m = mesh();
+        let allow = Some(vec!["spiffe://mesh.test/svc/frontend".to_string()]);
+        for (mode, want) in [
+            (Mode::Tcp, "envoy.filters.network.rbac"),
+            (Mode::Http, "envoy.filters.network.http_connection_manager"),
+        ] {
+            let (_, _, l) = ingress(
+                &m,
+                &[web(mode, allow.clone())],
+                &Default::default(),
+                &Default::default(),
+            );
+            let l = Listener::decode(l.unwrap().any.value.as_slice()).unwrap();
+            assert_eq!(l.filter_chains[0].filters[0].name, want);
+            // The allowed principal is in the filter's (packed) config.
+            let Some(filter::ConfigType::TypedConfig(any)) =
+                &l.filter_chains[0].filters[0].config_type
+            else {
+                panic!()
+            };
+            let needle = b"spiffe://mesh.test/svc/frontend";
+            assert!(any.value.windows(needle.len()).any(|w| w == needle));
+        }
+    }
+
+    #[test]
+    fn secrets_carry_the_bundle_and_the_leaf() {
+        let m = mesh();
+        let t = Secret::decode(trust_secret(&m.trust_domain, "ROOT").any.value.as_slice()).unwrap();
+        let Some(secret::Type::ValidationContext(v)) = t.r#type else {
+            panic!()
+        };
+        assert_eq!(v.trusted_ca, inline("ROOT"));
+        let r = identity_secret("spiffe://mesh.test/svc/web", "CHAIN", "KEY");
+        assert_eq!(r.name, "spiffe://mesh.test/svc/web");
+        assert_ne!(
+            r.version,
+            identity_secret("spiffe://mesh.test/svc/web", "CHAIN2", "KEY").version
+        );
+    }
+}
