@@ -416,4 +416,64 @@ mod tests {
         assert_eq!(filters(Mode::Http), [hcm]);
         assert_eq!(filters(Mode::Auto), [hcm, tcp]);
     }
+
+    #[test]
+    fn with_the_mesh_other_hosts_are_their_mesh_port_and_callers_get_their_own_cluster() {
+        use crate::mesh::TrustDomain;
+        use crate::xds::mesh::Mesh;
+        let mut a = ep(true, "10.0.0.2:8080", "b", Health::Unhealthy);
+        a.mesh_port = Some(15443);
+        let mut b = ep(true, "10.0.0.2:8081", "b", Health::Healthy);
+        b.mesh_port = Some(15443);
+        let e = web(vec![ep(false, "10.0.0.1:8080", "a", Health::Healthy), a, b]);
+        let m = MeshEgress {
+            mesh: Mesh {
+                trust_domain: TrustDomain::parse("td").unwrap(),
+                listen: "10.0.0.1:15443".parse().unwrap(),
+            },
+            host_id: "a".into(),
+            callers: [("frontend".to_string(), vec!["172.17.0.5".parse().unwrap()])]
+                .into_iter()
+                .collect(),
+        };
+        let out = build(
+            10080,
+            "172.17.0.1".parse().unwrap(),
+            &e,
+            &Telemetry::default(),
+            &Serving::default(),
+            Some(&m),
+        );
+        let cla = ClusterLoadAssignment::decode(out.endpoints.any.value.as_slice()).unwrap();
+        // Host b's two instances are one endpoint, its mesh port, healthy
+        // since one of them is, and marked for the mesh's socket.
+        let remote = &cla.endpoints[1].lb_endpoints;
+        assert_eq!(remote.len(), 1);
+        assert_eq!(remote[0].health_status, HealthStatus::Healthy as i32);
+        assert!(format!("{:?}", remote[0]).contains("15443"));
+        assert!(remote[0].metadata.is_some());
+        assert!(cla.endpoints[0].lb_endpoints[0].metadata.is_none());
+        // The host identity's cluster and the frontend's share the
+        // assignment; each carries a TLS socket for the mesh.
+        assert_eq!(out.identity_clusters.len(), 1);
+        for r in std::iter::once(&out.cluster).chain(&out.identity_clusters) {
+            let c = Cluster::decode(r.any.value.as_slice()).unwrap();
+            assert_eq!(c.eds_cluster_config.unwrap().service_name, out.cluster.name);
+            assert_eq!(c.transport_socket_matches.len(), 1);
+        }
+        assert!(out.identity_clusters[0].name.contains("~frontend"));
+        // The frontend's chains match its address; the rest are the host's.
+        let l = Listener::decode(out.listener.any.value.as_slice()).unwrap();
+        let by_source: Vec<_> = l
+            .filter_chains
+            .iter()
+            .filter_map(|c| c.filter_chain_match.as_ref())
+            .filter(|m| !m.source_prefix_ranges.is_empty())
+            .collect();
+        assert_eq!(by_source.len(), 1);
+        assert_eq!(
+            by_source[0].source_prefix_ranges[0].address_prefix,
+            "172.17.0.5"
+        );
+    }
 }
