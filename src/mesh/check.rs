@@ -8,7 +8,7 @@
 use super::ca::Signer;
 use super::{MeshError, TrustDomain};
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::SystemTime;
 use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::{GeneralName, ParsedExtension};
@@ -150,19 +150,11 @@ fn trust_domain_of(path: &Path, c: &X509Certificate) -> Result<TrustDomain, Mesh
     TrustDomain::parse(td)
 }
 
-fn dir_path(dir: &Path, name: &str) -> PathBuf {
-    dir.join(name)
-}
-
 /// A host directory for `serve --mesh`, checked: the intermediate is a CA
 /// of path length 0, signed by the root here, valid now, limited to the
 /// root's trust domain, and its key is its own and private.
 pub fn load_host(dir: &Path) -> Result<HostCa, MeshError> {
-    let (rp, hp, kp) = (
-        dir_path(dir, ROOT_CERT),
-        dir_path(dir, HOST_CERT),
-        dir_path(dir, HOST_KEY),
-    );
+    let (rp, hp, kp) = (dir.join(ROOT_CERT), dir.join(HOST_CERT), dir.join(HOST_KEY));
     let root_pem = read(&rp)?;
     let host_pem = read(&hp)?;
     let key_pem = read_key(&kp)?;
@@ -228,8 +220,7 @@ pub fn load_host(dir: &Path) -> Result<HostCa, MeshError> {
     })
 }
 
-/// Checks that `leaf_chain_pem`'s first certificate is signed by the host
-/// intermediate that follows it and names `id`; for tests and `status`.
+/// The URI names of `leaf_chain_pem`'s first certificate (its identity).
 pub fn leaf_names(leaf_chain_pem: &str) -> Result<Vec<String>, MeshError> {
     let p = Path::new("leaf");
     let d = der(p, leaf_chain_pem)?;
@@ -241,6 +232,7 @@ pub fn leaf_names(leaf_chain_pem: &str) -> Result<Vec<String>, MeshError> {
 mod tests {
     use super::super::ca;
     use super::*;
+    use std::path::PathBuf;
     use std::time::Duration;
 
     fn write(dir: &Path, name: &str, text: &str, mode: u32) {
