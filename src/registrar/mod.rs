@@ -222,6 +222,7 @@ pub async fn run(
             let mesh = crate::xds::mesh::Mesh {
                 trust_domain: ca.trust_domain.clone(),
                 listen,
+                trust: crate::xds::mesh::trust_name(&ca.root_pem),
             };
             registry = registry.with_mesh(mesh, ca.host_id.clone(), &ca.root_pem);
             Some((ca.signer, m.leaf_ttl))

@@ -430,6 +430,7 @@ mod tests {
             mesh: Mesh {
                 trust_domain: TrustDomain::parse("td").unwrap(),
                 listen: "10.0.0.1:15443".parse().unwrap(),
+                trust: crate::xds::mesh::trust_name("root"),
             },
             host_id: "a".into(),
             callers: [("frontend".to_string(), vec!["172.17.0.5".parse().unwrap()])]

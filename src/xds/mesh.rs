@@ -2,11 +2,14 @@
 //! secrets, the mesh ingress listener, and the mutual TLS that egress
 //! clusters speak to other hosts' mesh ports.
 //!
-//! - **Secrets.** `mesh-trust` holds the root as the trust bundle, and
-//!   accepts only URI names in the trust domain. Each identity's leaf is a
-//!   secret named by its SPIFFE id. Listeners and clusters name secrets
-//!   and never hold a key, so a rotation changes one secret and rebuilds
-//!   no listener.
+//! - **Secrets.** `mesh-trust-<fingerprint>` holds the root as the trust
+//!   bundle, and accepts only URI names in the trust domain. Each
+//!   identity's leaf is a secret named by its SPIFFE id. Listeners and
+//!   clusters name secrets and never hold a key, so a leaf's rotation
+//!   changes one secret and rebuilds no listener. A new root is a new
+//!   name on purpose: the ingress's filter chains and the egress clusters
+//!   change with it, so Envoy drains the connections that were made under
+//!   the old trust instead of keeping them for as long as they stay open.
 //! - **Ingress.** One listener `mesh_in` on `<advertise>:<mesh port>`.
 //!   TLS inspector, then a filter chain per local service chosen by SNI
 //!   `<service>.<TD>`. It requires a client certificate that chains to the
@@ -58,8 +61,8 @@ use envoy_types::pb::google::protobuf::{value, BoolValue, Struct, UInt32Value, V
 use envoy_types::util::pack_any;
 use std::net::{IpAddr, SocketAddr};
 
-/// The secret that holds the trust bundle.
-pub const TRUST_SECRET: &str = "mesh-trust";
+/// The prefix of the secret that holds the trust bundle.
+pub const TRUST_PREFIX: &str = "mesh-trust-";
 /// The mesh ingress listener.
 pub const LISTENER: &str = "mesh_in";
 /// The endpoint metadata key that picks the mesh transport socket.
@@ -71,6 +74,16 @@ pub struct Mesh {
     pub trust_domain: TrustDomain,
     /// `<advertise>:<mesh port>`: where the ingress listens.
     pub listen: SocketAddr,
+    /// The trust bundle's secret name (`trust_name`).
+    pub trust: String,
+}
+
+/// The name of the secret for the root `root_pem`: `mesh-trust-` and the
+/// first 16 hex digits of the SHA-256 of its text.
+pub fn trust_name(root_pem: &str) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, root_pem.trim().as_bytes());
+    let hex: String = d.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("{TRUST_PREFIX}{hex}")
 }
 
 /// What egress needs of the mesh: this host's place, and the local
@@ -118,8 +131,10 @@ fn uri_matcher(m: string_matcher::MatchPattern) -> SubjectAltNameMatcher {
     }
 }
 
-/// The trust bundle: the root, and only names in the trust domain.
+/// The trust bundle: the root, and only names in the trust domain, under
+/// the name `trust_name(root_pem)`.
 pub fn trust_secret(td: &TrustDomain, root_pem: &str) -> Resource {
+    let name = trust_name(root_pem);
     let v = CertificateValidationContext {
         trusted_ca: inline(root_pem),
         match_typed_subject_alt_names: vec![uri_matcher(string_matcher::MatchPattern::Prefix(
@@ -128,10 +143,10 @@ pub fn trust_secret(td: &TrustDomain, root_pem: &str) -> Resource {
         ..Default::default()
     };
     let s = Secret {
-        name: TRUST_SECRET.into(),
+        name: name.clone(),
         r#type: Some(secret::Type::ValidationContext(v)),
     };
-    Resource::new(TRUST_SECRET.into(), s, None)
+    Resource::new(name, s, None)
 }
 
 /// One identity's leaf and key, as the secret named by its SPIFFE id.
@@ -298,7 +313,7 @@ pub fn ingress(
             common_tls_context: Some(common_tls(
                 &m.trust_domain.service(&i.service),
                 common_tls_context::ValidationContextType::ValidationContextSdsSecretConfig(sds(
-                    TRUST_SECRET,
+                    &m.trust,
                 )),
             )),
             require_client_certificate: Some(BoolValue { value: true }),
@@ -348,7 +363,7 @@ pub fn upstream_tls(m: &Mesh, service: &str, id: &str) -> TransportSocket {
                 )],
                 ..Default::default()
             }),
-            validation_context_sds_secret_config: Some(sds(TRUST_SECRET)),
+            validation_context_sds_secret_config: Some(sds(&m.trust)),
             ..Default::default()
         },
     );
@@ -394,6 +409,7 @@ mod tests {
         Mesh {
             trust_domain: TrustDomain::parse("mesh.test").unwrap(),
             listen: "10.0.0.1:15443".parse().unwrap(),
+            trust: trust_name("ROOT"),
         }
     }
 
@@ -474,7 +490,10 @@ mod tests {
     #[test]
     fn secrets_carry_the_bundle_and_the_leaf() {
         let m = mesh();
-        let t = Secret::decode(trust_secret(&m.trust_domain, "ROOT").any.value.as_slice()).unwrap();
+        let r = trust_secret(&m.trust_domain, "ROOT");
+        assert_eq!(r.name, m.trust);
+        let t = Secret::decode(r.any.value.as_slice()).unwrap();
+        assert_eq!(t.name, m.trust);
         let Some(secret::Type::ValidationContext(v)) = t.r#type else {
             panic!()
         };
@@ -485,5 +504,29 @@ mod tests {
             r.version,
             identity_secret("spiffe://mesh.test/svc/web", "CHAIN2", "KEY").version
         );
+    }
+
+    #[test]
+    fn a_new_root_is_a_new_trust_name_and_a_new_ingress() {
+        assert_eq!(trust_name("ROOT\n"), trust_name("ROOT"));
+        assert_ne!(trust_name("ROOT"), trust_name("OTHER"));
+        assert!(trust_name("ROOT").starts_with(TRUST_PREFIX));
+        assert_eq!(trust_name("ROOT").len(), TRUST_PREFIX.len() + 16);
+        let a = mesh();
+        let b = Mesh {
+            trust: trust_name("OTHER"),
+            ..mesh()
+        };
+        let ingress = |m: &Mesh| {
+            let i = Ingress {
+                service: "web".into(),
+                mode: Mode::Tcp,
+                backends: vec!["172.17.0.2:80".parse().unwrap()],
+                allow: None,
+            };
+            let (_, _, l) = ingress(m, &[i], &Default::default(), &Default::default());
+            l.unwrap().version
+        };
+        assert_ne!(ingress(&a), ingress(&b));
     }
 }

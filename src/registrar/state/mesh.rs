@@ -150,6 +150,7 @@ mod tests {
         let m = Mesh {
             trust_domain: TrustDomain::parse("td").unwrap(),
             listen: "10.0.0.1:15443".parse().unwrap(),
+            trust: crate::xds::mesh::trust_name("root"),
         };
         assert_eq!(
             allowed(&m, " frontend, host:h-2,,frontend ,Api"),

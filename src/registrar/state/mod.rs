@@ -237,7 +237,7 @@ impl Registry {
             f.mesh_port = Some(m.listen.port());
         }
         self.publisher.set_secret(
-            crate::xds::mesh::TRUST_SECRET,
+            &m.trust,
             Some(crate::xds::mesh::trust_secret(&m.trust_domain, root_pem)),
         );
         self.mesh = Some(mesh::LocalMesh::new(m, host_id));
