@@ -37,6 +37,16 @@ pub struct FleetView {
     pub host_id: String,
     pub etcd: String,
     pub instances: Vec<crate::catalog::Row>,
+    /// With `serve --mesh`: this host's identities and its mesh port's calls.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<MeshView>,
+}
+
+/// This host's part of the mesh, as `status --fleet` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
+pub struct MeshView {
+    pub identities: Vec<crate::protocol::MeshIdentity>,
+    pub calls: Vec<crate::protocol::MeshCall>,
 }
 
 /// Fetches the catalog from the registrar at `path`.
@@ -46,6 +56,7 @@ pub async fn fetch_fleet(path: &std::path::Path) -> Result<FleetView, client::Er
         host_id: String::new(),
         etcd: String::new(),
         instances: Vec::new(),
+        mesh: None,
     };
     read_chunks(&mut conn, &Request::Fleet, |reply| match reply {
         Reply::Fleet {
@@ -62,6 +73,23 @@ pub async fn fetch_fleet(path: &std::path::Path) -> Result<FleetView, client::Er
         other => Err(unexpected(other)),
     })
     .await?;
+    // A registrar without the mesh refuses; one older than the mesh does
+    // not know the request and closes the connection.
+    let mut mesh = MeshView::default();
+    let asked = read_chunks(&mut conn, &Request::Mesh, |reply| match reply {
+        Reply::Mesh {
+            identities,
+            calls,
+            more,
+        } => {
+            mesh.identities.extend(identities);
+            mesh.calls.extend(calls);
+            Ok(more)
+        }
+        other => Err(unexpected(other)),
+    })
+    .await;
+    view.mesh = asked.is_ok().then_some(mesh);
     Ok(view)
 }
 
@@ -112,7 +140,64 @@ pub fn render_fleet(v: &FleetView) -> String {
         v.instances.len()
     );
     out.push_str(&columns(&lines));
+    if let Some(m) = &v.mesh {
+        out.push_str(&render_mesh(m));
+    }
     out
+}
+
+/// The mesh's two tables: identities with their leaves, and calls to the
+/// mesh port by service and caller.
+fn render_mesh(m: &MeshView) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut ids = vec![[
+        "IDENTITY".to_string(),
+        "EXPIRES IN".into(),
+        "LEAVES ISSUED".into(),
+    ]];
+    for i in &m.identities {
+        let left = match i.expires.checked_sub(now) {
+            Some(s) => span(s),
+            None => "expired".into(),
+        };
+        ids.push([i.identity.clone(), left, i.issued.to_string()]);
+    }
+    let mut calls = vec![[
+        "SERVICE".to_string(),
+        "CALLER".into(),
+        "HANDSHAKES".into(),
+        "FAILED".into(),
+        "DENIED".into(),
+    ]];
+    for c in &m.calls {
+        calls.push([
+            c.service.clone(),
+            c.caller.clone(),
+            c.handshakes.to_string(),
+            c.failed.to_string(),
+            c.denied.to_string(),
+        ]);
+    }
+    format!(
+        "\nmesh: {} identit{}\n\n{}\nmesh port: calls by service and caller\n\n{}",
+        m.identities.len(),
+        if m.identities.len() == 1 { "y" } else { "ies" },
+        columns(&ids),
+        columns(&calls)
+    )
+}
+
+/// Seconds as the two largest units: `3d 4h`, `5h 12m`, `7m 30s`, `42s`.
+fn span(s: u64) -> String {
+    let (d, h, m) = (s / 86_400, s / 3_600 % 24, s / 60 % 60);
+    match (d, h, m) {
+        (0, 0, 0) => format!("{s}s"),
+        (0, 0, _) => format!("{m}m {}s", s % 60),
+        (0, _, _) => format!("{h}h {m}m"),
+        _ => format!("{d}d {h}h"),
+    }
 }
 
 /// Rows as left-aligned columns two spaces apart.
@@ -256,4 +341,61 @@ pub fn render_envoys(envoys: &[EnvoyStatus]) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{MeshCall, MeshIdentity};
+
+    #[test]
+    fn the_fleet_view_shows_the_mesh_when_there_is_one() {
+        let mut v = FleetView {
+            host_id: "host-a".into(),
+            etcd: "up".into(),
+            instances: Vec::new(),
+            mesh: None,
+        };
+        assert!(!render_fleet(&v).contains("mesh"));
+        let soon = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 3 * 3600
+            + 120;
+        v.mesh = Some(MeshView {
+            identities: vec![
+                MeshIdentity {
+                    identity: "spiffe://td/svc/web".into(),
+                    expires: soon,
+                    issued: 4,
+                },
+                MeshIdentity {
+                    identity: "spiffe://td/host/host-a".into(),
+                    expires: 1,
+                    issued: 1,
+                },
+            ],
+            calls: vec![MeshCall {
+                service: "web".into(),
+                caller: "spiffe://td/host/host-c".into(),
+                handshakes: 7,
+                failed: 0,
+                denied: 3,
+            }],
+        });
+        let text = render_fleet(&v);
+        assert!(text.contains("mesh: 2 identities"), "{text}");
+        let web = text
+            .lines()
+            .find(|l| l.starts_with("spiffe://td/svc/web"))
+            .unwrap();
+        assert!(web.contains("3h ") && web.ends_with('4'), "{web}");
+        assert!(text.contains("expired"), "{text}");
+        let call = text.lines().find(|l| l.starts_with("web ")).unwrap();
+        let cells: Vec<&str> = call.split_whitespace().collect();
+        assert_eq!(cells, ["web", "spiffe://td/host/host-c", "7", "0", "3"]);
+        assert_eq!(span(42), "42s");
+        assert_eq!(span(90_000), "1d 1h");
+    }
 }

@@ -52,6 +52,9 @@ pub enum Request {
     /// Ask how published ports are reached (claimed in nftables, or left
     /// to Docker's DNAT); answered with `Ports`.
     Ports,
+    /// Ask for the mesh's identities and calls; answered with `Mesh`
+    /// frames, or an `Error` without `--mesh`.
+    Mesh,
 }
 
 /// A mapping and who keeps it alive.
@@ -110,6 +113,36 @@ pub enum Reply {
     },
     /// How published ports are reached.
     Ports(crate::nft::PortsState),
+    /// Part of the answer to `Mesh`: this host's identities (in the first
+    /// frame only) and the mesh ingress's calls; `more` is set on all but
+    /// the last.
+    Mesh {
+        identities: Vec<MeshIdentity>,
+        calls: Vec<MeshCall>,
+        more: bool,
+    },
+}
+
+/// One identity of this host and its current leaf.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshIdentity {
+    /// Its SPIFFE id.
+    pub identity: String,
+    /// When its leaf expires, in Unix seconds.
+    pub expires: u64,
+    /// Leaves issued to it since the registrar started.
+    pub issued: u64,
+}
+
+/// Calls to one local service from one caller at the mesh port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshCall {
+    pub service: String,
+    /// The caller's SPIFFE id; `-` without a certificate.
+    pub caller: String,
+    pub handshakes: u64,
+    pub failed: u64,
+    pub denied: u64,
 }
 
 /// Why bytes did not make a frame.

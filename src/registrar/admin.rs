@@ -273,7 +273,7 @@ async fn route(
                         .fleet
                         .map(|(_, etcd, catalog)| super::metrics::render_fleet(&etcd, &catalog))
                         .unwrap_or_default()
-                    + &super::metrics::render_mesh(&view.mesh),
+                    + &super::metrics::render_mesh(&view.mesh, &registrar.metrics().mesh_calls()),
             )
         }
         _ => reply(

@@ -42,4 +42,8 @@ impl Control for Envoys {
     fn answered(&self, kind: Kind, nack: bool) {
         self.registrar.metrics().answered(kind, nack);
     }
+
+    fn mesh(&self, event: crate::xds::access_log::MeshEvent) {
+        self.registrar.metrics().mesh_event(&event);
+    }
 }

@@ -34,6 +34,30 @@ pub struct Metrics {
     takebacks: AtomicU64,
     relayed: AtomicU64,
     ready: Mutex<Histogram>,
+    mesh: Mutex<MeshTally>,
+}
+
+/// Most (service, caller) pairs counted one by one; the rest are counted
+/// under [`OTHER`], so a caller that forges names cannot grow memory.
+pub const MESH_PAIRS: usize = 1000;
+/// The service and caller that counts past [`MESH_PAIRS`] go to.
+pub const OTHER: &str = "other";
+
+/// Calls to the mesh ingress: handshakes, failed handshakes and RBAC
+/// denials per service and caller, as the access-log service reports.
+#[derive(Debug, Default)]
+struct MeshTally {
+    /// `.<trust domain>`, which an SNI ends with.
+    suffix: String,
+    calls: BTreeMap<(String, String), MeshCounts>,
+}
+
+/// Counts for one service and caller.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MeshCounts {
+    pub handshakes: u64,
+    pub failed: u64,
+    pub denied: u64,
 }
 
 impl Metrics {
@@ -64,6 +88,41 @@ impl Metrics {
     /// Connections the proxies relayed by themselves, as they report them.
     pub fn relayed(&self, n: u64) {
         self.relayed.fetch_add(n, Relaxed);
+    }
+    /// The mesh is on, in trust domain `td`: SNIs are `<service>.<td>`.
+    pub fn mesh_domain(&self, td: &str) {
+        self.mesh.lock().unwrap_or_else(|p| p.into_inner()).suffix = format!(".{td}");
+    }
+    /// The mesh ingress logged a call. A caller without a certificate is
+    /// `-`, as is a service whose SNI is not in the trust domain.
+    pub fn mesh_event(&self, e: &crate::xds::access_log::MeshEvent) {
+        use crate::xds::access_log::Outcome;
+        let mut t = self.mesh.lock().unwrap_or_else(|p| p.into_inner());
+        let service = e
+            .sni
+            .strip_suffix(t.suffix.as_str())
+            .filter(|s| !s.is_empty() && !t.suffix.is_empty())
+            .unwrap_or("-")
+            .to_string();
+        let caller = e.caller.clone().unwrap_or_else(|| "-".into());
+        let mut key = (service, caller);
+        if !t.calls.contains_key(&key) && t.calls.len() >= MESH_PAIRS {
+            key = (OTHER.into(), OTHER.into());
+        }
+        let c = t.calls.entry(key).or_default();
+        match e.outcome {
+            Outcome::Handshake => c.handshakes += 1,
+            Outcome::Failed => c.failed += 1,
+            Outcome::Denied => c.denied += 1,
+        }
+    }
+    /// The mesh ingress's calls so far, by service and caller.
+    pub fn mesh_calls(&self) -> Vec<(String, String, MeshCounts)> {
+        let t = self.mesh.lock().unwrap_or_else(|p| p.into_inner());
+        t.calls
+            .iter()
+            .map(|((s, c), n)| (s.clone(), c.clone(), *n))
+            .collect()
     }
     /// Time from a registration to every connected Envoy's ACK.
     pub fn ready_after(&self, d: Duration) {
@@ -156,9 +215,12 @@ pub fn render_fleet(
 }
 
 /// The mesh's families, with `serve --mesh`: when each identity's leaf
-/// expires, and how many leaves it was issued. Handshakes and RBAC
-/// denials are Envoy's own counters (README, "Mesh").
-pub fn render_mesh(leaves: &[(String, super::state::mesh::LeafState)]) -> String {
+/// expires, how many leaves it was issued, and the mesh ingress's calls
+/// (handshakes by outcome, and RBAC denials) per service and caller.
+pub fn render_mesh(
+    leaves: &[(String, super::state::mesh::LeafState)],
+    calls: &[(String, String, MeshCounts)],
+) -> String {
     if leaves.is_empty() {
         return String::new();
     }
@@ -193,6 +255,38 @@ pub fn render_mesh(leaves: &[(String, super::state::mesh::LeafState)]) -> String
             "envoy_docker_mesh_leaves_issued_total{{identity=\"{}\"}} {}",
             label_value(id),
             l.issued
+        );
+    }
+    family(
+        &mut out,
+        "envoy_docker_mesh_handshakes_total",
+        "counter",
+        "TLS handshakes at the mesh port, by service, caller (its SPIFFE id, - without a certificate) and outcome, counted as each connection closes.",
+    );
+    for (service, caller, n) in calls {
+        let (s, c) = (label_value(service), label_value(caller));
+        for (outcome, v) in [("ok", n.handshakes), ("failed", n.failed)] {
+            if v > 0 {
+                let _ = writeln!(
+                    out,
+                    "envoy_docker_mesh_handshakes_total{{service=\"{s}\",caller=\"{c}\",outcome=\"{outcome}\"}} {v}"
+                );
+            }
+        }
+    }
+    family(
+        &mut out,
+        "envoy_docker_mesh_denied_total",
+        "counter",
+        "Calls that a service's MeshAllow refused, by service and caller.",
+    );
+    for (service, caller, n) in calls.iter().filter(|(_, _, n)| n.denied > 0) {
+        let _ = writeln!(
+            out,
+            "envoy_docker_mesh_denied_total{{service=\"{}\",caller=\"{}\"}} {}",
+            label_value(service),
+            label_value(caller),
+            n.denied
         );
     }
     out
@@ -345,6 +439,62 @@ mod tests {
     use crate::catalog::{ContainerInfo, Health, Instance};
     use crate::mapping::Mode;
     use std::sync::Arc;
+
+    #[test]
+    fn mesh_calls_are_counted_by_service_and_caller_and_bounded() {
+        use crate::xds::access_log::{MeshEvent, Outcome};
+        let m = Metrics::default();
+        m.mesh_domain("td");
+        let ev = |sni: &str, caller: Option<&str>, outcome| MeshEvent {
+            sni: sni.into(),
+            caller: caller.map(String::from),
+            outcome,
+        };
+        let front = Some("spiffe://td/svc/frontend");
+        m.mesh_event(&ev("web.td", front, Outcome::Handshake));
+        m.mesh_event(&ev("web.td", front, Outcome::Handshake));
+        m.mesh_event(&ev("web.td", front, Outcome::Denied));
+        m.mesh_event(&ev("web.other", None, Outcome::Failed));
+        m.mesh_event(&ev(".td", None, Outcome::Failed));
+        let calls = m.mesh_calls();
+        assert_eq!(calls.len(), 2, "{calls:?}");
+        assert_eq!(calls[0].0, "-");
+        assert_eq!(calls[0].2.failed, 2);
+        assert_eq!(
+            (calls[1].0.as_str(), calls[1].1.as_str()),
+            ("web", "spiffe://td/svc/frontend")
+        );
+        assert_eq!(
+            calls[1].2,
+            MeshCounts {
+                handshakes: 2,
+                failed: 0,
+                denied: 1
+            }
+        );
+        let leaf = super::super::state::mesh::LeafState {
+            not_after: std::time::UNIX_EPOCH + Duration::from_secs(100),
+            issued: 1,
+        };
+        let text = render_mesh(&[("spiffe://td/svc/web".into(), leaf)], &calls);
+        assert!(text.contains(r#"envoy_docker_mesh_handshakes_total{service="web",caller="spiffe://td/svc/frontend",outcome="ok"} 2"#), "{text}");
+        assert!(
+            text.contains(
+                r#"envoy_docker_mesh_handshakes_total{service="-",caller="-",outcome="failed"} 2"#
+            ),
+            "{text}"
+        );
+        assert!(text.contains(r#"envoy_docker_mesh_denied_total{service="web",caller="spiffe://td/svc/frontend"} 1"#), "{text}");
+        // Forged names beyond the bound all land on one pair.
+        for i in 0..MESH_PAIRS + 10 {
+            let caller = format!("spiffe://td/host/h{i}");
+            m.mesh_event(&ev("web.td", Some(&caller), Outcome::Handshake));
+        }
+        let calls = m.mesh_calls();
+        assert_eq!(calls.len(), MESH_PAIRS + 1);
+        let other = calls.iter().find(|c| c.0 == OTHER).unwrap();
+        assert_eq!(other.2.handshakes, 12);
+    }
 
     #[test]
     fn fleet_families_escape_what_other_hosts_wrote() {

@@ -12,7 +12,9 @@ use super::liveness::OwnerProcess;
 use super::state::Arrival;
 use crate::addr::ListenError;
 use crate::procscan::Trust;
-use crate::protocol::{ConnError, Connection, Owner, Reply, Request, PROTOCOL_VERSION};
+use crate::protocol::{
+    ConnError, Connection, MeshCall, MeshIdentity, Owner, Reply, Request, PROTOCOL_VERSION,
+};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -222,6 +224,52 @@ async fn handle(
                     .await
                     .unwrap_or(crate::nft::PortsState::Starting);
                 conn.write_frame(&Reply::Ports(ports)).await?;
+            }
+            Request::Mesh => {
+                let leaves = registrar
+                    .ask(Read::Overview)
+                    .await
+                    .map(|v| v.mesh)
+                    .unwrap_or_default();
+                if leaves.is_empty() {
+                    conn.write_frame(&Reply::Error(
+                        "this registrar is not in a mesh (serve runs without --mesh), or has no leaf yet".into(),
+                    ))
+                    .await?;
+                    continue;
+                }
+                let mut identities: Vec<MeshIdentity> = leaves
+                    .iter()
+                    .map(|(id, l)| MeshIdentity {
+                        identity: id.clone(),
+                        expires: l
+                            .not_after
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_secs()),
+                        issued: l.issued,
+                    })
+                    .collect();
+                let calls: Vec<MeshCall> = registrar
+                    .metrics()
+                    .mesh_calls()
+                    .into_iter()
+                    .map(|(service, caller, n)| MeshCall {
+                        service,
+                        caller,
+                        handshakes: n.handshakes,
+                        failed: n.failed,
+                        denied: n.denied,
+                    })
+                    .collect();
+                for (calls, more) in chunked(&calls) {
+                    let identities = std::mem::take(&mut identities);
+                    conn.write_frame(&Reply::Mesh {
+                        identities,
+                        calls,
+                        more,
+                    })
+                    .await?;
+                }
             }
             Request::Fleet => {
                 let view = registrar.ask(Read::Fleet).await.flatten();

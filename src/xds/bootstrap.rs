@@ -26,7 +26,9 @@ pub struct Bootstrap {
     pub ads: AdsKind,
 }
 
-const XDS_CLUSTER: &str = "envoy_docker_xds";
+/// The static cluster that leads to the registrar (ADS, and the mesh's
+/// access-log service).
+pub const XDS_CLUSTER: &str = "envoy_docker_xds";
 
 fn address_yaml(addr: &Addr, indent: &str) -> String {
     match addr {

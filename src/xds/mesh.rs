@@ -15,7 +15,10 @@
 //!   `<service>.<TD>`. It requires a client certificate that chains to the
 //!   root and presents the service's own leaf. An RBAC filter allows only
 //!   the principals of `MeshAllow`, if set (for HTTP, a 403). Then the
-//!   service's own mode, to a cluster of its local instances.
+//!   service's own mode, to a cluster of its local instances. Each
+//!   connection is logged when it closes, and each HTTP 403, to the
+//!   registrar's access-log service (`access_log`), which counts
+//!   handshakes and denials per service and caller.
 //! - **Egress.** An endpoint on another host that has a mesh port is that
 //!   host's mesh port, one per host. Its connections take the transport
 //!   socket matched by the endpoint's `mesh` metadata: TLS with SNI
@@ -33,8 +36,13 @@ use super::serving::Serving;
 use super::telemetry::Telemetry;
 use crate::mapping::{sanitize, Backend, MappingKey, Mode, Proto};
 use crate::mesh::TrustDomain;
+use envoy_types::pb::envoy::config::accesslog::v3::{
+    access_log, access_log_filter, comparison_filter, AccessLog, AccessLogFilter, ComparisonFilter,
+    StatusCodeFilter,
+};
 use envoy_types::pb::envoy::config::core::v3::{
-    data_source, transport_socket, CidrRange, DataSource, TransportSocket,
+    data_source, grpc_service, transport_socket, ApiVersion, CidrRange, DataSource, GrpcService,
+    RuntimeUInt32, TransportSocket,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{
     lb_endpoint, ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints,
@@ -44,6 +52,9 @@ use envoy_types::pb::envoy::config::listener::v3::{
 };
 use envoy_types::pb::envoy::config::rbac::v3::{
     permission, principal, rbac, Permission, Policy, Principal, Rbac,
+};
+use envoy_types::pb::envoy::extensions::access_loggers::grpc::v3::{
+    CommonGrpcAccessLogConfig, HttpGrpcAccessLogConfig, TcpGrpcAccessLogConfig,
 };
 use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRbac;
 use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
@@ -117,6 +128,53 @@ fn sds(name: &str) -> SdsSecretConfig {
     SdsSecretConfig {
         name: name.into(),
         sds_config: Some(ads()),
+    }
+}
+
+/// An access log to the registrar's ALS: per connection (`http`: false,
+/// for the listener), or per HTTP request answered 403.
+fn als(http: bool) -> AccessLog {
+    let common_config = Some(CommonGrpcAccessLogConfig {
+        log_name: super::access_log::LOG_NAME.into(),
+        grpc_service: Some(GrpcService {
+            target_specifier: Some(grpc_service::TargetSpecifier::EnvoyGrpc(
+                grpc_service::EnvoyGrpc {
+                    cluster_name: super::bootstrap::XDS_CLUSTER.into(),
+                    ..Default::default()
+                },
+            )),
+            ..Default::default()
+        }),
+        transport_api_version: ApiVersion::V3 as i32,
+        ..Default::default()
+    });
+    let (name, config, filter) = if http {
+        let forbidden = AccessLogFilter {
+            filter_specifier: Some(access_log_filter::FilterSpecifier::StatusCodeFilter(
+                StatusCodeFilter {
+                    comparison: Some(ComparisonFilter {
+                        op: comparison_filter::Op::Eq as i32,
+                        value: Some(RuntimeUInt32 {
+                            default_value: 403,
+                            runtime_key: "envoy_docker.mesh.denied_status".into(),
+                        }),
+                    }),
+                },
+            )),
+        };
+        let c = pack_any(HttpGrpcAccessLogConfig {
+            common_config,
+            ..Default::default()
+        });
+        ("envoy.access_loggers.http_grpc", c, Some(forbidden))
+    } else {
+        let c = pack_any(TcpGrpcAccessLogConfig { common_config });
+        ("envoy.access_loggers.tcp_grpc", c, None)
+    };
+    AccessLog {
+        name: name.into(),
+        filter,
+        config_type: Some(access_log::ConfigType::TypedConfig(config)),
     }
 }
 
@@ -277,6 +335,7 @@ pub fn ingress(
         let mut filters = Vec::new();
         if svc.mode == Mode::Http {
             let mut hcm = http_manager_config(&svc, t, s);
+            hcm.access_log.push(als(true));
             if let Some(allow) = &i.allow {
                 hcm.http_filters.insert(
                     0,
@@ -345,6 +404,7 @@ pub fn ingress(
             ..Default::default()
         }],
         filter_chains: chains,
+        access_log: vec![als(false)],
         ..Default::default()
     };
     // RBAC policies are a protobuf map: the version comes from the inputs.

@@ -10,9 +10,13 @@
 //! - `snapshot`: the cache, one consistent set of resources per type,
 //!   changed one resource at a time and cloned in O(1);
 //! - `session`: the per-stream protocol state machine (no I/O);
+//! - `mesh`: the mesh's secrets, ingress and upstream TLS (`--mesh`);
 //! - `server`: the ADS service, which moves messages between tonic's gRPC
-//!   streams and the sessions, and reports through its `Control` trait.
+//!   streams and the sessions, and reports through its `Control` trait;
+//! - `access_log`: the access-log service beside it, which turns the mesh
+//!   ingress's log entries into per-caller counts for `Control`.
 
+pub mod access_log;
 pub mod bootstrap;
 pub mod egress;
 pub mod mesh;

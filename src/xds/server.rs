@@ -1,6 +1,7 @@
 //! The tonic ADS service: one task per Envoy stream, SotW or delta, that
 //! feeds a `Session` with Envoy's requests and the registrar's snapshots and
-//! sends out whatever the session says is due.
+//! sends out whatever the session says is due. The mesh's access-log
+//! service (`access_log`) is served on the same socket.
 //!
 //! Who counts as an Envoy: a stream only once its first request has come
 //! with the right node id, and only while it keeps up. A stream that lags
@@ -13,6 +14,7 @@ use super::resource::Resource;
 use super::session::{Feedback, Flavor, Incoming, Outgoing, Session};
 use super::snapshot::{Kind, Snapshot};
 use crate::addr::{Addr, ListenError};
+use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_server::AccessLogServiceServer;
 use envoy_types::pb::envoy::service::discovery::v3::{
     aggregated_discovery_service_server::{
         AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
@@ -56,6 +58,8 @@ pub trait Control: Send + Sync + 'static {
     fn pushed(&self, _kind: Kind) {}
     /// Envoy answered a response of `kind`.
     fn answered(&self, _kind: Kind, _nack: bool) {}
+    /// The mesh ingress logged a call (`access_log`).
+    fn mesh(&self, _event: super::access_log::MeshEvent) {}
 }
 
 /// A bound xDS listener, ready to serve once the registrar has recovered.
@@ -122,6 +126,10 @@ impl XdsListener {
             shutdown.await;
             let _ = closing_tx.send(true);
         };
+        let als = AccessLogServiceServer::new(super::access_log::Als {
+            control: control.clone(),
+            closing: closing.clone(),
+        });
         let ads = AggregatedDiscoveryServiceServer::new(Ads {
             control,
             snapshots,
@@ -131,7 +139,8 @@ impl XdsListener {
         let router = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(KEEPALIVE_EVERY))
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-            .add_service(ads);
+            .add_service(ads)
+            .add_service(als);
         let result = match self {
             XdsListener::Tcp(l) => {
                 let l = Arc::new(l);

@@ -171,6 +171,16 @@ fn rbac_denied(h: &Host) -> u64 {
         .sum()
 }
 
+/// The sum of the registrar's `family` samples whose labels hold every one
+/// of `has`.
+fn counted(h: &Host, family: &str, has: &[&str]) -> u64 {
+    h.registrar_get("/metrics")
+        .lines()
+        .filter(|l| l.starts_with(&format!("{family}{{")) && has.iter().all(|s| l.contains(s)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
 #[test]
 fn mesh_mutual_tls_identities_allow_lists_and_rotation_across_three_hosts() {
     let _hosts = exclusive();
@@ -283,6 +293,28 @@ fn mesh_mutual_tls_identities_allow_lists_and_rotation_across_three_hosts() {
         after >= before + 10,
         "RBAC denials went from {before} to {after}"
     );
+    // The registrars count each refusal by service and caller (the
+    // stranger is C's host identity), from Envoy's access-log stream.
+    let stranger = format!("caller=\"spiffe://{TD}/host/host-c\"");
+    let denied = |f: &mut Fleet| {
+        ["a", "b"]
+            .iter()
+            .map(|h| {
+                counted(
+                    f.host(h),
+                    "envoy_docker_mesh_denied_total",
+                    &["service=\"web\"", &stranger],
+                )
+            })
+            .sum::<u64>()
+    };
+    let ok = wait_until(WAIT, || denied(&mut fleet) >= 10);
+    assert!(
+        ok,
+        "denials counted: {}\n{}",
+        denied(&mut fleet),
+        fleet.host("a").registrar_get("/metrics")
+    );
     let solo_seen = call(fleet.host("c"), "stranger", SOLO_EGRESS, 5);
     assert_eq!(solo_seen.get("solo@host-a"), Some(&5), "{solo_seen:?}");
 
@@ -323,6 +355,40 @@ fn mesh_mutual_tls_identities_allow_lists_and_rotation_across_three_hosts() {
         let answer = s_client(c, to, cert.map(|(a, b)| (a.as_path(), b.as_path())), &root);
         assert!(!answer.contains("HTTP/1.1"), "{what} was served:\n{answer}");
     }
+    // A counts the three failed handshakes and the good one, and `status
+    // --fleet` shows its identities and calls.
+    let a = fleet.host("a");
+    let good_caller = format!("caller=\"{frontend}\"");
+    let ok = wait_until(WAIT, || {
+        counted(
+            a,
+            "envoy_docker_mesh_handshakes_total",
+            &["outcome=\"failed\""],
+        ) >= 3
+            && counted(
+                a,
+                "envoy_docker_mesh_handshakes_total",
+                &["service=\"web\"", &good_caller, "outcome=\"ok\""],
+            ) >= 1
+    });
+    assert!(
+        ok,
+        "handshakes not counted:\n{}",
+        a.registrar_get("/metrics")
+    );
+    let out = a.status(&["--fleet"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with(&format!("spiffe://{TD}/svc/web "))),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("web ") && l.contains(&frontend)),
+        "{text}"
+    );
 
     // 4. Rotation under load (20 s leaves): every host renews its host
     // identity at least three times while the frontend keeps calling, and

@@ -233,6 +233,38 @@ pub fn fleet(
     })
 }
 
+/// The mesh part of `/api/v1/fleet`: `null` without `--mesh`, else each
+/// identity's leaf and the mesh port's calls by service and caller.
+pub fn mesh(
+    leaves: &[(String, super::super::state::mesh::LeafState)],
+    calls: &[(String, String, super::super::metrics::MeshCounts)],
+    now: std::time::SystemTime,
+) -> Value {
+    if leaves.is_empty() {
+        return Value::Null;
+    }
+    let identities: Vec<Value> = leaves
+        .iter()
+        .map(|(id, l)| {
+            let left = l.not_after.duration_since(now).map_or(0, |d| d.as_secs());
+            json!({ "identity": id, "expires_in_s": left, "issued": l.issued })
+        })
+        .collect();
+    let calls: Vec<Value> = calls
+        .iter()
+        .map(|(service, caller, n)| {
+            json!({
+                "service": service,
+                "caller": caller,
+                "handshakes": n.handshakes,
+                "failed": n.failed,
+                "denied": n.denied,
+            })
+        })
+        .collect();
+    json!({ "identities": identities, "calls": calls })
+}
+
 pub fn events(events: &[Event]) -> Value {
     json!({ "events": events })
 }
@@ -302,6 +334,32 @@ mod tests {
         assert_eq!(first_config(dump).unwrap().unwrap()["name"], "a");
         assert_eq!(first_config("{}").unwrap(), None);
         assert!(first_config("not json").is_err());
+    }
+
+    #[test]
+    fn the_mesh_shows_leaves_and_calls_or_nothing() {
+        use super::super::super::metrics::MeshCounts;
+        use super::super::super::state::mesh::LeafState;
+        let now = std::time::SystemTime::now();
+        assert_eq!(mesh(&[], &[], now), Value::Null);
+        let leaf = LeafState {
+            not_after: now + std::time::Duration::from_secs(90),
+            issued: 2,
+        };
+        let counts = MeshCounts {
+            handshakes: 5,
+            failed: 1,
+            denied: 2,
+        };
+        let v = mesh(
+            &[("spiffe://td/svc/web".into(), leaf)],
+            &[("web".into(), "spiffe://td/host/c".into(), counts)],
+            now,
+        );
+        assert_eq!(v["identities"][0]["expires_in_s"], 90);
+        assert_eq!(v["identities"][0]["issued"], 2);
+        assert_eq!(v["calls"][0]["caller"], "spiffe://td/host/c");
+        assert_eq!(v["calls"][0]["denied"], 2);
     }
 
     #[test]

@@ -103,13 +103,17 @@ impl Dashboard {
                 return Some(json(&api::mappings(&rows, &live)));
             }
             "fleet" => {
-                let (Some(view), Some(egress)) = (
+                let (Some(view), Some(egress), Some(overview)) = (
                     self.registrar.ask(Read::Fleet).await,
                     self.registrar.ask(Read::Egress).await,
+                    self.registrar.ask(Read::Overview).await,
                 ) else {
                     return gone;
                 };
-                api::fleet(view.as_ref(), &egress)
+                let mut v = api::fleet(view.as_ref(), &egress);
+                let calls = self.registrar.metrics().mesh_calls();
+                v["mesh"] = api::mesh(&overview.mesh, &calls, std::time::SystemTime::now());
+                v
             }
             "events" => {
                 let Some(events) = self.registrar.ask(Read::Events).await else {

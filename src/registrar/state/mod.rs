@@ -240,6 +240,7 @@ impl Registry {
             &m.trust,
             Some(crate::xds::mesh::trust_secret(&m.trust_domain, root_pem)),
         );
+        self.metrics.mesh_domain(m.trust_domain.as_str());
         self.mesh = Some(mesh::LocalMesh::new(m, host_id));
         self.send();
         self

@@ -554,7 +554,32 @@
           el("td", null, str(e.service)), el("td", { class: "n" }, str(e.port)),
           el("td", null, str(e.listen)), el("td", { class: "n" }, str(e.endpoints))]))
         : el("p", { class: "empty" }, "no egress listener")));
+    if (d.mesh && typeof d.mesh === "object") out.push(...buildMesh(d.mesh));
     return out;
+  }
+  function expiresIn(s) {
+    if (!isNum(s) || s <= 0) return "expired";
+    if (s < 120) return s + " s";
+    if (s < 7200) return Math.round(s / 60) + " min";
+    return Math.round(s / 3600) + " h";
+  }
+  function buildMesh(m) {
+    const ids = Array.isArray(m.identities) ? m.identities : [];
+    const calls = Array.isArray(m.calls) ? m.calls : [];
+    const n = (v) => el("td", { class: "n" }, str(v));
+    return [
+      el("section", { class: "card wide", id: "mesh-identities" }, el("h3", null, "Mesh identities"),
+        ids.length
+          ? table("mesh-identities", ["identity", { label: "expires in", cls: "n" }, { label: "leaves issued", cls: "n" }], ids.map((i) => [
+            el("td", null, el("code", null, str(i.identity))), el("td", { class: "n" }, expiresIn(i.expires_in_s)), n(i.issued)]))
+          : el("p", { class: "empty" }, "no identity yet")),
+      el("section", { class: "card wide", id: "mesh-calls" }, el("h3", null, "Calls to this host's mesh port"),
+        calls.length
+          ? table("mesh-calls", ["service", "caller", { label: "handshakes", cls: "n" }, { label: "failed", cls: "n" }, { label: "denied", cls: "n" }], calls.map((c) => [
+            el("td", null, str(c.service)), el("td", null, el("code", null, str(c.caller))),
+            n(c.handshakes), n(c.failed), el("td", { class: "n" }, c.denied > 0 ? badge(str(c.denied), "amber") : "0")]))
+          : el("p", { class: "empty" }, "no call yet")),
+    ];
   }
 
   // ---- events view ----
