@@ -1,14 +1,14 @@
 //! What the mesh ingress tells about its callers: Envoy's gRPC access-log
 //! service (ALS), served next to ADS on the same socket, and `classify`,
 //! which turns each entry into a [`MeshEvent`] for the registrar's
-//! counters (handshakes and RBAC denials, per service and caller).
+//! counters (handshakes and RBAC denials, per service and caller), which
+//! it hands to a sink.
 //!
 //! `mesh_in` logs one TCP entry per connection when it closes (a listener
 //! access log, so also for handshakes that failed), and its HTTP chains one
 //! entry per request answered 403. Only counts come of it: a lost or
 //! hostile stream loses counts, and never touches a connection.
 
-use super::server::Control;
 use envoy_types::pb::envoy::data::accesslog::v3::{
     tls_properties::certificate_properties::subject_alt_name::San, AccessLogCommon,
 };
@@ -111,11 +111,14 @@ pub fn classify(msg: &StreamAccessLogsMessage) -> Vec<MeshEvent> {
     out
 }
 
-/// The ALS service: each stream's entries, classified, go to `control`.
+/// Where classified events go (the server hands them to `Control::mesh`).
+pub type Sink = Arc<dyn Fn(MeshEvent) + Send + Sync>;
+
+/// The ALS service: each stream's entries, classified, go to `sink`.
 /// Envoy never ends these streams, so each ends when `closing` turns
 /// true, or the server's graceful shutdown would wait for ever.
 pub struct Als {
-    pub control: Arc<dyn Control>,
+    pub sink: Sink,
     pub closing: tokio::sync::watch::Receiver<bool>,
 }
 
@@ -140,7 +143,7 @@ impl AccessLogService for Als {
             }
             if ours {
                 for e in classify(&msg) {
-                    self.control.mesh(e);
+                    (self.sink)(e);
                 }
             }
         }

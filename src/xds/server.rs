@@ -126,8 +126,9 @@ impl XdsListener {
             shutdown.await;
             let _ = closing_tx.send(true);
         };
+        let sink = control.clone();
         let als = AccessLogServiceServer::new(super::access_log::Als {
-            control: control.clone(),
+            sink: Arc::new(move |e| sink.mesh(e)),
             closing: closing.clone(),
         });
         let ads = AggregatedDiscoveryServiceServer::new(Ads {

@@ -248,6 +248,12 @@ impl Host {
         );
     }
 
+    /// The registrar's and Envoy's process ids.
+    pub fn pids(&self) -> (u32, u32) {
+        let id = |c: &Option<Child>| c.as_ref().map(Child::id).unwrap_or(0);
+        (id(&self.registrar), id(&self.envoy))
+    }
+
     pub fn kill_registrar(&mut self) {
         kill(&mut self.registrar);
     }

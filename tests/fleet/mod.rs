@@ -6,6 +6,7 @@
 
 mod hosts;
 mod mesh;
+mod mesh_bench;
 mod partition;
 mod three_hosts;
 
