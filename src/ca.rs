@@ -40,23 +40,36 @@ pub enum Config {
 #[error(transparent)]
 pub struct Error(#[from] MeshError);
 
+/// Fails if `path` exists: a key is never written over.
+fn refuse_existing(path: &Path) -> Result<(), MeshError> {
+    if path.exists() {
+        return Err(MeshError::Exists {
+            path: path.display().to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Writes `text` to `path` with `mode`; with `new_only`, only as a new
+/// file (O_EXCL), so a key that appeared meanwhile is not written over.
 fn write(path: &Path, text: &str, mode: u32, new_only: bool) -> Result<(), MeshError> {
     let io = |source| MeshError::Write {
         path: path.display().to_string(),
         source,
     };
-    if new_only && path.exists() {
-        return Err(MeshError::Exists {
-            path: path.display().to_string(),
-        });
+    let mut open = std::fs::OpenOptions::new();
+    open.write(true).mode(mode);
+    if new_only {
+        open.create_new(true);
+    } else {
+        open.create(true).truncate(true);
     }
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(path)
-        .map_err(io)?;
+    let mut f = open.open(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::AlreadyExists => MeshError::Exists {
+            path: path.display().to_string(),
+        },
+        _ => io(e),
+    })?;
     // `mode` applies only to a new file.
     f.set_permissions(std::fs::Permissions::from_mode(mode))
         .map_err(io)?;
@@ -79,12 +92,8 @@ pub fn run(c: Config) -> Result<ExitCode, Error> {
         } => {
             make_dir(&out)?;
             let key = out.join(ROOT_KEY);
-            if key.exists() {
-                return Err(MeshError::Exists {
-                    path: key.display().to_string(),
-                }
-                .into());
-            }
+            // Before the work of making a key, not only when writing it.
+            refuse_existing(&key)?;
             let root = ca::root(&trust_domain, days)?;
             write(&key, &root.key_pem, 0o600, true)?;
             write(&out.join(ROOT_CERT), &root.cert_pem, 0o644, false)?;
@@ -104,12 +113,7 @@ pub fn run(c: Config) -> Result<ExitCode, Error> {
             let (td, root_pem, root_key) = check::load_root(&dir)?;
             make_dir(&out)?;
             let key = out.join(HOST_KEY);
-            if key.exists() {
-                return Err(MeshError::Exists {
-                    path: key.display().to_string(),
-                }
-                .into());
-            }
+            refuse_existing(&key)?;
             let host = ca::host(&root_pem, &root_key, &td, &host_id, days)?;
             write(&key, &host.key_pem, 0o600, true)?;
             write(&out.join(HOST_CERT), &host.cert_pem, 0o644, false)?;
@@ -126,4 +130,36 @@ pub fn run(c: Config) -> Result<ExitCode, Error> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn a_key_is_written_0600_and_never_over_an_existing_file() {
+        let dir = std::env::temp_dir().join(format!("ed-ca-write-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = dir.join("k.key");
+        write(&key, "one", 0o600, true).unwrap();
+        assert_eq!(std::fs::metadata(&key).unwrap().mode() & 0o777, 0o600);
+        assert!(matches!(
+            write(&key, "two", 0o600, true),
+            Err(MeshError::Exists { .. })
+        ));
+        assert!(matches!(
+            refuse_existing(&key),
+            Err(MeshError::Exists { .. })
+        ));
+        assert_eq!(std::fs::read_to_string(&key).unwrap(), "one");
+        // A certificate is replaced, with the mode asked for.
+        let cert = dir.join("c.pem");
+        std::fs::write(&cert, "old and longer").unwrap();
+        write(&cert, "new", 0o644, false).unwrap();
+        assert_eq!(std::fs::read_to_string(&cert).unwrap(), "new");
+        assert_eq!(std::fs::metadata(&cert).unwrap().mode() & 0o777, 0o644);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

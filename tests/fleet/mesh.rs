@@ -389,6 +389,25 @@ fn mesh_mutual_tls_identities_allow_lists_and_rotation_across_three_hosts() {
             .any(|l| l.starts_with("web ") && l.contains(&frontend)),
         "{text}"
     );
+    // The dashboard's fleet view reads the same from /api/v1/fleet.
+    let api: serde_json::Value =
+        serde_json::from_str(&a.registrar_get("/api/v1/fleet")).unwrap_or_default();
+    let ids = api["mesh"]["identities"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        ids.iter()
+            .any(|i| i["identity"] == format!("spiffe://{TD}/svc/web")),
+        "{api}"
+    );
+    let calls = api["mesh"]["calls"].as_array().cloned().unwrap_or_default();
+    assert!(
+        calls
+            .iter()
+            .any(|c| c["service"] == "web" && c["caller"] == frontend.as_str()),
+        "{api}"
+    );
 
     // 4. Rotation under load (20 s leaves): every host renews its host
     // identity at least three times while the frontend keeps calling, and
