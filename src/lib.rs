@@ -88,7 +88,10 @@ fn runtime(multi: bool) -> Result<tokio::runtime::Runtime, Error> {
         b.worker_threads(2);
         b
     } else {
-        tokio::runtime::Builder::new_current_thread()
+        let mut b = tokio::runtime::Builder::new_current_thread();
+        // A settled proxy gives back its code pages just before it sleeps.
+        b.on_thread_park(proxy::trim::before_sleep);
+        b
     };
     b.enable_all().build().map_err(Error::Runtime)
 }

@@ -34,6 +34,7 @@ pub mod listening;
 pub mod say;
 pub mod status;
 pub mod tcp;
+pub mod trim;
 pub mod udp;
 
 use crate::cmdline::{self as flags, Command, ProxyFlags};
@@ -49,7 +50,6 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::signal::unix::{signal, Signal, SignalKind};
@@ -61,8 +61,12 @@ pub const START_BUDGET: Duration = Duration::from_secs(1);
 pub const START_BUDGET_ENV: &str = "ENVOY_DOCKER_HANDOVER_WAIT_MS";
 /// The longest pause between two attempts to reach the registrar.
 const RETRY_MAX: Duration = Duration::from_secs(1);
-/// How often a relaying proxy reports its connection count, if it changed.
+/// How long after a new relayed connection the proxy reports its count:
+/// at most one report per period, and none while nothing is relayed.
 const REPORT_EVERY: Duration = Duration::from_secs(1);
+/// How long the proxy must be left alone (no registration, no order)
+/// before it gives back the code pages it no longer needs (see `trim`).
+const SETTLE: Duration = Duration::from_secs(2);
 /// How soon a take-back whose bind failed is tried again.
 const RELAY_RETRY: Duration = Duration::from_millis(100);
 
@@ -215,7 +219,7 @@ struct TcpPort {
     /// The socket while it is held but not accepted on (starting).
     held: Option<StdTcpListener>,
     relay: Option<tcp::Relay>,
-    relayed: Arc<AtomicU64>,
+    relayed: Arc<tcp::Relayed>,
 }
 
 type Attempt = Pin<Box<dyn Future<Output = Result<Link, Failure>>>>;
@@ -241,7 +245,7 @@ impl Port {
     fn relayed(&self) -> u64 {
         match self {
             Port::Udp => 0,
-            Port::Tcp(t) => t.relayed.load(Ordering::Relaxed),
+            Port::Tcp(t) => t.relayed.get(),
         }
     }
 
@@ -263,8 +267,15 @@ impl Port {
         let deadline = tokio::time::sleep(budget);
         tokio::pin!(deadline);
         let mut retry_relay: Option<Pin<Box<tokio::time::Sleep>>> = None;
-        let mut tick = tokio::time::interval(REPORT_EVERY);
+        // Reports wait on the relay's own wake-up, so an idle proxy has no
+        // timer at all: it sleeps in the kernel until something happens.
+        let counter = match &*self {
+            Port::Tcp(t) => Some(t.relayed.clone()),
+            Port::Udp => None,
+        };
+        let mut report_at: Option<Pin<Box<tokio::time::Sleep>>> = None;
         let mut reported = 0u64;
+        let mut settle: Option<Pin<Box<tokio::time::Sleep>>> = None;
         // Asked only while the registrar is gone and Envoy alone held the
         // port: an idle proxy with a registrar never wakes for it.
         let mut check = tokio::time::interval(listening::CHECK_EVERY);
@@ -289,6 +300,7 @@ impl Port {
                             reported = self.relayed();
                             l.report(self.server(), reported).await;
                             link = Some(l);
+                            settle = Some(Box::pin(tokio::time::sleep(SETTLE)));
                             None
                         }
                         Err(f) => {
@@ -335,7 +347,12 @@ impl Port {
                         None
                     }
                 },
-                _ = tick.tick() => {
+                _ = relay_changed(&counter), if report_at.is_none() => {
+                    report_at = Some(Box::pin(tokio::time::sleep(REPORT_EVERY)));
+                    None
+                }
+                _ = pending_or(&mut report_at) => {
+                    report_at = None;
                     let now = self.relayed();
                     if let (Some(l), true) = (link.as_mut(), now != reported) {
                         reported = now;
@@ -343,10 +360,16 @@ impl Port {
                     }
                     None
                 }
+                _ = pending_or(&mut settle) => {
+                    settle = None;
+                    trim::soon();
+                    None
+                }
             };
             let (Some(event), Port::Tcp(t)) = (event, &mut *self) else {
                 continue;
             };
+            settle = Some(Box::pin(tokio::time::sleep(SETTLE)));
             for action in t.machine.on(event) {
                 match action {
                     Action::Ready => status.ready(),
@@ -361,7 +384,7 @@ impl Port {
                     Action::Close => t.close(),
                     Action::Report(server) => {
                         if let Some(l) = link.as_mut() {
-                            reported = t.relayed.load(Ordering::Relaxed);
+                            reported = t.relayed.get();
                             l.report(server, reported).await;
                         }
                     }
@@ -416,6 +439,13 @@ fn start_budget() -> Duration {
 async fn pending_or<F: Future + ?Sized>(f: &mut Option<Pin<Box<F>>>) -> F::Output {
     match f {
         Some(f) => f.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn relay_changed(counter: &Option<Arc<tcp::Relayed>>) {
+    match counter {
+        Some(c) => c.changed().await,
         None => std::future::pending().await,
     }
 }

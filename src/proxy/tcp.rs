@@ -10,7 +10,33 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
+
+/// The connections relayed so far, and a wake-up for whoever reports them,
+/// so that a proxy with nothing to relay never wakes to look.
+#[derive(Default)]
+pub struct Relayed {
+    count: AtomicU64,
+    changed: Notify,
+}
+
+impl Relayed {
+    pub fn get(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    fn add_one(&self) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.changed.notify_one();
+    }
+
+    /// Resolves after the count changed (at once if it changed since the
+    /// last call).
+    pub async fn changed(&self) {
+        self.changed.notified().await
+    }
+}
 
 /// A running accept loop.
 pub struct Relay {
@@ -22,7 +48,7 @@ impl Relay {
     pub fn start(
         listener: StdTcpListener,
         backend: SocketAddr,
-        relayed: Arc<AtomicU64>,
+        relayed: Arc<Relayed>,
     ) -> io::Result<Relay> {
         listener.set_nonblocking(true)?;
         let listener = TcpListener::from_std(listener)?;
@@ -37,11 +63,11 @@ impl Relay {
     }
 }
 
-async fn accept_loop(listener: TcpListener, backend: SocketAddr, relayed: Arc<AtomicU64>) {
+async fn accept_loop(listener: TcpListener, backend: SocketAddr, relayed: Arc<Relayed>) {
     loop {
         match listener.accept().await {
             Ok((client, _)) => {
-                relayed.fetch_add(1, Ordering::Relaxed);
+                relayed.add_one();
                 tokio::spawn(relay_one(client, backend));
             }
             Err(e) => {
@@ -91,14 +117,16 @@ mod tests {
         });
         let front = StdTcpListener::bind("127.0.0.1:0").unwrap();
         let faddr = front.local_addr().unwrap();
-        let count = Arc::new(AtomicU64::new(0));
+        let count = Arc::new(Relayed::default());
         let relay = Relay::start(front, baddr, count.clone()).unwrap();
         let mut c = TcpStream::connect(faddr).await.unwrap();
         c.write_all(b"ping").await.unwrap();
         let mut got = [0u8; 4];
         c.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"ping");
-        assert_eq!(count.load(Ordering::Relaxed), 1);
+        assert_eq!(count.get(), 1);
+        // The change was announced.
+        count.changed().await;
         relay.stop();
         tokio::time::sleep(Duration::from_millis(50)).await;
         // The relayed connection lives on; the port is closed.

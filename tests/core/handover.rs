@@ -253,3 +253,59 @@ fn a_hung_registrar_does_not_hold_up_a_new_proxy() {
     )));
     assert_eq!(http_get(v4(port), "/").unwrap().0, 200);
 }
+
+/// Timeslices the process has run so far, over all its threads: each
+/// wake-up of a thread is at least one (`/proc/PID/task/TID/schedstat`,
+/// third field).
+fn timeslices(pid: u32) -> u64 {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().nth(2)?.parse::<u64>().ok())
+        .sum()
+}
+
+/// The process's resident pages that are backed by files (its code and
+/// read-only data, mostly), in kB.
+fn rss_file_kb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssFile:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("RssFile in /proc/PID/status")
+}
+
+#[test]
+fn a_settled_proxy_sleeps_and_gives_back_its_code_pages() {
+    let mut stack = Stack::start(Ads::Delta);
+    let be = backend::http("127.0.0.25", "settled");
+    let port = free_port();
+    let p = stack.proxy(ProxySpec::tcp("127.0.0.1", port, be).docker(28, false));
+    let p = p.ready();
+    assert!(stack.wait_served_by(&[port], "envoy", Duration::from_secs(10)));
+    let pid = p.pid();
+    // Once left alone, the proxy drops its resident code pages (they stay
+    // in the page cache): without that they would stay mapped for good.
+    let at_ready = rss_file_kb(pid);
+    assert!(
+        wait_until(Duration::from_secs(10), || rss_file_kb(pid) * 2 < at_ready),
+        "file-backed RSS stayed at {} kB (was {at_ready} kB at hand-over)",
+        rss_file_kb(pid)
+    );
+    // Settled and handed over, it has no timer: over an observation window
+    // (a span of nothing happening has no event to wait on) it never runs.
+    let before = timeslices(pid);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(timeslices(pid), before, "an idle proxy woke up");
+    // The pages it gave back come back when needed: with Envoy gone, the
+    // proxy takes the port back and relays.
+    stack.kill_envoy();
+    assert!(
+        stack.wait_served_by(&[port], "relay", Duration::from_secs(10)),
+        "{}",
+        stack.log()
+    );
+    assert!(wait_until(Duration::from_secs(5), || listens_on(pid, port)));
+    assert_eq!(http_get(v4(port), "/").unwrap(), (200, "settled".into()));
+}
