@@ -13,7 +13,10 @@
 //! 4. TCP: register and wait, at most [`START_BUDGET`], for the registrar's
 //!    hand-over order (every connected Envoy listens on the port). Then
 //!    write `0\n` and close the socket, or, without the order, write `0\n`
-//!    and relay. An unreachable registrar means `0\n` at once.
+//!    and relay. An unreachable registrar means `0\n` at once, and so does
+//!    the registrar's `Serve(Relay)`, which it sends when there is no Envoy
+//!    or when registrations come in a burst (a port range; see
+//!    `registrar::state::burst`): the port is handed over a moment later.
 //!    UDP: write `0\n` at once and relay; registering is only for `status`.
 //! 5. live as long as the mapping: follow the registrar's orders (hand over,
 //!    take back; see `handover`), register again whenever the registrar

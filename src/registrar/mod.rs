@@ -25,6 +25,7 @@ pub mod keeper;
 pub mod liveness;
 pub mod mesh;
 pub mod metrics;
+pub mod naming;
 pub mod notify;
 pub mod socket;
 pub mod state;
@@ -290,7 +291,7 @@ pub async fn run(
     tasks.spawn(socket::serve(
         unix,
         registrar.clone(),
-        docker.clone(),
+        docker.clone().map(naming::Namer::new),
         trust,
     ));
     match &docker {

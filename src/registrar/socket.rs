@@ -6,9 +6,9 @@
 //! frame gets an `Error` reply and that connection is closed; the other
 //! connections are not affected.
 
-use super::docker::{self, client::Docker};
 use super::keeper::{Input, Read, Registrar};
 use super::liveness::OwnerProcess;
+use super::naming::Namer;
 use super::state::Arrival;
 use crate::addr::ListenError;
 use crate::procscan::Trust;
@@ -90,15 +90,12 @@ pub fn bind(path: &Path) -> Result<UnixListener, ListenError> {
 /// How long a peer may take over its hello, or over any frame once begun.
 pub const FRAME_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// How long a registration may wait for Docker to name its container.
-const LOOKUP_BUDGET: std::time::Duration = std::time::Duration::from_millis(1500);
-
 /// Accepts connections until the caller drops this future, which ends
 /// every connection it serves with it.
 pub async fn serve(
     listener: UnixListener,
     registrar: Registrar,
-    docker: Option<Arc<Docker>>,
+    namer: Option<Arc<Namer>>,
     trust: Arc<Trust>,
 ) {
     static NEXT: AtomicU64 = AtomicU64::new(1);
@@ -109,10 +106,10 @@ pub async fn serve(
                 Ok((stream, _)) => {
                     let id = NEXT.fetch_add(1, Ordering::Relaxed);
                     let registrar = registrar.clone();
-                    let docker = docker.clone();
+                    let namer = namer.clone();
                     let trust = trust.clone();
                     connections.spawn(async move {
-                        serve_connection(stream, id, &registrar, docker.as_deref(), &trust).await;
+                        serve_connection(stream, id, &registrar, namer.as_ref(), &trust).await;
                     });
                 }
                 Err(e) => {
@@ -132,10 +129,10 @@ pub async fn serve_connection(
     stream: UnixStream,
     id: u64,
     registrar: &Registrar,
-    docker: Option<&Docker>,
+    namer: Option<&Arc<Namer>>,
     trust: &Trust,
 ) {
-    if let Err(e) = handle(stream, id, registrar, docker, trust).await {
+    if let Err(e) = handle(stream, id, registrar, namer, trust).await {
         tracing::debug!("registrar connection {id}: {e}");
     }
     registrar.tell(Input::ConnectionClosed(id));
@@ -149,7 +146,7 @@ async fn handle(
     stream: UnixStream,
     id: u64,
     registrar: &Registrar,
-    docker: Option<&Docker>,
+    namer: Option<&Arc<Namer>>,
     trust: &Trust,
 ) -> Result<(), ConnError> {
     let cred = stream.peer_cred()?;
@@ -356,8 +353,8 @@ async fn handle(
                         (owner, None)
                     }
                 };
-                let meta = match docker {
-                    Some(d) => name_container(d, reg.mapping.backend.container_ip).await,
+                let meta = match namer {
+                    Some(n) => n.name(reg.mapping.backend.container_ip, registrar).await,
                     None => None,
                 };
                 let result = registrar
@@ -375,22 +372,6 @@ async fn handle(
                 };
                 conn.write_frame(&reply).await?;
             }
-        }
-    }
-}
-
-/// Finds the container behind a registration, bounded in time; on any
-/// trouble the mapping just starts with a default name.
-async fn name_container(d: &Docker, ip: std::net::IpAddr) -> Option<docker::meta::ContainerMeta> {
-    match tokio::time::timeout(LOOKUP_BUDGET, docker::lookup(d, ip)).await {
-        Ok(Ok(meta)) => meta,
-        Ok(Err(e)) => {
-            tracing::debug!("no container found for {ip}: {e}");
-            None
-        }
-        Err(_) => {
-            tracing::warn!("Docker took over {LOOKUP_BUDGET:?} to name the container at {ip}");
-            None
         }
     }
 }

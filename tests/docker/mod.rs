@@ -341,6 +341,17 @@ fn docker_9_registrar_restart_keeps_serving_and_naming(setup: Setup) {
     let (ok, failures) = watch.finish();
     assert!(failures.is_empty(), "{failures:#?}");
     assert!(ok > 10);
+    // The restarted registrar names each mapping again, from Docker's
+    // answer to the proxy's registration or from its own container list,
+    // whichever comes first: wait for the names to come back.
+    let named = |after: &[serde_json::Value]| {
+        before.iter().all(|b| {
+            after
+                .iter()
+                .any(|a| a["host"] == b["host"] && a["name"] == b["name"])
+        })
+    };
+    wait_until(Duration::from_secs(20), || named(&env.stack.status()));
     let after = env.stack.status();
     assert_eq!(before.len(), after.len());
     for b in &before {

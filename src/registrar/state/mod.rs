@@ -15,6 +15,9 @@
 //! - hand over (order `Serve(Envoy)`) once at least one Envoy is connected
 //!   and every connected Envoy serves the mapping's current listener and
 //!   endpoints;
+//! - a starting proxy is told to relay at once (`Serve(Relay)`) when no
+//!   Envoy is connected, or when it is part of a burst of registrations
+//!   (`burst`), so that dockerd need not wait on Envoy once per port;
 //! - take back (order `Serve(Relay)`) once no connected Envoy may still
 //!   hold the listener. An Envoy whose holdings are not known yet (it has
 //!   just connected) may hold it; so may an Envoy that has not reconnected
@@ -23,6 +26,7 @@
 //!   proxies back out while Envoy serves.
 //!
 //! The registry ties together, each in its own module:
+//! - `burst`: whether registrations come in a burst;
 //! - `entry`: one row of the mapping table;
 //! - `envoys`: what each Envoy holds, and the judgement per mapping;
 //! - `containers`: the container cache that names mappings;
@@ -31,6 +35,7 @@
 //! - `journal`: the last events, for the dashboard;
 //! - owner liveness is `registrar::liveness` (pidfds).
 
+mod burst;
 mod containers;
 mod entry;
 mod envoys;
@@ -149,6 +154,8 @@ pub struct Registry {
     journal: Ring,
     /// Whether Docker's API answers, as the watcher last said.
     docker: DockerReach,
+    /// Whether TCP registrations come in a burst (see `burst`).
+    burst: burst::Burst,
 }
 
 /// Whether Docker's API answers, as the watcher last said.
@@ -186,6 +193,7 @@ impl Registry {
             applied: None,
             journal: Ring::new(journal::KEPT),
             docker: DockerReach::Unknown,
+            burst: burst::Burst::default(),
         }
     }
 
@@ -473,9 +481,12 @@ impl Registry {
             self.out.watch.push((mapping.key, owner));
         }
         entry.server = server;
-        // With no Envoy to wait for, a relaying (or starting) proxy hears
-        // at once that it is to go on relaying.
-        if server == Server::Relay && self.envoys.is_empty() {
+        let burst = fresh && mapping.key.proto == Proto::Tcp && self.burst.arrived(Instant::now());
+        // With no Envoy to wait for, or in a burst of registrations (where
+        // waiting would hold up every proxy dockerd starts after this one),
+        // a relaying (or starting) proxy hears at once that it is to relay;
+        // it is handed over as soon as Envoy serves the port.
+        if server == Server::Relay && (self.envoys.is_empty() || burst) {
             if let Some(c) = conn.filter(|c| self.links.contains(c)) {
                 self.out.orders.push((c, Reply::Serve(Server::Relay)));
             }

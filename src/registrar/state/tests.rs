@@ -168,6 +168,39 @@ fn with_no_envoy_a_starting_proxy_is_told_to_relay_at_once() {
 }
 
 #[test]
+fn in_a_burst_of_registrations_proxies_relay_at_once_and_are_handed_over_together() {
+    let mut r = with_link(1);
+    let envoy = r.envoy_connected(1);
+    let first = burst::COUNT as u16 - 1;
+    for port in 0..first {
+        r.add(
+            mapping(20000 + port, "10.0.0.2"),
+            me(),
+            Some(1),
+            Server::Relay,
+            None,
+        )
+        .unwrap();
+    }
+    assert_eq!(orders(&mut r), [], "the first few wait for their hand-over");
+    for port in first..100 {
+        r.add(
+            mapping(20000 + port, "10.0.0.2"),
+            me(),
+            Some(1),
+            Server::Relay,
+            None,
+        )
+        .unwrap();
+        assert_eq!(orders(&mut r), [Server::Relay], "port {port} goes at once");
+    }
+    // One ACK of everything hands every port over, the early and the late.
+    ack(&mut r, envoy, Kind::Listener);
+    ack(&mut r, envoy, Kind::Endpoint);
+    assert_eq!(orders(&mut r), vec![Server::Envoy; 100]);
+}
+
+#[test]
 fn hand_over_needs_listener_and_endpoints_then_take_back_when_envoy_goes() {
     let mut r = with_link(1);
     let envoy = r.envoy_connected(1);
