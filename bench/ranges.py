@@ -59,7 +59,7 @@ import sys, tempfile, time, urllib.parse
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import free_port, more_files, wait  # noqa: E402
+from common import enter_netns, free_port, more_files, wait  # noqa: E402
 NETNS = "edrange"
 BRIDGE, CIDR = "edrange0", "172.29.11.1/24"
 IMAGE = "envoy-docker-ranges:busybox"
@@ -125,21 +125,6 @@ def on_signal(signum, _frame):
 def sh(*args, check=True, timeout=120, **kw):
     return subprocess.run(args, check=check, capture_output=True, text=True, timeout=timeout, **kw)
 
-
-def enter_netns(name):
-    """Moves this (still single-threaded) process into /run/netns/NAME, so
-    that every child and every socket from here on lives there."""
-    import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
-    try:
-        if libc.setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
-            raise OSError(ctypes.get_errno(), f"setns {name}")
-    finally:
-        os.close(fd)
-
-
-# ---- /proc -----------------------------------------------------------------
 
 def processes():
     """{pid: (ppid, argv)} for every process now."""
