@@ -13,14 +13,20 @@
 //! mapped back by a minor fault, without reading the disk. A mapping that
 //! holds a page of its own (written once, for example a relocated page, or
 //! a debugger's breakpoint) is left alone: dropping it would lose the
-//! write. Writable mappings (data, heap, stacks) are never touched.
+//! write. Such a page is anonymous memory, so `Anonymous` in smaps is the
+//! test. `Private_Dirty` is not: a binary written moments ago (installed,
+//! or just linked) has page-cache pages that are dirty until writeback,
+//! and smaps counts them as this process's dirty pages although they hold
+//! only the file's own bytes. Writable mappings (data, heap, stacks) are
+//! never touched.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// The ranges that can be dropped, read from `/proc/self/smaps` text: file
 /// mappings that are private and not writable, hold pages, and hold no
-/// anonymous (copied-on-write) page.
+/// anonymous (copied-on-write) page, whether or not the file's pages are
+/// still dirty in the page cache.
 pub fn droppable(smaps: &str) -> Vec<Range<usize>> {
     let mut out = Vec::new();
     let mut current: Option<Candidate> = None;
@@ -44,7 +50,6 @@ pub fn droppable(smaps: &str) -> Vec<Range<usize>> {
         match key {
             "Rss" => c.rss = kb(),
             "Anonymous" => c.anonymous = kb(),
-            "Private_Dirty" => c.dirty = kb(),
             _ => {}
         }
     }
@@ -60,7 +65,6 @@ struct Candidate {
     eligible: bool,
     rss: Option<u64>,
     anonymous: Option<u64>,
-    dirty: Option<u64>,
 }
 
 impl Candidate {
@@ -83,18 +87,13 @@ impl Candidate {
             eligible,
             rss: None,
             anonymous: None,
-            dirty: None,
         })
     }
 
     fn finish(self, out: &mut Vec<Range<usize>>) {
         // Every figure must be there and say so: a field we could not read
         // keeps the mapping as it is.
-        if self.eligible
-            && self.rss.is_some_and(|r| r > 0)
-            && self.anonymous == Some(0)
-            && self.dirty == Some(0)
-        {
+        if self.eligible && self.rss.is_some_and(|r| r > 0) && self.anonymous == Some(0) {
             out.push(self.range);
         }
     }
@@ -188,6 +187,10 @@ Private_Dirty:         0 kB
 Anonymous:             0 kB
 7fcd88c50000-7fcd88c60000 r-xp 00000000 fe:00 556   /lib/libm.so
 Rss:                   8 kB
+7fcd88c60000-7fcd88c70000 r-xp 00000000 fe:00 557   /lib/just-installed.so
+Rss:                  64 kB
+Private_Dirty:        64 kB
+Anonymous:             0 kB
 7ffedb259000-7ffedb27a000 rw-p 00000000 00:00 0                          [stack]
 Rss:                  36 kB
 Private_Dirty:        36 kB
@@ -199,10 +202,15 @@ Anonymous:            36 kB
         // The code and the first page go; the relocated read-only data
         // (a page of its own), the data, a shared mapping, anonymous
         // memory, the vDSO, an empty mapping, and one whose figures are
-        // missing all stay.
+        // missing all stay. A library written moments ago (its page-cache
+        // pages still dirty, none of them anonymous) goes too.
         assert_eq!(
             droppable(SMAPS),
-            vec![0x400000..0x401000, 0x401000..0x75c000]
+            vec![
+                0x400000..0x401000,
+                0x401000..0x75c000,
+                0x7fcd88c60000..0x7fcd88c70000
+            ]
         );
     }
 
