@@ -27,4 +27,6 @@ mod observability;
 #[cfg(feature = "e2e")]
 mod packaging;
 #[cfg(feature = "e2e")]
+mod soak;
+#[cfg(feature = "e2e")]
 mod transparency;
