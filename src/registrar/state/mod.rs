@@ -16,8 +16,9 @@
 //!   and every connected Envoy serves the mapping's current listener and
 //!   endpoints;
 //! - a starting proxy is told to relay at once (`Serve(Relay)`) when no
-//!   Envoy is connected, or when it is part of a burst of registrations
-//!   (`burst`), so that dockerd need not wait on Envoy once per port;
+//!   Envoy is connected, or when it is part of a burst of registrations or
+//!   a container's later port (`burst`), so that dockerd need not wait on
+//!   Envoy once per port;
 //! - take back (order `Serve(Relay)`) once no connected Envoy may still
 //!   hold the listener. An Envoy whose holdings are not known yet (it has
 //!   just connected) may hold it; so may an Envoy that has not reconnected
@@ -26,7 +27,8 @@
 //!   proxies back out while Envoy serves.
 //!
 //! The registry ties together, each in its own module:
-//! - `burst`: whether registrations come in a burst;
+//! - `burst`: whether a registration relays at once (a burst, or a
+//!   container's later port);
 //! - `entry`: one row of the mapping table;
 //! - `envoys`: what each Envoy holds, and the judgement per mapping;
 //! - `containers`: the container cache that names mappings;
@@ -481,7 +483,13 @@ impl Registry {
             self.out.watch.push((mapping.key, owner));
         }
         entry.server = server;
-        let burst = fresh && mapping.key.proto == Proto::Tcp && self.burst.arrived(Instant::now());
+        let burst = fresh
+            && mapping.key.proto == Proto::Tcp
+            && self.burst.arrived(
+                Instant::now(),
+                mapping.backend.container_ip,
+                mapping.key.host_port,
+            );
         // With no Envoy to wait for, or in a burst of registrations (where
         // waiting would hold up every proxy dockerd starts after this one),
         // a relaying (or starting) proxy hears at once that it is to relay;

@@ -168,24 +168,21 @@ fn with_no_envoy_a_starting_proxy_is_told_to_relay_at_once() {
 }
 
 #[test]
-fn in_a_burst_of_registrations_proxies_relay_at_once_and_are_handed_over_together() {
+fn a_range_relays_at_once_after_its_first_port_and_is_handed_over_together() {
     let mut r = with_link(1);
     let envoy = r.envoy_connected(1);
-    let first = burst::COUNT as u16 - 1;
-    for port in 0..first {
+    r.add(
+        mapping(20000, "10.0.0.2"),
+        me(),
+        Some(1),
+        Server::Relay,
+        None,
+    )
+    .unwrap();
+    assert_eq!(orders(&mut r), [], "the first port waits for its hand-over");
+    for port in 20001..20100 {
         r.add(
-            mapping(20000 + port, "10.0.0.2"),
-            me(),
-            Some(1),
-            Server::Relay,
-            None,
-        )
-        .unwrap();
-    }
-    assert_eq!(orders(&mut r), [], "the first few wait for their hand-over");
-    for port in first..100 {
-        r.add(
-            mapping(20000 + port, "10.0.0.2"),
+            mapping(port, "10.0.0.2"),
             me(),
             Some(1),
             Server::Relay,
@@ -194,7 +191,30 @@ fn in_a_burst_of_registrations_proxies_relay_at_once_and_are_handed_over_togethe
         .unwrap();
         assert_eq!(orders(&mut r), [Server::Relay], "port {port} goes at once");
     }
-    // One ACK of everything hands every port over, the early and the late.
+    // One ACK of everything hands every port over, the first and the rest.
+    ack(&mut r, envoy, Kind::Listener);
+    ack(&mut r, envoy, Kind::Endpoint);
+    assert_eq!(orders(&mut r), vec![Server::Envoy; 100]);
+}
+
+#[test]
+fn in_a_burst_of_containers_proxies_relay_at_once_and_are_handed_over_together() {
+    let mut r = with_link(1);
+    let envoy = r.envoy_connected(1);
+    // One port per container: only the burst rule applies.
+    let first = burst::COUNT as u16 - 1;
+    for c in 0..100u16 {
+        r.add(
+            mapping(20000 + c, &format!("10.0.1.{c}")),
+            me(),
+            Some(1),
+            Server::Relay,
+            None,
+        )
+        .unwrap();
+        let want: &[Server] = if c < first { &[] } else { &[Server::Relay] };
+        assert_eq!(orders(&mut r), want, "container {c}");
+    }
     ack(&mut r, envoy, Kind::Listener);
     ack(&mut r, envoy, Kind::Endpoint);
     assert_eq!(orders(&mut r), vec![Server::Envoy; 100]);
